@@ -1,0 +1,3 @@
+from loraq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""`loraq models`: what is in loraq's model cache."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraq.models.default import cached_models, models_dir
+
+    rows = cached_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models cached in {models_dir()} (the default model is fetched on first use)")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['bytes'] / 1e6:8.1f} MB  {r['source']:<20}  {r['path']}")
+    return 0

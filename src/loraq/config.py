@@ -1,0 +1,318 @@
+"""The run configuration: one dataclass that the CLI flags, YAML recipes and the
+Python API all fill in.
+
+A recipe's keys are the flag names (``max-steps`` or ``max_steps``); flags given
+on the command line override the recipe; :meth:`TrainConfig.validate` turns every
+unknown key, wrong type, out-of-range value or contradiction into one
+:class:`~loraq.errors.ConfigError` line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from loraq.errors import ConfigError
+
+METHODS = ("qlora", "lora", "full")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+QUANTS = ("nf4", "fp4")
+SCHEDULES = ("cosine", "linear", "constant")
+INITS = ("default", "gaussian", "pissa", "loftq")
+FORMATS = ("auto", "chat", "sharegpt", "alpaca", "completion", "text")
+NONFINITE = ("stop", "skip")
+
+
+def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = None, lo: float | None = None,
+        hi: float | None = None, flag: str | None = None, list_sep: bool = False, factory: Any = None,
+        cli: bool = True):
+    """A field with the metadata that drives argparse and validation."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "lo": lo, "hi": hi, "flag": flag,
+            "list_sep": list_sep, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------
+    model: str | None = opt(None, "HF folder, hub id, .gguf file or pre-quantized folder (default: SmolLM2-135M-Instruct)")
+    method: str = opt("qlora", "qlora: 4-bit frozen base + LoRA; lora: LoRA on a 16/32-bit base; full: every weight", choices=METHODS)
+    dtype: str = opt("auto", "compute dtype; auto = bf16 where the hardware computes it natively, else fp32", choices=DTYPES)
+    quant: str = opt("nf4", "4-bit code for --method qlora", choices=QUANTS)
+    double_quant: bool = opt(True, "quantize the 4-bit scales again (QLoRA's double quantization)")
+    blocksize: int = opt(64, "4-bit quantization block size (power of two, 32..4096)", lo=32, hi=4096)
+    allow_pickle: bool = opt(False, "allow loading .bin/.pt pickle weight files (runs code from the file: only for files you trust)")
+    trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run")
+    # --- LoRA ------------------------------------------------------------
+    rank: int = opt(16, "LoRA rank r", lo=1, hi=4096)
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)", lo=0)
+    dropout: float = opt(0.0, "dropout on the LoRA input", lo=0, hi=0.99)
+    target_modules: list = opt(help="comma-separated module-name suffixes, 're:<regex>', or all-linear",
+                               list_sep=True, factory=lambda: ["all-linear"])
+    exclude_modules: list = opt(help="comma-separated module-name suffixes (or 're:<regex>') to leave out",
+                                list_sep=True, factory=list)
+    layers_to_transform: list = opt(help="comma-separated layer indices to adapt (default: all)", list_sep=True, factory=list)
+    rank_pattern: dict = opt(help="per-module rank overrides (recipe only): {pattern: rank}", factory=dict, cli=False)
+    alpha_pattern: dict = opt(help="per-module alpha overrides (recipe only): {pattern: alpha}", factory=dict, cli=False)
+    modules_to_save: list = opt(help="comma-separated modules trained in full and saved with the adapter", list_sep=True, factory=list)
+    rslora: bool = opt(False, "rank-stabilised LoRA: scale alpha/sqrt(r)")
+    init: str = opt("default", "adapter initialisation", choices=INITS)
+    loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
+    # --- data ------------------------------------------------------------
+    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet (default: the bundled demo set)")
+    val_data: str | None = opt(None, "validation data file")
+    val_fraction: float = opt(0.0, "hold out this fraction of --data for validation", lo=0, hi=0.5)
+    format: str = opt("auto", "data format (auto-detected by default)", choices=FORMATS)
+    seq_len: int = opt(512, "maximum tokens per sequence", lo=8, hi=1 << 20)
+    packing: bool = opt(False, "pack several examples per sequence (attention never crosses examples)")
+    train_on_inputs: bool = opt(False, "also train on prompt tokens (default: assistant/completion tokens only)")
+    # --- the loop --------------------------------------------------------
+    max_steps: int = opt(-1, "optimizer steps (-1: run --epochs)", lo=-1)
+    epochs: float = opt(1.0, "passes over the training data when --max-steps is -1", lo=0)
+    batch_size: int = opt(4, "sequences per micro-batch (per rank)", lo=1, hi=1 << 16)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", lo=1, hi=1 << 16)
+    lr: float = opt(2e-4, "peak learning rate", lo=0, hi=10)
+    warmup: float = opt(0.03, "warmup: a fraction of the steps if < 1, else a number of steps", lo=0)
+    schedule: str = opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0, hi=1)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", lo=0)
+    grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, more time")
+    seed: int = opt(0, "random seed (data order, initialisation, dropout)", lo=0)
+    nonfinite: str = opt("stop", "on a NaN/inf loss or gradient: stop naming the step, or skip the step and count it", choices=NONFINITE)
+    # --- evaluation, logging and files ------------------------------------
+    eval_every: int = opt(0, "evaluate the validation loss every N steps (0: at the end only)", lo=0)
+    eval_samples: int = opt(64, "examples with reference answers used for exact-match accuracy (0: none)", lo=0)
+    save_every: int = opt(0, "checkpoint every N steps (0: only the final adapter)", lo=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)", lo=1)
+    log_every: int = opt(1, "write a metrics line every N steps", lo=1)
+    output_dir: str | None = opt(None, "run folder (default: runs/<name>)")
+    name: str | None = opt(None, "run name (default: <method>-<data>-<date>)")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir")
+    overwrite: bool = opt(False, "replace an existing non-empty --output-dir")
+    # --- scale-out and speed ---------------------------------------------
+    nproc: int = opt(1, "processes to launch through torchrun (DDP)", lo=1, hi=1024)
+    fsdp: bool = opt(False, "shard the frozen base across ranks with FSDP2 (fully_shard)")
+    compile: bool = opt(False, "torch.compile the model")
+    threads: int = opt(0, "CPU threads (0: PyTorch's default)", lo=0, hi=1024)
+
+    # fields the user set explicitly (flags or recipe); drives contradiction checks
+    explicit: set = field(default_factory=set, repr=False, compare=False, metadata={"cli": False, "internal": True})
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if not f.metadata.get("internal")]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping whose keys may use '-' or '_'; unknown keys and wrong types are errors."""
+        cfg = cls()
+        cfg.update(values, source)
+        return cfg
+
+    def update(self, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(self) if not f.metadata.get("internal")}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                more = f" (did you mean '{hint[0].replace('_', '-')}'?)" if hint else ""
+                raise ConfigError(f"{source}: unknown key '{raw_key}'{more}; see `loraq train --help` for the keys")
+            setattr(self, key, _coerce(known[key], value, source, raw_key))
+            self.explicit.add(key)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def validate(self) -> "TrainConfig":
+        """Ranges, choices and contradictions; raises ConfigError naming the flag."""
+        for f in fields(self):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(self, f.name)
+            flag = _flag(f.name)
+            choices = f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+            lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value != value:  # NaN
+                    raise ConfigError(f"{flag} must be a number, not NaN")
+                if lo is not None and value < lo:
+                    raise ConfigError(f"{flag} {value} is below its minimum {lo}")
+                if hi is not None and value > hi:
+                    raise ConfigError(f"{flag} {value} is above its maximum {hi}")
+        if self.blocksize & (self.blocksize - 1):
+            raise ConfigError(f"--blocksize {self.blocksize} must be a power of two between 32 and 4096")
+        if self.method != "qlora":
+            for key in ("quant", "double_quant", "blocksize"):
+                if key in self.explicit:
+                    raise ConfigError(f"{_flag(key)} applies to --method qlora only, not --method {self.method}; drop it or use --method qlora")
+        if self.method == "full":
+            lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
+                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters")
+            for key in lora_keys:
+                if key in self.explicit:
+                    raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; drop it or use --method lora/qlora")
+        if self.init == "loftq" and self.method != "qlora":
+            raise ConfigError("--init loftq corrects 4-bit quantization error and needs --method qlora")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite replaces it")
+        if self.val_data and self.val_fraction:
+            raise ConfigError("--val-data and --val-fraction both give a validation set; use one")
+        if self.max_steps == 0:
+            raise ConfigError("--max-steps 0 trains nothing; give a positive number or -1 to run --epochs")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ConfigError("--epochs must be positive when --max-steps is -1")
+        if self.fsdp and self.nproc < 2 and "nproc" in self.explicit:
+            raise ConfigError("--fsdp shards the model across ranks and needs --nproc 2 or more")
+        for idx in self.layers_to_transform:
+            if not isinstance(idx, int) or idx < 0:
+                raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
+    """Recipe and API values: accept the natural YAML/Python types, refuse the rest."""
+    kind = _kind(f)
+    where = f"{source}: '{key}'"
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f"{where} cannot be empty")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
+            return value.lower() in {"true", "yes", "on", "1"}
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if kind is list:
+        if isinstance(value, str):
+            items = [v.strip() for v in _split_list(value) if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{where} must be a list or a comma-separated string, got {value!r}")
+        if f.name == "layers_to_transform":
+            try:
+                return [int(v) for v in items]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where} must be layer indices like 0,1,2, got {value!r}") from None
+        return [str(v) for v in items]
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of pattern to value, got {value!r}")
+        return dict(value)
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _split_list(value: str) -> list[str]:
+    # a single 're:' pattern may itself contain commas, so it is taken whole
+    if value.strip().startswith("re:"):
+        return [value.strip()]
+    return value.split(",")
+
+
+def _kind(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" | None", "").strip()
+    return {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict, "set": set}.get(t, str)
+
+
+# ---------------------------------------------------------------------------
+# argparse and recipes
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags from the dataclass: every field with cli=True becomes --field-name."""
+    parser.add_argument("recipe", nargs="?", help="YAML recipe whose keys mirror these flags (flags override it)")
+    for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True) or f.metadata.get("internal"):
+            continue
+        kind = _kind(f)
+        flag = _flag(f.name)
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if kind in (int, float):
+            kw["type"] = kind
+            kw["metavar"] = "N" if kind is int else "X"
+        else:
+            kw["metavar"] = "VALUE"
+        parser.add_argument(flag, **kw)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        bundled = Path(__file__).parent / "recipes" / (p.name if p.suffix else p.name + ".yaml")
+        if bundled.is_file():
+            p = bundled
+        else:
+            raise ConfigError(f"recipe {path}: no such file; give a YAML file (bundled recipes: {', '.join(bundled_recipes()) or 'none'})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path}: not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: must be a mapping of flag names to values, got a {type(data).__name__}")
+    return data
+
+
+def bundled_recipes() -> list[str]:
+    folder = Path(__file__).parent / "recipes"
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Recipe first, then the flags given on the command line, then validation."""
+    values = vars(args)
+    cfg = TrainConfig()
+    recipe = values.get("recipe")
+    if recipe:
+        cfg.update(load_recipe(recipe), source=f"recipe {recipe}")
+    given = {k: v for k, v in values.items() if k in TrainConfig.field_names()}
+    cfg.update(given, source="flags")
+    return cfg.validate()
