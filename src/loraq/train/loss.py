@@ -1,0 +1,116 @@
+"""Causal-LM loss without materialising full fp32 logits.
+
+For hidden states ``h`` ([N, d], one row per position whose next token is
+trained), output head ``W`` ([V, d]) and targets ``y``::
+
+    logits_i = W h_i                       (in the compute dtype, fp32 accumulate)
+    loss     = sum_i (logsumexp(logits_i) - logits_i[y_i]) / normalizer
+
+Its gradient is known as soon as the forward is done::
+
+    dlogits_i = (softmax(logits_i) - onehot(y_i)) / normalizer
+    dh_i      = dlogits_i W                 dW = sum_i dlogits_i^T h_i
+
+so :class:`FusedLinearCrossEntropy` computes both in the forward, a chunk of
+rows at a time, and keeps only ``dh`` ([N, d]) (and ``dW`` when the head is
+trained) for backward: no [N, V] tensor outlives its chunk, and the head's
+matmul runs once instead of twice. Rows whose label is ignored (prompt
+tokens, padding, the last position) are dropped before the head, so they cost
+no head FLOPs at all. :func:`reference_loss` is the plain formula the tests
+hold it equal to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[t] = labels[t + 1]; the last position predicts nothing."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[..., :-1] = labels[..., 1:]
+    return targets
+
+
+def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Full logits in fp32, then cross-entropy summed over trained positions / normalizer."""
+    logits = F.linear(hidden, weight, bias).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    n = (targets != IGNORE_INDEX).sum().clamp(min=1) if normalizer is None else normalizer
+    return loss / n
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """loss = CE(h @ W^T (+ b), y).sum() / normalizer, gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int):
+        n, _ = hidden.shape
+        need_dw = weight.requires_grad
+        need_db = bias is not None and bias.requires_grad
+        need_dh = hidden.requires_grad
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_db else None
+        inv = 1.0 / float(normalizer)
+        for start in range(0, n, chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            y = targets[start:start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            total += (lse - target_logit).sum()
+            if not (need_dh or need_dw or need_db):
+                continue
+            # softmax - onehot, in place over the chunk's logits, scaled by 1/normalizer
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, y[:, None], torch.full_like(target_logit[:, None], -1.0))
+            grad.mul_(inv)
+            g = grad.to(hidden.dtype)
+            if need_dh:
+                dh[start:start + chunk_rows] = g @ weight
+            if need_dw:
+                dw.add_(g.t() @ h)
+            if need_db:
+                db.add_(grad.sum(0))
+        ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
+        ctx.has = (need_dh, need_dw, need_db)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.hidden_dtype = hidden.dtype
+        return total * inv
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        need_dh, need_dw, need_db = ctx.has
+        unit = bool(grad_out == 1)  # the usual case: skip a pass over dh
+
+        def scaled(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return (t if unit else t * grad_out.to(t.dtype)).to(dtype)
+
+        dh = scaled(saved.pop(0), ctx.hidden_dtype) if need_dh else None
+        dw = scaled(saved.pop(0), ctx.dtypes[0]) if need_dw else None
+        db = scaled(saved.pop(0), ctx.dtypes[1]) if need_db else None
+        return dh, dw, db, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               normalizer: float | None = None, bias: torch.Tensor | None = None,
+                               chunk_rows: int = 1024) -> torch.Tensor:
+    """Sum of next-token cross-entropy over trained rows / normalizer (default: their count).
+
+    ``hidden`` is [..., d] and ``targets`` [...] (already shifted, -100 = ignored).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    if normalizer is None:
+        normalizer = max(int(keep.sum()), 1)
+    idx = keep.nonzero().squeeze(1)
+    return FusedLinearCrossEntropy.apply(hidden.index_select(0, idx), weight, bias, targets.index_select(0, idx),
+                                         float(normalizer), chunk_rows)
