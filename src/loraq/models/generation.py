@@ -1,0 +1,86 @@
+"""Text generation from a loaded model: greedy by default, sampling on request, streamed.
+
+``generate_text(model, tokenizer, prompt)`` applies the tokenizer's chat
+template to a single user turn (when the tokenizer has one and
+``chat_template`` is true; the raw prompt otherwise), generates up to
+``max_new_tokens`` and returns the new text. ``temperature == 0`` is greedy
+decoding (argmax at every step); ``temperature > 0`` samples from
+``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
+probability reaches ``top_p``. Generation stops at the model's end-of-turn /
+end-of-sequence tokens. With ``stream`` (a text file), each piece of text is
+written and flushed as soon as it decodes.
+"""
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+import torch
+from transformers import GenerationConfig, TextStreamer
+
+from loraq.errors import ConfigError
+
+
+def check_options(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """A ConfigError naming the flag when a decoding option is out of range."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if not temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (got {temperature}); 0 means greedy")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1] (got {top_p})")
+
+
+def build_prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> torch.Tensor:
+    """Token ids [1, n] of ``prompt``, as one user turn of the chat template when there is one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-turn/end-of-sequence ids from the generation config and the tokenizer."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None, chat_template: bool = True,
+                  stream: TextIO | None = None) -> str:
+    """Generate a reply to ``prompt``; see the module docstring for the decoding rules."""
+    check_options(max_new_tokens, temperature, top_p)
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    input_ids = build_prompt_ids(tokenizer, prompt, chat_template).to(device)
+    stops = stop_token_ids(model, tokenizer)
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sampling,
+        temperature=temperature if sampling else None, top_p=top_p if sampling else None, top_k=None,
+        eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0],
+    )
+    streamer = _TextStreamTo(tokenizer, stream) if stream is not None else None
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                generation_config=config, streamer=streamer)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+class _TextStreamTo(TextStreamer):
+    """transformers' TextStreamer (which decodes at word boundaries), writing to any text file."""
+
+    def __init__(self, tokenizer: Any, stream: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
