@@ -1,0 +1,225 @@
+"""Samples to token ids and labels: chat templates and loss masks.
+
+Contract (labels follow the Hugging Face convention: aligned with
+``input_ids``, the model shifts them, ``-100`` = no loss):
+
+* ``chat`` samples are rendered with the tokenizer's chat template (ChatML
+  when it has none) and tokenized as one string, exactly as
+  ``tokenizer.apply_chat_template(messages, tokenize=True)`` does. Trained
+  tokens: every assistant turn's content plus the end-of-turn marker that
+  closes it (``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama 3, ...), but
+  not the newline after it nor the ``<|im_start|>assistant\\n`` header.
+* ``completion`` samples are ``prompt + completion`` as plain text (the
+  tokenizer's own BOS, if it adds one) followed by EOS; trained: the
+  completion's tokens and that EOS.
+* ``train_on_inputs=True`` trains every token.
+* ``text`` samples are joined, each followed by EOS, and cut into ``seq_len``
+  chunks (see :func:`tokenize_documents`); every token is trained.
+
+How assistant spans are found: the conversation is rendered in full once;
+for each assistant turn the prompt up to it (``messages[:i]`` with the
+generation prompt) is rendered too, and when it is a prefix of the full text
+(true of every common template) the turn's content is located right after
+it; otherwise the content is searched for after the previous turn. Character
+spans become token spans by tokenizing the text up to each span boundary and
+comparing with the full tokenization (a token that straddles a boundary is
+trained).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from loraq.data.formats import Sample
+from loraq.errors import DataError
+
+IGNORE_INDEX = -100
+
+# used when a tokenizer has no chat template of its own
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_END = "<|im_end|>"
+
+
+@dataclass
+class Example:
+    """One tokenized example: ``labels[t]`` is ``input_ids[t]`` where trained, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        """Tokens that carry loss: labelled positions after the first (the first is never predicted)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat template, or ChatML when it has none."""
+    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = False, where: str = "") -> str:
+    """The conversation as text, through the tokenizer's chat template (ChatML if none)."""
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template(tokenizer))
+    except Exception as exc:  # jinja's TemplateError, or a template's raise_exception(...)
+        raise DataError(f"{where or 'data'}: the model's chat template refuses this conversation "
+                        f"({type(exc).__name__}: {exc}); fix the roles or pass --format") from None
+
+
+def end_markers(tokenizer: Any) -> list[str]:
+    """Strings that may close a turn: the tokenizer's special tokens, and ChatML's ``<|im_end|>``."""
+    specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", [])]
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.append(str(token.content))
+    return sorted(set(specials) | {CHATML_END}, key=len, reverse=True)
+
+
+def _end_of_turn(text: str, end: int, markers: Sequence[str]) -> int:
+    """Extend a content span over the end-of-turn marker that follows it (only whitespace between)."""
+    rest = text[end:]
+    gap = len(rest) - len(rest.lstrip())
+    for marker in markers:
+        if rest.startswith(marker, gap):
+            return end + gap + len(marker)
+    return end
+
+
+def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, character spans of each assistant turn's content + end-of-turn marker)."""
+    full = render_chat(tokenizer, messages, where=where)
+    markers = end_markers(tokenizer)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        search_from = cursor
+        if i > 0:
+            prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+            if full.startswith(prompt):
+                search_from = max(cursor, len(prompt))
+        content = message["content"]
+        start = full.find(content, search_from)
+        if start < 0:  # templates often trim the content
+            content = content.strip()
+            start = full.find(content, search_from)
+        if start < 0:
+            raise DataError(f"{where}: the chat template does not reproduce assistant turn {i + 1} verbatim, so its "
+                            f"tokens cannot be found; use a model whose template keeps the content")
+        end = _end_of_turn(full, start + len(content), markers)
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_with_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]], add_special_tokens: bool,
+                        train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and labels that are trained on the character ``spans`` (all, with train_on_inputs)."""
+    boundaries = sorted({c for span in spans for c in span})
+    encoded = tokenizer([text] + [text[:c] for c in boundaries], add_special_tokens=add_special_tokens)["input_ids"]
+    ids = list(encoded[0])
+    if train_on_inputs:
+        return ids, list(ids)
+    start_token, end_token = {}, {}
+    for c, prefix in zip(boundaries, encoded[1:]):
+        shared = _common_prefix(ids, prefix)
+        start_token[c] = shared  # a token straddling a span start is trained
+        end_token[c] = shared if shared == len(prefix) else shared + 1  # ... and one straddling its end too
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        for t in range(start_token[start], min(end_token[end], len(ids))):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def tokenize_sample(sample: Sample, tokenizer: Any, train_on_inputs: bool = False) -> Example:
+    """A ``chat`` or ``completion`` sample as one Example (not truncated); text goes through tokenize_documents."""
+    if sample.kind == "chat":
+        text, spans = chat_spans(tokenizer, sample.messages, sample.where)
+        # the template writes BOS itself where the model wants one, as apply_chat_template(tokenize=True) assumes
+        ids, labels = tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False, train_on_inputs=train_on_inputs)
+        return Example(ids, labels, sample.where)
+    if sample.kind == "completion":
+        text = sample.prompt + sample.completion
+        ids, labels = tokenize_with_spans(tokenizer, text, [(len(sample.prompt), len(text))], add_special_tokens=True,
+                                          train_on_inputs=train_on_inputs)
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            labels.append(eos)
+        elif eos is not None:
+            labels[-1] = eos
+        return Example(ids, labels, sample.where)
+    raise ValueError(f"tokenize_sample takes chat or completion samples, not {sample.kind!r}")
+
+
+def truncate(example: Example, seq_len: int) -> tuple[Example, bool]:
+    """(the first ``seq_len`` tokens, whether anything was cut)."""
+    if len(example) <= seq_len:
+        return example, False
+    return Example(example.input_ids[:seq_len], example.labels[:seq_len], example.where), True
+
+
+def tokenize_documents(samples: Sequence[Sample], tokenizer: Any, seq_len: int) -> list[Example]:
+    """Plain text: every document (+ EOS) one after another, cut into chunks of ``seq_len`` tokens.
+
+    Every token is trained. The last chunk may be shorter; a chunk of one token
+    (nothing to predict) is left out.
+    """
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    if samples:
+        for ids in tokenizer([s.text for s in samples], add_special_tokens=True)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
+    chunks = []
+    for start in range(0, len(stream), seq_len):
+        ids = stream[start:start + seq_len]
+        if len(ids) > 1:
+            chunks.append(Example(ids, list(ids), f"{samples[0].where.rsplit(':', 1)[0]}: tokens {start}..{start + len(ids)}"))
+    return chunks
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict] | None = None, prompt: str | None = None) -> list[int]:
+    """Token ids a generator starts from: chat messages + the generation prompt, or a plain completion prompt."""
+    if messages is not None:
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: EOS and the template's end-of-turn token (if it is a single token)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    try:
+        text, spans = chat_spans(tokenizer, probe)
+    except DataError:
+        return ids
+    start, end = spans[0]
+    marker = text[start + 1:end].strip()
+    if marker:
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(marker_ids) == 1 and marker_ids[0] not in ids:
+            ids.append(int(marker_ids[0]))
+    return ids
