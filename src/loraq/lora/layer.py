@@ -1,0 +1,244 @@
+"""The LoRA layer, and the wrapper for modules trained in full.
+
+``LoraLinear`` wraps a frozen linear layer ``W0`` (``nn.Linear``, or loraq's
+4-bit ``Linear4bit``) and adds, for each active adapter ``a``::
+
+    x -> W0 x + b + s_a * B_a A_a dropout_a(x)      s_a = alpha_a / r_a   (alpha_a / sqrt(r_a) with rsLoRA)
+
+``A_a`` is ``[r, in_features]`` and ``B_a`` is ``[out_features, r]``; they are
+the ``weight`` of the ``lora_A[a]`` / ``lora_B[a]`` sub-layers, kept in float32
+(master weights) whatever the base's dtype. The low-rank path runs in the
+input's dtype: A and B are cast once per forward (a no-op in fp32), so the
+gradients reach the fp32 masters through the cast. Dropout exists only when
+p > 0; with p == 0 the input goes straight to A.
+
+Merging folds ``sum_a s_a B_a A_a`` into the base weight (computed in float32,
+then rounded to the weight's dtype). A 4-bit base is never merged in place:
+it is dequantized into a plain ``nn.Linear`` of the chosen dtype and the 4-bit
+layer is kept aside so ``unmerge`` restores it exactly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loraq.lora.config import scaling as lora_scaling
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A loraq Linear4bit (checked without importing the 4-bit engine)."""
+    return hasattr(module, "quant_state") and hasattr(module, "dequantize")
+
+
+class LoraLinear(nn.Module):
+    """``x -> base(x) + sum over active adapters of s * B(A(dropout(x)))``; base frozen, A/B trainable fp32."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()  # only adapters with p > 0 have an entry
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # (A0, B0) of adapters whose initialisation changed the base (pissa, loftq): the file
+        # format stores updates relative to the untouched base, see files.py
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._base_before_merge: nn.Module | None = None
+        self._merge_dtype: torch.dtype | None = None
+
+    # -- adapters -------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0) -> None:
+        """A new adapter with zero A and B (an initialiser in init.py fills them)."""
+        device = self.base_device()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            self.lora_A[name].weight.zero_()
+            self.lora_B[name].weight.zero_()
+        if dropout > 0:
+            self.lora_dropout[name] = nn.Dropout(p=dropout)
+        self.r[name] = r
+        self.lora_alpha[name] = float(alpha)
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in table:
+                del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.initial_factors):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # code that reads `layer.weight` (dtype/device probes) sees the base weight
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def base_device(self) -> torch.device:
+        return self.base.weight.device
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.disabled:
+            return y
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                y = self._add_update(y, x, name)
+        return y
+
+    def _add_update(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        if name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
+        if a.dtype != x.dtype:
+            a = a.to(x.dtype)
+            b = b.to(x.dtype)
+        h = F.linear(x, a)  # [..., r]: the cheap half
+        if y.dtype != h.dtype:  # a base that computes in another dtype than its input
+            return y + F.linear(h, b).to(y.dtype) * self.scaling[name]
+        # y + s * h @ B^T as one fused GEMM (no separate scale and add passes over [tokens, out])
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
+        return out.view(y.shape)
+
+    # -- merge ----------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B @ A`` in float32, ``[out_features, in_features]``."""
+        a = self.lora_A[name].weight.detach().float()
+        b = self.lora_B[name].weight.detach().float()
+        return (b @ a) * self.scaling[name]
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight ``W0`` as a dense tensor (dequantized for a 4-bit base)."""
+        if is_4bit(self.base):
+            return self.base.dequantize(dtype)
+        return self.base.weight.detach().to(dtype)
+
+    def merged_weight(self, dtype: torch.dtype | None = None, names: list[str] | None = None) -> torch.Tensor:
+        """``W0 + sum s_a B_a A_a`` over ``names`` (default: the active adapters), computed in float32."""
+        names = self._unmerged_active() if names is None else names
+        w = self.base_weight(torch.float32)
+        for name in names:
+            w = w + self.delta_weight(name)
+        return w if dtype is None else w.to(dtype)
+
+    def merge(self, dtype: torch.dtype | None = None) -> list[str]:
+        """Fold the active adapters into the base weight; returns the adapters merged.
+
+        An ``nn.Linear`` base keeps its dtype unless ``dtype`` is given. A 4-bit
+        base becomes an ``nn.Linear`` in ``dtype`` (default: its compute dtype);
+        it is never re-quantized here.
+        """
+        names = self._unmerged_active()
+        if not names:
+            return []
+        self._merge_dtype = dtype
+        if is_4bit(self.base) or (dtype is not None and dtype != self.base.weight.dtype):
+            target = dtype or getattr(self.base, "compute_dtype", None) or torch.float32
+            if self._base_before_merge is None:
+                self._base_before_merge = self.base
+            self.base = dense_linear(self.merged_weight(target, names), self.base.bias, target)
+        else:
+            w = self.base.weight
+            with torch.no_grad():
+                w.copy_(self.merged_weight(torch.float32, names).to(w.dtype))
+        self.merged_adapters.extend(names)
+        return names
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact for a 4-bit or re-typed base; for an in-place merge, up to the weight's rounding)."""
+        if not self.merged_adapters:
+            return
+        if self._base_before_merge is not None:
+            self.base = self._base_before_merge
+            self._base_before_merge = None
+        else:
+            w = self.base.weight
+            delta = sum(self.delta_weight(name) for name in self.merged_adapters)
+            with torch.no_grad():
+                w.copy_((w.float() - delta).to(w.dtype))
+        self.merged_adapters = []
+
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" for n in self.adapter_names)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight`` (and a copy of ``bias``) in ``dtype``."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
+
+
+class ModulesToSave(nn.Module):
+    """``modules_to_save``: a module trained in full per adapter, the original kept for disabling.
+
+    ``x -> copy_a(x)`` for the active adapter ``a``; ``x -> original(x)`` when
+    disabled or when no adapter is active.
+    """
+
+    _OWN = ("original_module", "modules_to_save", "active_adapter", "disabled")
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        trained = copy.deepcopy(self.original_module)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = trained
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self._OWN:
+                raise
+            # attribute probes (`head.weight`, `head.out_features`) see the module in use
+            return getattr(self.active_module(), name)
