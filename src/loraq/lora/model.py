@@ -42,7 +42,7 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(n, m) for n, m in iter_modules(model) if isinstance(m, ModulesToSave)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -82,7 +82,7 @@ def inject_lora(
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
         if layer is not module:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora, config.dropout)
         if initialise:
             _initialise(layer, adapter_name, config, quant, generator)
@@ -92,7 +92,7 @@ def inject_lora(
             raise ConfigError(f"modules_to_save {name!r} is a 4-bit layer and cannot be trained in full; leave it out")
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         if wrapper is not module:
-            _set_submodule(model, name, wrapper)
+            set_submodule(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     configs[adapter_name] = config
     active = active_adapters(model)
@@ -292,10 +292,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
         else:
             target = dtype or (original.compute_dtype if is_4bit(original) else original.weight.dtype)
             new = dense_linear(weight, layer.base.bias, target)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         report.merged.append(name)
     for name, wrapper in saved_modules(model):
-        _set_submodule(model, name, wrapper.active_module())
+        set_submodule(model, name, wrapper.active_module())
     if report.requantized:
         report.requantize_error_overall = math.sqrt(err_sq / max(ref_sq, 1e-30))
     model.__dict__.pop(CONFIGS_ATTR, None)
