@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from loraq.errors import ModelError
+from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.models.cache import gguf_dir, is_complete, remove_stale_temporaries, write_marker
 from loraq.paths import atomic_dir, file_lock
 
@@ -59,13 +60,13 @@ def convert_gguf_to_folder(gguf_path: Path, out: Path) -> None:
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ImportError as exc:
         raise ModelError(f"reading GGUF needs the `gguf` package ({exc}); run `pip install gguf`") from None
-    except (ValueError, KeyError, OSError, EOFError, RuntimeError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"--model {gguf_path}: cannot read this GGUF file ({reason[:200]})") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"--model {gguf_path}: cannot read this GGUF file ({exception_line(exc)})") from None
     state = model.state_dict()
     for key in tied_keys_to_drop(state, model.config):
         state.pop(key)

@@ -24,6 +24,15 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in on or os.environ.get("LORAQ_NO_HUB", "0").lower() in on
 
 
+def hub_cache_dir() -> str | None:
+    """HF_HUB_CACHE, else HF_HOME/hub, read at call time; None lets huggingface_hub decide."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def download_snapshot(repo_id: str, revision: str | None = None, allow_pickle: bool = False,
                       etag_timeout: float = 10) -> Path:
     """The local snapshot folder of ``repo_id`` (downloaded if needed and allowed)."""
@@ -36,7 +45,8 @@ def download_snapshot(repo_id: str, revision: str | None = None, allow_pickle: b
     patterns = WEIGHT_PATTERNS + OTHER_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                 local_files_only=offline, etag_timeout=etag_timeout)
+                                 local_files_only=offline, etag_timeout=etag_timeout,
+                                 cache_dir=hub_cache_dir())
     except GatedRepoError:
         raise ModelError(f"--model {repo_id}: the hub repository is gated; accept its terms on the hub and log in "
                          "with `hf auth login`, or pass a local folder") from None

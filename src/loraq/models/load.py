@@ -17,23 +17,21 @@ The model is returned in eval mode on ``device`` (default: the best available).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from loraq.devices import default_device, resolve_dtype
 from loraq.errors import ConfigError, ModelError
+from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.models.safety import WeightFiles, check_remote_code, weight_files
 from loraq.models.source import ModelSource, read_config, resolve_source
 
 METHODS = ("qlora", "lora", "full")
 QUANT_TYPES = ("nf4", "fp4")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
-# exceptions transformers/safetensors raise for a file that is corrupt or does not fit its config
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError)
 
 
 @dataclass
@@ -75,7 +73,7 @@ def load_model(
     compute_dtype = resolve_dtype(dtype, device)
 
     quantized: list[str] = []
-    with _quiet_transformers():
+    with quiet_transformers():
         if source.kind == "bnb4bit":
             if method != "qlora":
                 raise ModelError(
@@ -108,7 +106,7 @@ def load_tokenizer(spec: str | Path | ModelSource | None = None, *, trust_remote
     try:
         return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
-        raise ModelError(f"--model {label}: cannot load its tokenizer ({first_line(exc)})") from None
+        raise ModelError(f"--model {label}: cannot load its tokenizer ({exception_line(exc)})") from None
 
 
 def _check_options(method: str, quant: str, blocksize: int) -> None:
@@ -130,30 +128,9 @@ def _load_full_precision(folder: Path, files: WeightFiles, dtype: torch.dtype, t
             trust_remote_code=trust_remote_code, output_loading_info=True,
         )
     except LOAD_ERRORS as exc:
-        raise ModelError(f"--model {label}: cannot load its weights ({first_line(exc)})") from None
+        raise ModelError(f"--model {label}: cannot load its weights ({exception_line(exc)})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ModelError(f"--model {label}: the weight files lack {len(missing)} tensors of this architecture "
                          f"(first: {missing[0]}); the checkpoint is incomplete or does not match config.json")
     return model
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one short line, for a ModelError message."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:200]
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" progress bars from transformers while loraq loads."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

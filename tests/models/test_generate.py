@@ -1,0 +1,77 @@
+"""Generation: greedy equals an argmax loop written here, streaming, sampling limits, the CLI."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import assert_one_line
+
+from loraq.cli import main
+from loraq.errors import ConfigError
+from loraq.models.generation import generate_text
+
+
+def _argmax_loop(model, tokenizer, ids: list[int], n: int, stops: set[int]) -> str:
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt in stops:
+                break
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _chat_ids(tokenizer, prompt):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_greedy_is_argmax_and_streams_the_same_text(tiny_reference, tiny_tokenizer, chat):
+    prompt = "What is the capital of France?"
+    ids = _chat_ids(tiny_tokenizer, prompt) if chat else tiny_tokenizer(prompt)["input_ids"]
+    expected = _argmax_loop(tiny_reference, tiny_tokenizer, ids, 12, {tiny_tokenizer.eos_token_id})
+    stream = io.StringIO()
+    text = generate_text(tiny_reference, tiny_tokenizer, prompt, max_new_tokens=12, chat_template=chat, stream=stream)
+    assert text == expected
+    assert stream.getvalue() == text + "\n"
+
+
+def test_nucleus_of_one_token_is_greedy(tiny_reference, tiny_tokenizer):
+    greedy = generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8)
+    nucleus = generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
+    assert nucleus == greedy
+
+
+def test_sampling_is_seeded(tiny_reference, tiny_tokenizer):
+    runs = [generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8, temperature=5.0, seed=s)
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.parametrize("kw, flag", [({"max_new_tokens": 0}, "--max-new-tokens"), ({"temperature": -1.0}, "--temperature"),
+                                      ({"top_p": 1.5}, "--top-p"), ({"temperature": float("nan")}, "--temperature")])
+def test_bad_decoding_options(tiny_reference, tiny_tokenizer, kw, flag):
+    with pytest.raises(ConfigError) as err:
+        generate_text(tiny_reference, tiny_tokenizer, "hi", **kw)
+    assert_one_line(err.value, flag)
+
+
+def test_cli_prints_the_greedy_reply(tiny_llama_dir, tiny_reference, tiny_tokenizer, capsys):
+    expected = generate_text(tiny_reference, tiny_tokenizer, "hello there", max_new_tokens=6)
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-new-tokens", "6",
+               "--dtype", "fp32"])
+    assert rc == 0 and capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "./missing-model"], "no such file or folder"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-new-tokens", "many"], "--max-new-tokens"),
+])
+def test_cli_mistakes_are_one_line_exit_2(tiny_llama_dir, capsys, argv, needle):
+    rc = main(["generate", "--prompt", "hi", *argv] + ([] if "--model" in argv else ["--model", str(tiny_llama_dir)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0]
