@@ -74,3 +74,12 @@ def test_matches_transformers_loss_on_a_causal_lm(tiny_llama_dir):
     hidden = model.model(input_ids=ids).last_hidden_state
     ours = fused_linear_cross_entropy(hidden, model.lm_head.weight, shift_targets(labels))
     torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_mode_computes_loss_only():
+    h, w, _, y = _case(torch.float32, train_head=True)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, w, y)
+    ref = F.cross_entropy(h.detach() @ w.detach().t(), y, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    assert not loss.requires_grad

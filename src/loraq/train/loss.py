@@ -48,11 +48,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """loss = CE(h @ W^T (+ b), y).sum() / normalizer, gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int):
+    def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int, grad_enabled: bool):
         n, _ = hidden.shape
-        need_dw = weight.requires_grad
-        need_db = bias is not None and bias.requires_grad
-        need_dh = hidden.requires_grad
+        # needs_input_grad stays True under torch.no_grad(), so the caller says whether grads are wanted
+        need_dh, need_dw, need_db = (grad_enabled and bool(x) for x in ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -96,7 +95,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dh = scaled(saved.pop(0), ctx.hidden_dtype) if need_dh else None
         dw = scaled(saved.pop(0), ctx.dtypes[0]) if need_dw else None
         db = scaled(saved.pop(0), ctx.dtypes[1]) if need_db else None
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -113,4 +112,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         normalizer = max(int(keep.sum()), 1)
     idx = keep.nonzero().squeeze(1)
     return FusedLinearCrossEntropy.apply(hidden.index_select(0, idx), weight, bias, targets.index_select(0, idx),
-                                         float(normalizer), chunk_rows)
+                                         float(normalizer), chunk_rows, torch.is_grad_enabled())

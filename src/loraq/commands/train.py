@@ -1,0 +1,56 @@
+"""`loraq train [RECIPE.yaml] [--flags]`: fine-tune, evaluate, checkpoint, resume."""
+from __future__ import annotations
+
+import argparse
+
+from loraq.config import add_train_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraq.train.api import apply_demo_defaults, train
+
+    cfg = config_from_args(args)
+    demo = cfg.data is None
+    cfg = apply_demo_defaults(cfg).validate()
+    if demo:
+        print("loraq: no --data given: running the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)",
+              flush=True)
+    result = train(cfg)
+    print_report(result.summary, result.run_dir)
+    return 0
+
+
+def print_report(summary: dict, run_dir) -> None:
+    s = summary
+    lines = [f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_seconds']:.0f} s "
+             f"({s['tokens_per_second']:.0f} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GB)",
+             f"train loss {s['train_loss']:.4f}" + (f", eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else "")]
+    if s.get("final_accuracy") is not None:
+        base = s.get("base_accuracy")
+        lines.append(f"exact match: base {base:.1%} -> tuned {s['final_accuracy']:.1%}" if base is not None
+                     else f"exact match: tuned {s['final_accuracy']:.1%}")
+    sample = s.get("sample")
+    if sample:
+        prompt = sample["prompt"]
+        if isinstance(prompt, list):
+            prompt = prompt[-1]["content"]
+        lines += ["example:", f"  prompt:    {_one_line(prompt)}", f"  reference: {_one_line(sample['reference'])}"]
+        if sample.get("base") is not None:
+            lines.append(f"  before:    {_one_line(sample['base'])}")
+        lines.append(f"  after:     {_one_line(sample['tuned'])}")
+    lines += [f"files in {run_dir}/: adapter_config.json, adapter_model.safetensors, metrics.jsonl, summary.json, loss.png"
+              if s["method"] != "full" else f"files in {run_dir}/: model.safetensors, config.json, metrics.jsonl, summary.json, loss.png",
+              f"next: loraq generate --adapter {run_dir} --prompt \"...\"   |   loraq merge --adapter {run_dir} --out merged/"]
+    print("\n".join(lines), flush=True)
+
+
+def _one_line(text, limit: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+__all__ = ["add_arguments", "run"]

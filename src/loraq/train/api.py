@@ -1,0 +1,54 @@
+"""``loraq.train``: the Python twin of ``loraq train``.
+
+    import loraq
+    result = loraq.train(data="chat.jsonl", method="qlora", max_steps=100)
+    result.summary["final_accuracy"], result.run_dir
+
+Keyword arguments are the flag names with underscores; a recipe path may be
+given as ``recipe=``. With no data, the bundled demo run is used (the same
+settings as ``loraq train`` with no arguments).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from loraq.config import TrainConfig, load_recipe
+
+
+def demo_overrides() -> dict[str, Any]:
+    """The bundled demo recipe: what `loraq train` with no data runs."""
+    from pathlib import Path
+
+    return load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml")
+
+
+def build_config(config: TrainConfig | None = None, recipe: str | None = None, **overrides: Any) -> TrainConfig:
+    cfg = config if config is not None else TrainConfig()
+    if recipe:
+        cfg.update(load_recipe(recipe), source=f"recipe {recipe}")
+    cfg.update(overrides, source="train()")
+    return apply_demo_defaults(cfg).validate()
+
+
+def apply_demo_defaults(cfg: TrainConfig) -> TrainConfig:
+    """With no --data, fill every setting the user did not give from the demo recipe."""
+    if cfg.data is not None:
+        return cfg
+    explicit = set(cfg.explicit)
+    for key, value in demo_overrides().items():
+        if key.replace("-", "_") not in explicit:
+            cfg.update({key: value}, source="demo recipe")
+    cfg.explicit = explicit  # demo values are defaults, not the user's choices
+    return cfg
+
+
+def train(config: TrainConfig | None = None, *, recipe: str | None = None, **overrides: Any):
+    """Run training; returns :class:`loraq.train.loop.RunResult` (``run_dir``, ``summary``)."""
+    cfg = build_config(config, recipe, **overrides)
+    if cfg.nproc > 1:
+        from loraq.distributed.launch import launch_torchrun
+
+        return launch_torchrun(cfg)
+    from loraq.train.loop import run_training
+
+    return run_training(cfg)

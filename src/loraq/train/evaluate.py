@@ -1,0 +1,91 @@
+"""Evaluation: loss / perplexity over a dataset, and exact-match accuracy.
+
+Exact match: the prompt (chat messages without the final answer, or a
+completion prompt) is rendered as in training, the model continues it
+greedily, and the prediction counts when ``prediction.strip() ==
+reference.strip()``. Generation is batched with left padding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+
+@dataclass
+class EvalLoss:
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+@torch.no_grad()
+def evaluate_loss(loss_sum_fn: Callable[[Any], tuple[torch.Tensor, int]], batches: Iterable[Any]) -> EvalLoss | None:
+    """``loss_sum_fn(batch) -> (summed token loss, trained token count)``; mean over all tokens."""
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_sum_fn(batch)
+        total += float(s)
+        count += int(n)
+    if count == 0:
+        return None
+    return EvalLoss(loss=total / count, tokens=count)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, pad_id: int,
+                   stop_token_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy continuation of each tokenised prompt (left-padded into one batch); new tokens only."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=list(stop_token_ids),
+                             temperature=None, top_p=None, top_k=None)
+    finally:
+        model.train(was_training)
+    return [row[width:].tolist() for row in out.cpu()]
+
+
+@dataclass
+class ExactMatch:
+    accuracy: float
+    n: int
+    predictions: list[str]
+
+
+def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int, stop_token_ids: Sequence[int],
+                batch_size: int = 64) -> ExactMatch:
+    """``references``: :class:`loraq.data.references.EvalReference` (``prompt_ids``, ``answer``).
+
+    A prediction is the decoded continuation up to the first stop token; it
+    counts when it equals the answer after stripping whitespace at both ends.
+    """
+    from loraq.data.references import exact_match as same
+
+    if not references:
+        return ExactMatch(accuracy=0.0, n=0, predictions=[])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
+    stops = set(stop_token_ids)
+    order = sorted(range(len(references)), key=lambda i: len(references[i].prompt_ids))  # similar lengths batch well
+    predictions: list[str] = [""] * len(references)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        outs = generate_batch(model, [references[i].prompt_ids for i in chunk], max_new_tokens, pad_id, stop_token_ids)
+        for i, new in zip(chunk, outs):
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            predictions[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    hits = sum(same(p, r.answer) for p, r in zip(predictions, references))
+    return ExactMatch(accuracy=hits / len(references), n=len(references), predictions=predictions)

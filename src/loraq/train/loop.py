@@ -1,0 +1,500 @@
+"""The training run, readable top to bottom as a loop.
+
+    load model (4-bit for qlora) -> data -> base accuracy -> add LoRA -> optimizer
+    -> [resume] -> for each step: grad_accum micro-batches, backward, clip, step
+    -> eval / checkpoint / log -> final eval -> adapter, metrics, summary, loss.png
+
+The loss of a step is the token-level mean over the whole global batch (all
+micro-batches of all ranks): each micro-batch's summed loss is divided by the
+global number of trained tokens, so N ranks, or one rank accumulating N
+micro-batches, produce the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from loraq.config import TrainConfig
+from loraq.devices import dtype_name
+from loraq.errors import LoraqError
+from loraq.train import checkpoint as ckpt
+from loraq.train.loss import fused_linear_cross_entropy, shift_targets
+from loraq.train.metrics import MetricsWriter, Throughput, current_rss_bytes, peak_memory_bytes
+from loraq.train.progress import Progress
+from loraq.train.report import plot_loss, write_summary
+from loraq.train.rundir import check_writable, prepare_run_dir, resolve_run_dir, write_run_file
+from loraq.train.schedule import make_scheduler, warmup_steps
+
+
+class TrainingDiverged(LoraqError):
+    """A NaN/inf loss or gradient under ``--nonfinite stop``."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir
+
+
+# ---------------------------------------------------------------------------
+# the model's loss
+
+
+class CausalLMLoss(nn.Module):
+    """``forward(input_ids, labels, position_ids, attention_mask, normalizer) -> loss``.
+
+    For models whose logits are just ``lm_head(hidden)`` the head and the
+    cross-entropy are fused (:mod:`loraq.train.loss`); any other model goes
+    through its own forward and the plain formula. Wrapping the loss in a
+    module lets DDP see one forward per micro-batch.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+        config = getattr(model, "config", None)
+        plain_head = (isinstance(head, nn.Linear) and type(head) is nn.Linear and backbone is not None
+                      and not getattr(config, "final_logit_softcapping", None)
+                      and not getattr(config, "logit_scale", None) and not getattr(config, "logits_scaling", None))
+        self._fused = plain_head
+        self._backbone = backbone
+        self._head = head
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def forward(self, input_ids, labels, position_ids, attention_mask=None, normalizer: float | None = None):
+        targets = shift_targets(labels)
+        with self._autocast():
+            if self._fused:
+                hidden = self._backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+                head = self._head
+                weight = head.weight if self.autocast_dtype is None else head.weight.to(self.autocast_dtype)
+                bias = head.bias
+                if bias is not None and self.autocast_dtype is not None:
+                    bias = bias.to(self.autocast_dtype)
+                return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, normalizer, bias=bias)
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                use_cache=False).logits
+        return reference_loss_from_logits(logits, targets, normalizer)
+
+
+def reference_loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, normalizer: float | None) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    n = normalizer if normalizer is not None else max(int((targets != -100).sum()), 1)
+    return loss / n
+
+
+def batch_loss(loss_module: nn.Module, batch, normalizer: float | None) -> torch.Tensor:
+    return loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask, normalizer)
+
+
+# ---------------------------------------------------------------------------
+# setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_steps_for(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    # the fused/foreach kernels change the summation order; keep the plain loop on CPU for bitwise resume
+    if next(model.parameters()).device.type == "cpu":
+        kwargs["foreach"] = False
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None) -> RunResult:
+    """Train as ``cfg`` says; see the module docstring."""
+    from loraq.distributed.runtime import init_runtime
+
+    cfg.validate()
+    runtime = init_runtime()
+    say = out or (lambda s: print(s, file=sys.stderr, flush=True))
+    say_main = (lambda s: say(s)) if runtime.is_main else (lambda s: None)
+    try:
+        return _run(cfg, runtime, say_main)
+    finally:
+        runtime.shutdown()
+
+
+def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
+    from loraq.data.dataset import build_data
+    from loraq.models.load import load_model
+    from loraq.models.source import resolve_source
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = resolve_run_dir(cfg)
+    mode = prepare_run_dir(run_dir, cfg, is_main=runtime.is_main)
+    if runtime.is_main:
+        check_writable(run_dir)
+    runtime.barrier()
+
+    # the one-time model fetch is not part of the run's time
+    source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle) if runtime.is_main else None
+    runtime.barrier()
+    if source is None:
+        source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+
+    device = runtime.device
+    full = cfg.method == "full"
+    loftq = cfg.init == "loftq"
+    # full fine-tuning keeps fp32 master weights (bf16/fp16 via autocast); LoftQ quantizes the full-precision
+    # weights itself, so both load unquantized
+    load_dtype = "fp32" if full or loftq else cfg.dtype
+    loaded = load_model(source, method="lora" if loftq else cfg.method, dtype=load_dtype, quant=cfg.quant, double_quant=cfg.double_quant,
+                        blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    from loraq.devices import resolve_dtype
+
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    autocast_dtype = compute_dtype if full and compute_dtype != torch.float32 else None
+    base_desc = dtype_name(compute_dtype)
+    if cfg.method == "qlora":
+        base_desc += f", {len(loaded.quantized_modules)} layers in {cfg.quant}{'+DQ' if cfg.double_quant else ''}"
+    say(f"loraq: {cfg.method} on {source.name} ({base_desc})")
+
+    data = build_data(cfg, tokenizer)
+    st = data.stats
+    say(f"loraq: data {st.path} ({st.format}): {st.train.examples} examples, {st.train.rows} rows, "
+        f"{st.train.trained_tokens} trained tokens"
+        + (f", {st.train.truncated} truncated" if st.train.truncated else "")
+        + (f", {st.train.dropped} dropped (no trained token left)" if st.train.dropped else "")
+        + f"; padding {100 * st.train.padding_fraction:.0f}% unpacked, {100 * st.train.padding_fraction_packed:.0f}% packed"
+        + (f"; validation {st.val.examples} examples" if st.val else ""))
+
+    # accuracy of the model we start from (before any adapter), on held-out references
+    refs = data.references if cfg.eval_samples else []
+    base_em = None
+    if refs and mode != "resume":
+        say(f"loraq: base model exact match on {len(refs)} examples ...")
+        base_em = exact_match_eval(model, tokenizer, data, refs)
+        say(f"loraq: base accuracy {base_em.accuracy:.1%}")
+
+    # adapters (or everything, for full fine-tuning)
+    lora_config = None
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        from loraq.lora.config import LoraConfig
+        from loraq.lora.model import inject_lora
+
+        lora_config = LoraConfig.from_train_config(cfg)
+        lora_config = lora_config.replace(base_model_name_or_path=adapter_base_name(source))
+        quant = None
+        if loftq:
+            quant = {"quant_type": cfg.quant, "double_quant": cfg.double_quant, "blocksize": cfg.blocksize,
+                     "compute_dtype": compute_dtype}
+        inject_lora(model, lora_config, quant=quant)
+        if loftq:
+            _cast_frozen(model, compute_dtype)
+    from loraq.lora.model import count_parameters
+
+    trainable, total = count_parameters(model)
+    say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    loss_module: nn.Module = CausalLMLoss(model, autocast_dtype)
+    if runtime.distributed:
+        from loraq.distributed.wrap import wrap_for_distributed
+
+        loss_module = wrap_for_distributed(loss_module, cfg, runtime)
+
+    batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
+    total_steps = total_steps_for(cfg, batches.batches_per_epoch)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, total_steps, warmup_steps(cfg.warmup, total_steps), cfg.schedule)
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 and device.type == "cuda" else None
+
+    start_step, counters = 0, {"tokens": 0, "skipped_steps": 0, "base_accuracy": None, "base_predictions": None}
+    if base_em is not None:
+        counters["base_accuracy"] = base_em.accuracy
+        counters["base_predictions"] = base_em.predictions[:3]
+    if mode == "resume":
+        loaded_ckpt = ckpt.resume_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         warn=lambda m: say(f"loraq: warning: {m}"))
+        if loaded_ckpt is None:
+            say(f"loraq: --resume: no complete checkpoint in {run_dir}; starting from step 0")
+        else:
+            start_step = loaded_ckpt.step
+            batches.load_state_dict(loaded_ckpt.state["data"])
+            counters.update(loaded_ckpt.state.get("counters", {}))
+            if scaler is not None and loaded_ckpt.state.get("scaler"):
+                scaler.load_state_dict(loaded_ckpt.state["scaler"])
+            say(f"loraq: resumed from {loaded_ckpt.path.name} (step {start_step} of {total_steps})")
+    if runtime.is_main and mode != "resume":
+        write_run_file(run_dir, cfg, {"model": source.name, "model_path": str(source.path), "method": cfg.method,
+                                      "dtype": dtype_name(compute_dtype), "world_size": runtime.world_size})
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=runtime.is_main,
+                            truncate_after_step=start_step if mode == "resume" else None)
+    progress = Progress(total_steps, start_step, enabled=runtime.is_main, log_every=cfg.log_every)
+    params = trainable_parameters(model)
+    throughput = Throughput()
+    last_loss, last_eval, last_ckpt_name = float("nan"), None, None
+    val_batches = (lambda: data.val_batches(cfg.batch_size)) if data.val else None
+
+    def save(step: int) -> None:
+        nonlocal last_ckpt_name
+        if not runtime.is_main:
+            return
+        state = {"data": batches.state_dict(), "counters": counters,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+        path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                                    keep=cfg.keep_checkpoints)
+        last_ckpt_name = path.name
+
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            normalizer = max(1, sum(b.global_trained_tokens for b in micro))
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                batch = batch.to(device)
+                sync = (i == len(micro) - 1) or not runtime.distributed
+                with (contextlib.nullcontext() if sync else loss_module.no_sync()):
+                    loss = batch_loss(loss_module, batch, normalizer)
+                    # DDP averages gradients over ranks; the loss is already a global mean, so undo that
+                    scaled = loss * runtime.world_size
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                step_loss += float(loss.detach())
+            step_loss = runtime.sum(step_loss)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
+            if not finite:
+                if cfg.nonfinite == "stop":
+                    where = f"last good checkpoint: {run_dir / 'checkpoints' / last_ckpt_name}" if last_ckpt_name else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"step {step}: the {'loss' if not math.isfinite(step_loss) else 'gradient'} "
+                                           f"is {step_loss if not math.isfinite(step_loss) else grad_norm} ({where}); "
+                                           "lower --lr, use --dtype fp32, or pass --nonfinite skip")
+                counters["skipped_steps"] += 1
+                optimizer.zero_grad(set_to_none=True)
+            elif scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            step_tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
+            counters["tokens"] += step_tokens
+            throughput.add(step_tokens)
+            last_loss = step_loss
+            mem = peak_memory_bytes(device)
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens": counters["tokens"], "tokens_per_second": throughput.tokens_per_second(),
+                               "memory_bytes": mem, "elapsed": time.perf_counter() - t_start,
+                               **({"skipped": True} if not finite else {})})
+            progress.update(step, step_loss, lr, throughput.tokens_per_second(), current_rss_bytes())
+
+            if val_batches is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+                last_eval = _eval_loss(loss_module, val_batches, device, runtime)
+                if last_eval is not None:
+                    metrics.write({"kind": "eval", "step": step, "eval_loss": last_eval.loss,
+                                   "perplexity": last_eval.perplexity})
+                    progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} (ppl {last_eval.perplexity:.2f})")
+            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+                save(step)
+    finally:
+        progress.close()
+
+    # final evaluation and files
+    train_seconds = time.perf_counter() - t_start
+    if val_batches is not None:
+        last_eval = _eval_loss(loss_module, val_batches, device, runtime)
+        if last_eval is not None:
+            metrics.write({"kind": "eval", "step": total_steps, "eval_loss": last_eval.loss,
+                           "perplexity": last_eval.perplexity})
+            say(f"loraq: eval loss {last_eval.loss:.4f} (perplexity {last_eval.perplexity:.2f})")
+    final_em = None
+    if refs:
+        say(f"loraq: tuned model exact match on {len(refs)} examples ...")
+        final_em = exact_match_eval(model, tokenizer, data, refs)
+        say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
+    metrics.close()
+
+    if runtime.is_main:
+        save_final(run_dir, model, tokenizer, cfg, lora_config, source, compute_dtype)
+    wall = time.perf_counter() - t_start
+    summary = {
+        "method": cfg.method,
+        "model": source.name,
+        "data": data.stats.path,
+        "format": data.stats.format,
+        "dtype": dtype_name(compute_dtype),
+        "steps": total_steps,
+        "tokens": counters["tokens"],
+        "train_loss": last_loss,
+        "eval_loss": None if last_eval is None else last_eval.loss,
+        "eval_perplexity": None if last_eval is None else last_eval.perplexity,
+        "tokens_per_second": throughput.tokens_per_second(),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "wall_seconds": wall,
+        "train_seconds": train_seconds,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "world_size": runtime.world_size,
+        "skipped_steps": counters["skipped_steps"],
+        "base_accuracy": counters.get("base_accuracy"),
+        "final_accuracy": None if final_em is None else final_em.accuracy,
+        "eval_examples": len(refs),
+    }
+    if refs and final_em is not None:
+        r0 = refs[0]
+        summary["sample"] = {"prompt": r0.messages or r0.prompt, "reference": r0.answer,
+                             "base": (counters.get("base_predictions") or [None])[0],
+                             "tuned": final_em.predictions[0]}
+    if runtime.is_main:
+        write_summary(run_dir, summary)
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                  title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
+    return RunResult(run_dir=run_dir, summary=summary)
+
+
+def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """After LoftQ: the remaining full-precision frozen weights (embeddings, norms, head) to the compute dtype."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != dtype and "inv_freq" not in name:
+            buf.data = buf.data.to(dtype)
+
+
+def adapter_base_name(source) -> str:
+    """What adapter_config.json records as the base: the hub id, or the local folder/file the user gave."""
+    from loraq.models.default import DEFAULT_HUB_ID
+
+    if source.kind == "default":
+        return DEFAULT_HUB_ID
+    if source.kind == "hub":
+        return source.name
+    return str(Path(source.origin).resolve()) if source.origin and os.path.exists(source.origin) else str(source.path)
+
+
+def _eval_loss(loss_module, val_batches, device, runtime):
+    from loraq.train.evaluate import EvalLoss
+
+    was = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    rng = torch.get_rng_state()  # evaluation must not shift the training run's random stream
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(val_batches()):
+                if i % runtime.world_size != runtime.rank:
+                    continue
+                batch = batch.to(device)
+                total += float(batch_loss(loss_module, batch, 1.0))
+                count += batch.num_trained_tokens
+    finally:
+        torch.set_rng_state(rng)
+        loss_module.train(was)
+    total, count = runtime.sum(total), runtime.sum(count)
+    return EvalLoss(loss=total / count, tokens=int(count)) if count else None
+
+
+def exact_match_eval(model, tokenizer, data, refs):
+    from loraq.train.evaluate import exact_match
+
+    rng = torch.get_rng_state()
+    try:
+        return exact_match(model, tokenizer, refs, max_new_tokens=data.max_answer_tokens,
+                           stop_token_ids=data.stop_token_ids)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, source, compute_dtype) -> None:
+    """The adapter (PEFT format) at the top of the run folder; for full fine-tuning, the whole model."""
+    import shutil
+    import tempfile
+
+    from loraq.paths import fsync_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
+    try:
+        if lora_config is None:
+            from loraq.models.hf_folder import (tied_keys_to_drop, write_config, write_generation_config,
+                                                write_state_dict, write_tokenizer)
+
+            state = {k: v.to(compute_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            for key in tied_keys_to_drop(state, model.config):
+                state.pop(key)
+            write_state_dict(state, tmp)
+            write_config(model.config, tmp, dtype=compute_dtype)
+            write_generation_config(model, tmp)
+            write_tokenizer(tokenizer, tmp)
+        else:
+            from loraq.lora.files import save_adapter
+
+            save_adapter(model, tmp / "adapter", base_model_name_or_path=lora_config.base_model_name_or_path)
+            for f in (tmp / "adapter").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "adapter").rmdir()
+        for f in tmp.iterdir():
+            os.replace(f, run_dir / f.name)
+        fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

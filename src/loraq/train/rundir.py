@@ -1,0 +1,117 @@
+"""The run folder: where it is, whether it may be used, and what it records.
+
+Rules (nothing of the user's is overwritten without being asked):
+
+* a missing or empty folder is used as is;
+* a non-empty folder needs ``--resume`` (continue it) or ``--overwrite``
+  (replace it); ``--overwrite`` only replaces a folder that loraq made
+  (it holds ``run.json``), never an arbitrary directory;
+* ``--resume`` needs a loraq run folder whose settings match this run's.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from loraq.config import TrainConfig
+from loraq.errors import ConfigError
+from loraq.paths import atomic_write_text
+
+RUN_FILE = "run.json"
+
+# settings that must not change between a run and its resumption
+RESUME_MUST_MATCH = ("model", "method", "dtype", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout",
+                     "target_modules", "exclude_modules", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                     "modules_to_save", "rslora", "init", "data", "format", "seq_len", "packing", "train_on_inputs",
+                     "batch_size", "grad_accum", "lr", "warmup", "schedule", "weight_decay", "seed", "val_data",
+                     "val_fraction")
+
+
+def default_run_name(cfg: TrainConfig, now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now()
+    data = Path(cfg.data).stem if cfg.data else "demo"
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "-", data)[:40] or "data"
+    return f"{cfg.method}-{data}-{now:%Y%m%d-%H%M%S}"
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser()
+    return Path("runs") / (cfg.name or default_run_name(cfg))
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, is_main: bool = True) -> str:
+    """Check the folder against --resume/--overwrite; returns 'new', 'resume' or 'overwrite'."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
+    non_empty = run_dir.is_dir() and any(run_dir.iterdir())
+    is_run = (run_dir / RUN_FILE).is_file()
+    if cfg.resume:
+        if not is_run:
+            raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); drop --resume to start a new run there")
+        check_resume_matches(run_dir, cfg)
+        return "resume"
+    if non_empty:
+        if not cfg.overwrite:
+            raise ConfigError(f"--output-dir {run_dir} exists and is not empty; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another folder")
+        if not is_run:
+            raise ConfigError(f"--overwrite: {run_dir} is not a loraq run folder (no {RUN_FILE}); "
+                              "refusing to delete it, choose another --output-dir")
+        if is_main:
+            _empty_folder(run_dir)
+        return "overwrite"
+    return "new"
+
+
+def _empty_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def check_resume_matches(run_dir: Path, cfg: TrainConfig) -> None:
+    try:
+        saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"--resume: {run_dir / RUN_FILE} is unreadable; start a new run with another --output-dir") from None
+    current = cfg.to_dict()
+    for key in RESUME_MUST_MATCH:
+        if key in saved and _norm(saved[key]) != _norm(current.get(key)):
+            raise ConfigError(f"--resume: --{key.replace('_', '-')} was {saved[key]!r} in this run and is "
+                              f"{current.get(key)!r} now; resume with the same settings or start a new run")
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def write_run_file(run_dir: Path, cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    from loraq import __version__
+
+    record = {"loraq_version": __version__, "config": cfg.to_dict(), **extra,
+              "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before hours of training, not after: the folder must accept files."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / f".loraq-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {run_dir} is not writable ({exc.strerror}); choose a folder you can write to") from None
