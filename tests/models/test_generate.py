@@ -75,3 +75,30 @@ def test_cli_mistakes_are_one_line_exit_2(tiny_llama_dir, capsys, argv, needle):
     rc = main(["generate", "--prompt", "hi", *argv] + ([] if "--model" in argv else ["--model", str(tiny_llama_dir)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0]
+
+
+def test_cli_with_an_adapter_matches_peft(tiny_llama_dir, tiny_tokenizer, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraq.lora.config import LoraConfig
+    from loraq.lora.files import save_adapter
+    from loraq.lora.model import inject_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    inject_lora(model, LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero update, so the adapter changes the reply
+    adapter = save_adapter(model, tmp_path / "adapter")
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    plain = generate_text(base, tiny_tokenizer, "hello there", max_new_tokens=8)
+    reference = generate_text(PeftModel.from_pretrained(base, str(adapter)).eval(), tiny_tokenizer, "hello there",
+                              max_new_tokens=8)
+    assert reference != plain
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--prompt", "hello there",
+               "--max-new-tokens", "8", "--dtype", "fp32"])
+    assert rc == 0 and capsys.readouterr().out == reference + "\n"

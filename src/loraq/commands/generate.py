@@ -8,7 +8,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF folder, hub id, .gguf file or pre-quantized folder (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply to --model")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -33,16 +33,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(source, method=method, dtype=args.dtype, quant=args.quant if args.quant != "none" else "nf4",
                         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.adapter:
-        _apply_adapter(loaded.model, args.adapter)
+        from loraq.lora.files import load_adapter
+
+        load_adapter(loaded.model, args.adapter, allow_pickle=args.allow_pickle)
     generate_text(loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   chat_template=not args.no_chat_template, stream=sys.stdout)
     return 0
 
-
-def _apply_adapter(model, adapter_dir: str) -> None:
-    try:
-        from loraq.lora.files import load_adapter
-    except ImportError:
-        raise NotImplementedError("--adapter needs loraq.lora.files.load_adapter, which is not written yet") from None
-    load_adapter(model, adapter_dir)
