@@ -38,7 +38,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        self.base = base
+        self.base = base.requires_grad_(False)
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
         self.lora_A = nn.ModuleDict()
