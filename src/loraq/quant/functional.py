@@ -1,0 +1,228 @@
+"""Blockwise 4-bit quantization (NF4 / FP4) with optional double quantization.
+
+Quantization of a weight ``w`` (float32, bf16 or fp16; read exactly as float32):
+
+1. Flatten row-major; cut into blocks of ``blocksize`` (32..4096, a power of
+   two); the last block may be partial.
+2. Per block, ``absmax = max |w|`` (float32). Full blocks are scaled as
+   ``w * (1 / max(absmax, 1e-38))``, the partial tail block as
+   ``w / max(absmax, 1e-38)`` (bitsandbytes does the two differently, and the
+   last bit matters at code boundaries); the tail's stored absmax is the
+   clamped one. Scaled values are clamped to [-1, 1].
+3. Each scaled value goes to the nearest code; a value exactly on a midpoint
+   between two codes takes the lower one.
+4. Two codes per byte, the FIRST element in the HIGH nibble; an odd count is
+   padded with the code of 0.0. Stored as uint8 ``[(numel + 1) // 2, 1]``.
+5. With double quantization the absmax vector is stored as 8 bits plus one
+   float32 per 256 blocks and a float32 offset (see :mod:`loraq.quant.blockwise8`):
+   ``4 + 8/blocksize + 32/(256 * blocksize)`` bits per parameter, 4.127 at 64.
+
+Dequantization: ``w[i] = code[nibble(i)] * absmax[i // blocksize]`` in float32,
+then cast to the requested dtype. For the same input the bytes and values
+are identical to ``bitsandbytes.functional.quantize_4bit`` /
+``dequantize_4bit`` (tests hold them so); :mod:`loraq.quant.reference` has
+the plain version of every step, held equal to the fast one here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from loraq.quant.blockwise8 import dequantize_blockwise_8bit, quantize_blockwise_8bit
+from loraq.quant.codes import QUANT_TYPES, code_for, dynamic_map_signed, midpoints, sorted_order
+from loraq.quant.errors import QuantizationError
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_ABSMAX = 1e-38  # bitsandbytes' floor on a block's scale (an all-zero block)
+
+
+@dataclasses.dataclass
+class QuantState:
+    """Everything besides the packed bytes that dequantization needs.
+
+    ``absmax`` is float32 [n_blocks], or uint8 [n_blocks] when double-quantized,
+    in which case ``offset`` (float32 scalar), ``nested_absmax`` (float32
+    [ceil(n_blocks / 256)]) and ``nested_code`` (float32 [256]) are set.
+    ``dtype`` is the dtype of the original weight (the default output dtype).
+    """
+
+    quant_type: str
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    absmax: torch.Tensor
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by field name (None fields left out)."""
+        names = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (the packed weight not included)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def scale_bits(self) -> int:
+        """Bits spent on the per-block scales: absmax, plus nested absmax with double quantization."""
+        bits = self.absmax.numel() * self.absmax.element_size() * 8
+        if self.double_quant:
+            bits += self.nested_absmax.numel() * 32
+        return bits
+
+    def to(self, device: torch.device | str) -> "QuantState":
+        """A copy with every tensor on ``device``."""
+        return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
+
+
+def check_settings(blocksize: int, quant_type: str) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"blocksize {blocksize!r} is not supported; use a power of two from 32 to 4096 (default 64)")
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"quant_type {quant_type!r} is not one of: {', '.join(QUANT_TYPES)}")
+
+
+def check_weight(w: torch.Tensor, name: str = "tensor") -> None:
+    """Raise :class:`QuantizationError` naming ``name`` for anything but a finite, non-empty float tensor."""
+    if not isinstance(w, torch.Tensor):
+        raise QuantizationError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise QuantizationError(f"{name}: dtype {w.dtype} cannot be quantized; use float32, bfloat16 or float16")
+    if w.numel() == 0:
+        raise QuantizationError(f"{name}: the tensor is empty (shape {list(w.shape)}); nothing to quantize")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise QuantizationError(f"{name}: {bad} NaN or inf value(s); fix the weights before quantizing")
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    name: str = "tensor",
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``w``: returns (packed uint8 [(numel + 1) // 2, 1], QuantState). ``name`` labels errors."""
+    check_settings(blocksize, quant_type)
+    check_weight(w, name)
+    flat = w.detach().reshape(-1).to(torch.float32)  # exact for bf16/fp16
+    scaled, absmax = scale_blocks(flat, blocksize)
+    packed = pack_nibbles(nearest_codes(scaled, code_for(quant_type).to(w.device)))
+    state = QuantState(quant_type, blocksize, torch.Size(w.shape), w.dtype, absmax, code_for(quant_type).to(w.device))
+    if double_quant:
+        state = compress_absmax(state)
+    return packed.unsqueeze(1), state
+
+
+def scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values scaled into [-1, 1] [n], float32 absmax [n_blocks]) -- steps 1-2 of the module docstring."""
+    n = flat.numel()
+    full = n - n % blocksize
+    head = flat[:full].view(-1, blocksize)
+    absmax = head.abs().amax(dim=1)
+    scaled = (head * torch.reciprocal(absmax.clamp(min=MIN_ABSMAX))[:, None]).clamp_(-1.0, 1.0).reshape(-1)
+    if full == n:
+        return scaled, absmax
+    tail_absmax = flat[full:].abs().amax().clamp(min=MIN_ABSMAX)
+    tail = (flat[full:] / tail_absmax).clamp_(-1.0, 1.0)
+    return torch.cat([scaled, tail]), torch.cat([absmax, tail_absmax[None]])
+
+
+def nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the nearest entry of ``code`` for each value (ties to the lower value), padded to even length with 0.0's code."""
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    order = sorted_order(code)
+    position = torch.bucketize(scaled, midpoints(code[order]), out_int32=True)  # = count of midpoints < value
+    return order.to(torch.uint8)[position]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [n/2]: element 2k in the high nibble, 2k+1 in the low nibble."""
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def compress_absmax(state: QuantState) -> QuantState:
+    """Double quantization of a state's float32 absmax (bitsandbytes' ``compress_statistics=True``)."""
+    offset = state.absmax.mean()
+    nested_code = dynamic_map_signed().to(state.absmax.device)
+    qabsmax, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    return dataclasses.replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """float32 [n_blocks]: the per-block scales, ``code8[q] * nested[b // 256] + offset`` when double-quantized."""
+    if not state.double_quant:
+        return state.absmax.to(torch.float32)
+    absmax = dequantize_blockwise_8bit(state.absmax, state.nested_absmax, state.nested_code, state.nested_blocksize)
+    return absmax + state.offset
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tensor[state.shape] in ``dtype`` (default: the original weight's): ``code[nibble] * absmax`` in float32, then cast.
+
+    Fast path: a table lookup turns each packed byte (or pair of bytes) into
+    its float32 code values in one gather; one multiply writes the result
+    straight into ``dtype`` (float32 product, rounded once on store).
+    """
+    dtype = dtype or state.dtype
+    absmax = dequantize_absmax(state)
+    values = lookup_code_values(packed, state.quant_type)
+    n, bs = state.numel, state.blocksize
+    full = n - n % bs
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    torch.mul(values[:full].view(-1, bs), absmax[: full // bs, None], out=out[:full].view(-1, bs))
+    if full < n:
+        torch.mul(values[full:n], absmax[-1], out=out[full:])
+    return out.view(state.shape)
+
+
+def lookup_code_values(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """float32 [2 * n_bytes]: the ``quant_type`` code of every nibble, high nibble first.
+
+    On CPU two bytes at a time (a 65536-entry table of four float32 codes
+    each, stored as complex128 so one gather moves 16 bytes); elsewhere, or
+    for an odd byte count, one byte at a time (256 entries of two codes).
+    """
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    if flat.device.type == "cpu" and flat.numel() % 2 == 0 and flat.storage_offset() % 2 == 0:
+        table = _code_table(quant_type, 2, flat.device)
+        return table.index_select(0, flat.view(torch.uint16).to(torch.int32)).view(torch.float32)
+    table = _code_table(quant_type, 1, flat.device)
+    return table.index_select(0, flat.to(torch.int32)).view(torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _code_table(quant_type: str, bytes_per_entry: int, device: torch.device) -> torch.Tensor:
+    """Entry k holds the codes of the ``bytes_per_entry`` bytes whose in-memory bit pattern is k (high nibble first)."""
+    code = code_for(quant_type)
+    n_entries = 256**bytes_per_entry
+    # the bytes of every entry in memory order, whatever the machine's endianness
+    index = torch.arange(n_entries, dtype=torch.int32)
+    entry_bytes = index.to(torch.uint8).view(-1, 1) if bytes_per_entry == 1 else index.to(torch.uint16).view(torch.uint8).view(-1, 2)
+    nibbles = torch.stack([entry_bytes >> 4, entry_bytes & 15], dim=-1).reshape(n_entries, -1).long()
+    wide = torch.int64 if bytes_per_entry == 1 else torch.complex128
+    return code[nibbles].contiguous().view(wide).reshape(-1).to(device)
