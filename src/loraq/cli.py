@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except LoraqError as exc:
         print(f"loraq: error: {exc}", file=sys.stderr)
+        if os.environ.get("LORAQ_ERROR_FILE"):
+            from loraq.distributed.launch import record_error_for_launcher
+
+            record_error_for_launcher(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print("loraq: interrupted", file=sys.stderr)

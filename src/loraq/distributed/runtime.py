@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from loraq.devices import default_device
+from loraq.errors import LoraqError
 
 
 @dataclass
@@ -61,6 +62,25 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and hand its result -- or its LoraqError -- to every rank.
+
+        Without this, a user mistake found by rank 0 would leave the other
+        ranks waiting forever at the next collective.
+        """
+        if not self.distributed:
+            return fn()
+        result: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                result = ("ok", fn())
+            except LoraqError as exc:
+                result = ("error", str(exc))
+        kind, value = self.broadcast(result)
+        if kind == "error":
+            raise LoraqError(value)
+        return value
 
     def shutdown(self) -> None:
         if self.initialized_here and dist.is_initialized():

@@ -10,6 +10,7 @@ settings as ``loraq train`` with no arguments).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from loraq.config import TrainConfig, load_recipe
@@ -45,7 +46,7 @@ def apply_demo_defaults(cfg: TrainConfig) -> TrainConfig:
 def train(config: TrainConfig | None = None, *, recipe: str | None = None, **overrides: Any):
     """Run training; returns :class:`loraq.train.loop.RunResult` (``run_dir``, ``summary``)."""
     cfg = build_config(config, recipe, **overrides)
-    if cfg.nproc > 1:
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from loraq.distributed.launch import launch_torchrun
 
         return launch_torchrun(cfg)

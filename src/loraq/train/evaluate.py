@@ -89,3 +89,30 @@ def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int
             predictions[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
     hits = sum(same(p, r.answer) for p, r in zip(predictions, references))
     return ExactMatch(accuracy=hits / len(references), n=len(references), predictions=predictions)
+
+
+def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len: int = 2048, batch_size: int = 8,
+                     max_examples: int = 200) -> dict[str, Any]:
+    """Loss/perplexity over every example of ``path`` and exact match on up to ``max_examples`` references."""
+    from loraq.config import TrainConfig
+    from loraq.data.dataset import build_data
+    from loraq.train.loop import CausalLMLoss, batch_loss
+
+    cfg = TrainConfig(data=str(path), format=fmt, seq_len=seq_len, batch_size=batch_size, eval_samples=max_examples)
+    data = build_data(cfg, tokenizer)
+    loss_module = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    from loraq.data.batches import ordered_batches
+
+    def loss_sum(batch):
+        batch = batch.to(device)
+        return batch_loss(loss_module, batch, 1.0), batch.num_trained_tokens
+
+    result = evaluate_loss(loss_sum, ordered_batches(data.train, batch_size, data.pad_id, False))
+    em = exact_match(model, tokenizer, data.references, data.max_answer_tokens, data.stop_token_ids) if data.references else None
+    return {"data": str(path), "format": data.format, "examples": data.stats.train.examples,
+            "tokens": 0 if result is None else result.tokens,
+            "loss": None if result is None else result.loss,
+            "perplexity": None if result is None else result.perplexity,
+            "exact_match": None if em is None else em.accuracy,
+            "exact_match_examples": 0 if em is None else em.n}

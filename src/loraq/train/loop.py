@@ -174,17 +174,18 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = resolve_run_dir(cfg)
-    mode = prepare_run_dir(run_dir, cfg, is_main=runtime.is_main)
-    if runtime.is_main:
+    def claim_run_dir():
+        run_dir = resolve_run_dir(cfg)
+        mode = prepare_run_dir(run_dir, cfg)
         check_writable(run_dir)
-    runtime.barrier()
+        return str(run_dir), mode
 
-    # the one-time model fetch is not part of the run's time
-    source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle) if runtime.is_main else None
-    runtime.barrier()
-    if source is None:
-        source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
+    # rank 0 decides (a default name holds the time) and checks; every rank gets its answer or its error
+    run_dir_str, mode = runtime.on_main(claim_run_dir)
+    run_dir = Path(run_dir_str)
+    # the one-time model fetch is not part of the run's time; rank 0 fetches, then the others find it cached
+    runtime.on_main(lambda: resolve_source(cfg.model, allow_pickle=cfg.allow_pickle) and None)
+    source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
 

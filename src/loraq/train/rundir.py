@@ -45,7 +45,7 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / (cfg.name or default_run_name(cfg))
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, is_main: bool = True) -> str:
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     """Check the folder against --resume/--overwrite; returns 'new', 'resume' or 'overwrite'."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -64,8 +64,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, is_main: bool = True) -> st
         if not is_run:
             raise ConfigError(f"--overwrite: {run_dir} is not a loraq run folder (no {RUN_FILE}); "
                               "refusing to delete it, choose another --output-dir")
-        if is_main:
-            _empty_folder(run_dir)
+        _empty_folder(run_dir)
         return "overwrite"
     return "new"
 
