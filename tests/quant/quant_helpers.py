@@ -25,3 +25,14 @@ def bnb_cpu_dequant_is_right(shape, blocksize: int) -> bool:
     rows = 1 if len(shape) < 2 else int(torch.Size(shape[:-1]).numel())
     cols = shape[-1]
     return rows == 1 or cols % 16 != 0 or cols % blocksize == 0 or blocksize >= 2048
+
+
+def tiny_llama(vocab_size: int = 300, seed: int = 0, **overrides):
+    """A random 2-layer Llama (hidden 64) in float32, eval mode; ``overrides`` go to LlamaConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
