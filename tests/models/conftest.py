@@ -44,14 +44,3 @@ def tiny_gguf(tmp_path_factory, tiny_reference, tiny_tokenizer) -> Path:
 def probe_ids(tiny_tokenizer) -> torch.Tensor:
     return torch.tensor([tiny_tokenizer("What is the capital of France? The capital of France is Paris.")["input_ids"]])
 
-
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def assert_one_line(exc: BaseException, *needles: str) -> None:
-    text = str(exc)
-    assert "\n" not in text and text.strip() == text and text
-    for needle in needles:
-        assert needle in text, f"{needle!r} not in {text!r}"

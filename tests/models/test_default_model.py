@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import logits
+from models_testlib import logits
 
 from loraq.cli import main
 from loraq.models import default

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_one_line
+from models_testlib import assert_one_line
 
 from loraq.cli import main
 from loraq.errors import ConfigError

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line, logits
+from models_testlib import assert_one_line, logits
 
 from loraq.errors import ModelError
 from loraq.models.load import load_model

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits
+from models_testlib import logits
 
 from loraq.models.load import load_model, load_tokenizer
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line, logits
+from models_testlib import assert_one_line, logits
 from safetensors.torch import load_file, save_file
 
 from loraq.errors import ConfigError, ModelError

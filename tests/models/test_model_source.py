@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import assert_one_line
+from models_testlib import assert_one_line
 
 from loraq.errors import ModelError
 from loraq.models.cache import MARKER

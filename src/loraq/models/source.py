@@ -130,9 +130,11 @@ def _quantization_kind(config: dict[str, Any], label: str) -> str | None:
     qc = config.get("quantization_config")
     if not qc:
         return None
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "bitsandbytes" and qc.get("load_in_4bit"):
+    from loraq.quant.bnb_format import is_bnb_4bit_config
+
+    if is_bnb_4bit_config(config):
         return "bnb4bit"
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else "?"
     if method == "bitsandbytes" and qc.get("load_in_8bit"):
         raise ModelError(f"--model {label}: 8-bit bitsandbytes checkpoints are not supported; use the original model")
     raise ModelError(
