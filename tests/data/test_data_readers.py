@@ -41,14 +41,20 @@ def test_utf8_bom_is_accepted(tmp_path):
     assert read_records(path)[0].data == CHAT
 
 
-@pytest.mark.parametrize("body, needles", [
-    ('{"text": "a"}\n{"text": "b"}\n{"text": "c"\n', [":3:", "malformed JSON"]),
-    ('{"text": "a"}\n[1, 2]\n', [":2:", "JSON object", "an array"]),
-    ("", ["empty"]),
-    ("\n  \n", ["empty"]),
+@pytest.mark.parametrize("name, body, needles", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c"\n', [":3:", "malformed JSON"]),
+    ("bad.jsonl", '{"text": "a"}\n[1, 2]\n', [":2:", "JSON object", "an array"]),
+    ("bad.jsonl", "", ["empty"]),
+    ("bad.jsonl", "\n  \n", ["empty"]),
+    ("bad.json", '[\n{"text": "a"},\n{"text": }\n]', [":3:", "malformed JSON"]),
+    ("bad.json", '{"text": "a"}\n{"text": "b"}\n', [":2:", "Extra data", ".jsonl"]),
+    ("bad.json", '{"rows": []}', ["array of objects"]),
+    ("bad.json", '[\n{"text": "a"},\n"just a string"\n]', [":3:", "a string"]),
+    ("bad.json", "[]", ["no records"]),
+    ("bad.csv", "prompt,completion\na,b\nc,d,e\n", [":3:", "cells"]),
 ])
-def test_jsonl_mistakes(tmp_path, body, needles):
-    path = tmp_path / "bad.jsonl"
+def test_file_mistakes(tmp_path, name, body, needles):
+    path = tmp_path / name
     path.write_text(body, encoding="utf-8")
     one_line_error(lambda: read_records(path), str(path), *needles)
 
@@ -57,25 +63,6 @@ def test_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(CHAT).encode() + b"\n" + '{"text": "caf\u00e9"}'.encode("latin-1") + b"\n")
     one_line_error(lambda: read_records(path), f"{path}:2", "UTF-8")
-
-
-@pytest.mark.parametrize("body, needles", [
-    ('[\n{"text": "a"},\n{"text": }\n]', [":3:", "malformed JSON"]),
-    ('{"text": "a"}\n{"text": "b"}\n', [":2:", "Extra data", ".jsonl"]),
-    ('{"rows": []}', ["array of objects"]),
-    ('[\n{"text": "a"},\n"just a string"\n]', [":3:", "a string"]),
-    ("[]", ["no records"]),
-])
-def test_json_mistakes(tmp_path, body, needles):
-    path = tmp_path / "bad.json"
-    path.write_text(body, encoding="utf-8")
-    one_line_error(lambda: read_records(path), str(path), *needles)
-
-
-def test_csv_row_with_extra_cells(tmp_path):
-    path = tmp_path / "bad.csv"
-    path.write_text("prompt,completion\na,b\nc,d,e\n", encoding="utf-8")
-    one_line_error(lambda: read_records(path), f"{path}:3", "cells")
 
 
 def test_missing_file_folder_and_parquet_without_pyarrow(tmp_path):
