@@ -109,6 +109,18 @@ def test_trimming_template_and_a_separate_end_of_turn_token(tiny_tokenizer):
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_template_without_end_of_turn_gets_a_trained_eos(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    example = tokenize_sample(chat(messages), tok)
+    assert example.input_ids == list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) + [
+        tok.eos_token_id]
+    # "assistant: hello" tokenizes as ... ":", " hello": the token straddling the answer's start is trained
+    assert trained_runs(tok, example.input_ids, example.labels) == [" hello", "<|im_end|>"]
+
+
 def test_truncation_and_dropping_are_counted(tiny_tokenizer):
     long_prompt = chat([{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}])
     short = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a long answer " * 5}])

@@ -8,7 +8,9 @@ Contract (labels follow the Hugging Face convention: aligned with
   ``tokenizer.apply_chat_template(messages, tokenize=True)`` does. Trained
   tokens: every assistant turn's content plus the end-of-turn marker that
   closes it (``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama 3, ...), but
-  not the newline after it nor the ``<|im_start|>assistant\\n`` header.
+  not the newline after it nor the ``<|im_start|>assistant\\n`` header. When
+  the template closes the final assistant turn with nothing, EOS is appended
+  (and trained) so that the model learns to stop.
 * ``completion`` samples are ``prompt + completion`` as plain text (the
   tokenizer's own BOS, if it adds one) followed by EOS; trained: the
   completion's tokens and that EOS.
@@ -76,12 +78,16 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt:
 
 
 def end_markers(tokenizer: Any) -> list[str]:
-    """Strings that may close a turn: the tokenizer's special tokens, and ChatML's ``<|im_end|>``."""
-    specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", [])]
+    """Strings that may close a turn: the tokenizer's special tokens (not BOS/UNK, nor a PAD other than
+    EOS, which never close one), and ChatML's ``<|im_end|>``; longest first."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(token, "special", False):
-            specials.append(str(token.content))
-    return sorted(set(specials) | {CHATML_END}, key=len, reverse=True)
+            specials.add(str(token.content))
+    never = {tokenizer.bos_token, tokenizer.unk_token}
+    if tokenizer.pad_token != tokenizer.eos_token:
+        never.add(tokenizer.pad_token)
+    return sorted((specials - never) | {CHATML_END}, key=len, reverse=True)
 
 
 def _end_of_turn(text: str, end: int, markers: Sequence[str]) -> int:
@@ -122,6 +128,10 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tup
     return full, spans
 
 
+def _closed(text: str, span: tuple[int, int], markers: Sequence[str]) -> bool:
+    return any(text.endswith(marker, 0, span[1]) for marker in markers)
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -157,19 +167,27 @@ def tokenize_sample(sample: Sample, tokenizer: Any, train_on_inputs: bool = Fals
         text, spans = chat_spans(tokenizer, sample.messages, sample.where)
         # the template writes BOS itself where the model wants one, as apply_chat_template(tokenize=True) assumes
         ids, labels = tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False, train_on_inputs=train_on_inputs)
+        if sample.messages[-1]["role"] == "assistant" and not _closed(text, spans[-1], end_markers(tokenizer)):
+            _end_with_eos(ids, labels, tokenizer.eos_token_id)
         return Example(ids, labels, sample.where)
     if sample.kind == "completion":
         text = sample.prompt + sample.completion
         ids, labels = tokenize_with_spans(tokenizer, text, [(len(sample.prompt), len(text))], add_special_tokens=True,
                                           train_on_inputs=train_on_inputs)
-        eos = tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-            labels.append(eos)
-        elif eos is not None:
-            labels[-1] = eos
+        _end_with_eos(ids, labels, tokenizer.eos_token_id)
         return Example(ids, labels, sample.where)
     raise ValueError(f"tokenize_sample takes chat or completion samples, not {sample.kind!r}")
+
+
+def _end_with_eos(ids: list[int], labels: list[int], eos: int | None) -> None:
+    """Make the sequence end in a trained EOS (appended unless the tokenizer already put one there)."""
+    if eos is None:
+        return
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos)
+    else:
+        labels[-1] = eos
 
 
 def truncate(example: Example, seq_len: int) -> tuple[Example, bool]:
