@@ -75,6 +75,15 @@ def _largest_stored_tensor(folder) -> tuple[str, int]:
     return best
 
 
+def _warm_up_quantizer() -> None:
+    """One small quantization first: torch's one-time buffers (thread pools, kernels) are not the load's memory."""
+    import torch
+
+    from loraq.models.lowmem import quantize_in_chunks
+
+    quantize_in_chunks(torch.randn(1024, 1024), 64, "nf4", True, name="warm-up")
+
+
 def child(method: str, model_spec: str | None, dtype: str) -> None:
     import torch  # noqa: F401  - everything loading imports, before the baseline
     import transformers  # noqa: F401
@@ -90,6 +99,7 @@ def child(method: str, model_spec: str | None, dtype: str) -> None:
 
     source = resolve_source(model_spec)
     build_skeleton(source.path, resolve_dtype(dtype), False, "bench")  # imports the architecture's code (no weights)
+    _warm_up_quantizer()
     baseline = _reset_peak()
     loaded = load_model(source, method=method, dtype=dtype, device="cpu")
     peak = _status_kb("VmHWM") * 1024 - baseline

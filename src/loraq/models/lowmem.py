@@ -19,8 +19,10 @@ as transformers computes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,7 +30,13 @@ from torch import nn
 from loraq.models.safety import WeightFiles
 from loraq.models.skeleton import build_skeleton, finish, iter_checkpoint_tensors, module_and_leaf, set_tensor, tied_targets
 
+if TYPE_CHECKING:
+    from loraq.quant.functional import QuantState
+
 log = logging.getLogger(__name__)
+
+# elements quantized at a time: the quantizer's temporaries stay a few MB whatever the layer's size
+CHUNK_NUMEL = 1 << 16
 
 
 def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype, device: torch.device,
@@ -50,9 +58,8 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
         module, leaf = found
         module_name = key.rpartition(".")[0]
         if module_name in targets and leaf == "weight":
-            layer = Linear4bit.from_linear(_as_linear(tensor.to(device)), quant_type=quant_type,
-                                           double_quant=double_quant, blocksize=blocksize,
-                                           compute_dtype=compute_dtype, name=key)
+            packed, state = quantize_in_chunks(tensor.to(device), blocksize, quant_type, double_quant, name=key)
+            layer = Linear4bit(packed, state, None, compute_dtype)
             layer.bias = module.bias  # loaded already, or still meta until its key comes
             model.set_submodule(module_name, layer)
             quantized.append(module_name)
@@ -65,8 +72,29 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
     return model, sorted(quantized)
 
 
-def _as_linear(weight: torch.Tensor) -> nn.Linear:
-    """An nn.Linear view of a weight, without allocating a second copy (for ``Linear4bit.from_linear``)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    return linear
+
+def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,
+                       chunk_numel: int = CHUNK_NUMEL) -> tuple[torch.Tensor, "QuantState"]:
+    """``quantize_4bit(weight)``, bit for bit, with temporaries bounded by ``chunk_numel`` elements.
+
+    Blocks are independent: the flattened weight is cut at multiples of
+    ``blocksize`` (so only the last chunk can end in a partial block), each
+    chunk is quantized without double quantization, the packed bytes and the
+    float32 absmax are concatenated, and the absmax vector is then
+    double-quantized as a whole, exactly as ``quantize_4bit`` does it.
+    """
+    from loraq.quant.functional import compress_absmax, quantize_4bit
+
+    flat = weight.reshape(-1)
+    step = max(blocksize, chunk_numel - chunk_numel % blocksize)
+    if flat.numel() <= step:
+        return quantize_4bit(weight, blocksize, quant_type, double_quant, name=name)
+    packed_parts, absmax_parts, state = [], [], None
+    for start in range(0, flat.numel(), step):
+        packed, state = quantize_4bit(flat[start:start + step], blocksize, quant_type, False, name=name)
+        packed_parts.append(packed)
+        absmax_parts.append(state.absmax)
+    state = dataclasses.replace(state, shape=torch.Size(weight.shape), dtype=weight.dtype, absmax=torch.cat(absmax_parts))
+    if double_quant:
+        state = compress_absmax(state)
+    return torch.cat(packed_parts), state
