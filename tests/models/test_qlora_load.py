@@ -40,8 +40,13 @@ def _save(model, tokenizer, folder, **kw):
     return folder
 
 
-@pytest.mark.parametrize("quant_type, double_quant, blocksize", [("nf4", True, 64), ("fp4", False, 128)])
-def test_lowmem_equals_full_load_then_quantize(tiny_llama_dir, probe_ids, quant_type, double_quant, blocksize):
+@pytest.mark.parametrize("quant_type, double_quant, blocksize, chunk_numel", [
+    ("nf4", True, 64, None), ("fp4", False, 128, None), ("nf4", True, 32, 1000),  # the last one in many chunks
+])
+def test_lowmem_equals_full_load_then_quantize(tiny_llama_dir, probe_ids, monkeypatch, quant_type, double_quant,
+                                               blocksize, chunk_numel):
+    if chunk_numel:
+        monkeypatch.setattr("loraq.models.lowmem.CHUNK_NUMEL", chunk_numel)
     loaded = load_model(str(tiny_llama_dir), method="qlora", dtype="fp32", quant=quant_type,
                         double_quant=double_quant, blocksize=blocksize, device="cpu")
     reference, ref_names = _reference(tiny_llama_dir, quant_type, double_quant, blocksize)
@@ -57,6 +62,20 @@ def test_lowmem_equals_full_load_then_quantize(tiny_llama_dir, probe_ids, quant_
     assert isinstance(loaded.model.lm_head, nn.Linear)
     assert torch.equal(loaded.model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     assert torch.equal(logits(loaded.model, probe_ids), logits(reference, probe_ids))
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (64, 4096), (7, 9)])
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False), ("fp4", True)])
+def test_chunked_quantization_is_quantize_4bit(shape, quant_type, double_quant):
+    from loraq.models.lowmem import quantize_in_chunks
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, state = quantize_4bit(w, 64, quant_type, double_quant)
+    got_packed, got = quantize_in_chunks(w, 64, quant_type, double_quant, name="w", chunk_numel=4096)
+    assert torch.equal(got_packed, packed) and got.shape == state.shape and got.dtype == state.dtype == torch.bfloat16
+    for field in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
+        a, b = getattr(got, field), getattr(state, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
 
 
 def test_tied_embeddings_stay_tied(tiny_llama_dir):

@@ -74,7 +74,7 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
 
 
 def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,
-                       chunk_numel: int = CHUNK_NUMEL) -> tuple[torch.Tensor, "QuantState"]:
+                       chunk_numel: int | None = None) -> tuple[torch.Tensor, "QuantState"]:
     """``quantize_4bit(weight)``, bit for bit, with temporaries bounded by ``chunk_numel`` elements.
 
     Blocks are independent: the flattened weight is cut at multiples of
@@ -86,6 +86,7 @@ def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, do
     from loraq.quant.functional import compress_absmax, quantize_4bit
 
     flat = weight.reshape(-1)
+    chunk_numel = chunk_numel or CHUNK_NUMEL
     step = max(blocksize, chunk_numel - chunk_numel % blocksize)
     if flat.numel() <= step:
         return quantize_4bit(weight, blocksize, quant_type, double_quant, name=name)
