@@ -130,3 +130,15 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys, ca
         assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
     else:
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_merge_on_the_default_model_gives_peft_s_logits(smollm_dir, tmp_path):
+    """The issue's check on the real model: PEFT adapter, random A and B, `loraq merge`, plain transformers."""
+    pm = _peft_adapter(smollm_dir, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
+    ids = _ids(pm.config.vocab_size)
+    reference = _logits(pm.merge_and_unload(), ids)
+    del pm
+    assert main(["merge", "--model", str(smollm_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert rel_err(_logits(_base(tmp_path / "merged"), ids), reference) < 1e-4
