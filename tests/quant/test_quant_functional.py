@@ -182,3 +182,17 @@ def test_bad_weights_name_the_layer(w, word):
     with pytest.raises(ValueError) as info:
         quantize_4bit(w, name="model.layers.3.mlp.up_proj")
     assert "model.layers.3.mlp.up_proj" in str(info.value) and word in str(info.value)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 96, 100, 1 << 18])
+def test_chunked_cpu_dequantization_is_exact(bnbf, monkeypatch, chunk_bytes):
+    import loraq.quant.functional as functional
+
+    monkeypatch.setattr(functional, "CPU_CHUNK_BYTES", chunk_bytes)  # many chunks, ragged last chunk, one chunk
+    gen = torch.Generator().manual_seed(chunk_bytes)
+    for shape, blocksize in [((37, 61), 64), ((5, 300), 32), ((3, 1000), 256)]:
+        w = torch.randn(shape, generator=gen)
+        packed, state, ref_packed, ref = _assert_same_as_bnb(bnbf, w, blocksize, "nf4", True)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(bits(dequantize_4bit(packed, state, dtype)),
+                               bits(_float64_dequant(bnbf, ref_packed, ref, dtype)))
