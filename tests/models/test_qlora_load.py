@@ -112,6 +112,15 @@ def test_untied_head_with_biases_and_shards(tmp_path, tiny_tokenizer, probe_ids)
     assert torch.equal(logits(m, probe_ids), logits(reference, probe_ids))
 
 
+def test_checkpoint_of_the_bare_base_model(tiny_model_copy, tiny_llama_dir, probe_ids):
+    # keys saved from LlamaModel (no "model." prefix), as some checkpoints are
+    state = load_file(str(tiny_model_copy / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, str(tiny_model_copy / "model.safetensors"))
+    loaded = load_model(str(tiny_model_copy), method="qlora", dtype="fp32", device="cpu")
+    reference, _ = _reference(tiny_llama_dir)
+    assert torch.equal(logits(loaded.model, probe_ids), logits(reference, probe_ids))
+
+
 def test_pickle_weights_with_allow_pickle(tiny_model_copy, tiny_llama_dir, probe_ids):
     state = load_file(str(tiny_model_copy / "model.safetensors"))
     (tiny_model_copy / "model.safetensors").unlink()

@@ -27,6 +27,7 @@ from loraq.devices import default_device, resolve_dtype
 from loraq.errors import ConfigError, ModelError
 from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.models.safety import WeightFiles, check_remote_code, weight_files
+from loraq.models.skeleton import missing_tensors_error
 from loraq.models.source import ModelSource, read_config, resolve_source
 
 METHODS = ("qlora", "lora", "full")
@@ -74,6 +75,7 @@ def load_model(
 
     quantized: list[str] = []
     with quiet_transformers():
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)  # first: it fails fast
         if source.kind == "bnb4bit":
             if method != "qlora":
                 raise ModelError(
@@ -90,7 +92,6 @@ def load_model(
                                               quant_type=quant, double_quant=double_quant, blocksize=blocksize)
         else:
             model = _load_full_precision(source.path, files, compute_dtype, trust_remote_code, label).to(device)
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.eval()
     return LoadedModel(model, tokenizer, source, compute_dtype, method, quantized)
 
@@ -131,6 +132,5 @@ def _load_full_precision(folder: Path, files: WeightFiles, dtype: torch.dtype, t
         raise ModelError(f"--model {label}: cannot load its weights ({exception_line(exc)})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ModelError(f"--model {label}: the weight files lack {len(missing)} tensors of this architecture "
-                         f"(first: {missing[0]}); the checkpoint is incomplete or does not match config.json")
+        raise missing_tensors_error(label, missing)
     return model

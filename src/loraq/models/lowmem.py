@@ -55,8 +55,7 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
         if found is None:
             log.info("%s: ignoring %s (not a tensor of this architecture)", label, key)
             continue
-        module, leaf = found
-        module_name = key.rpartition(".")[0]
+        module_name, module, leaf = found
         if module_name in targets and leaf == "weight":
             packed, state = quantize_in_chunks(tensor.to(device), blocksize, quant_type, double_quant, name=key)
             layer = Linear4bit(packed, state, None, compute_dtype)

@@ -111,16 +111,29 @@ def _find_malloc_trim():
 _MALLOC_TRIM = _find_malloc_trim()
 
 
-def module_and_leaf(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
-    """The module holding parameter/buffer ``key`` and the leaf name; None when the model has no such tensor."""
-    module_name, _, leaf = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None
-    if leaf in module._parameters or leaf in module._buffers:
-        return module, leaf
+def module_and_leaf(model: nn.Module, key: str) -> tuple[str, nn.Module, str] | None:
+    """``(module name, module, leaf)`` holding parameter/buffer ``key``; None when the model has no such tensor.
+
+    A checkpoint of the bare base model (keys without the ``model.`` prefix of
+    the causal-LM wrapper) is matched too, as transformers matches it.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (key, f"{prefix}.{key}" if prefix else None):
+        if candidate is None:
+            continue
+        module_name, _, leaf = candidate.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if leaf in module._parameters or leaf in module._buffers:
+            return module_name, module, leaf
     return None
+
+
+def missing_tensors_error(label: str, missing: list[str], hint: str = "") -> ModelError:
+    return ModelError(f"--model {label}: the weight files lack {len(missing)} tensors of this architecture "
+                      f"(first: {missing[0]}); the checkpoint is incomplete or does not match config.json{hint}")
 
 
 def set_tensor(module: nn.Module, leaf: str, value: torch.Tensor) -> None:
@@ -140,8 +153,7 @@ def finish(model: nn.Module, device: torch.device, label: str) -> None:
     _init_non_persistent_buffers(model, device, label)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
-        raise ModelError(f"--model {label}: the weight files lack {len(missing)} tensors of this architecture "
-                         f"(first: {missing[0]}); the checkpoint is incomplete or does not match config.json")
+        raise missing_tensors_error(label, missing, " (if transformers itself reads it, try --method lora)")
 
 
 def _init_non_persistent_buffers(model: nn.Module, device: torch.device, label: str) -> None:
