@@ -99,14 +99,14 @@ def test_missing_lora_a_exits_2_naming_the_layer_and_writes_nothing(tiny_llama_d
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
-@pytest.mark.parametrize("case", ["no-adapter", "pickle", "bad-rank", "out-not-empty", "bad-dtype"])
+@pytest.mark.parametrize("case", ["no-adapter", "pickle", "bad-rank", "out-not-empty", "bad-dtype", "gone-base"])
 def test_user_mistakes_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys, case):
     adapter = tmp_path / "adapter"
     out = tmp_path / "merged"
     if case != "no-adapter":
         _peft_adapter(tiny_llama_dir, adapter, r=2, lora_alpha=4, target_modules=["q_proj"])
     needle = {"no-adapter": "does not exist", "pickle": "--allow-pickle", "bad-rank": "rank",
-              "out-not-empty": "--overwrite", "bad-dtype": "--dtype"}[case]
+              "out-not-empty": "--overwrite", "bad-dtype": "--dtype", "gone-base": "does not exist here"}[case]
     extra = []
     if case == "pickle":
         (adapter / "adapter_model.safetensors").unlink()
@@ -119,8 +119,13 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys, ca
         (out / "keep.txt").write_text("mine")
     if case == "bad-dtype":
         extra = ["--dtype", "int8"]
+    model = ["--model", str(tiny_llama_dir)]
+    if case == "gone-base":  # no --model, and the adapter's own base has been deleted
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
+        model = []
     capsys.readouterr()
-    code = main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", str(out), *extra])
+    code = main(["merge", *model, "--adapter", str(adapter), "--out", str(out), *extra])
     assert code == 2
     assert_one_line(capsys.readouterr().err, "loraq: error:", needle)
     if case == "out-not-empty":

@@ -7,6 +7,7 @@ tokenizer with its chat template: transformers loads it without loraq.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,23 @@ def merge(
 
 
 def base_model_for(base_model_name_or_path: str | None) -> str | None:
-    """The base to merge into when ``--model`` is omitted: the adapter's own base if it is a local
-    folder, the default model if the adapter names none or names the default; else an error."""
+    """The base to merge into when ``--model`` is omitted (None: the default model).
+
+    The adapter's ``base_model_name_or_path`` when it is a local folder or file
+    or a hub id (``org/name``); the default model when the adapter names none or
+    names the default; an error when it names a path that is not there (merging
+    into some other model would be silently wrong).
+    """
     from loraq.models.default import DEFAULT_HUB_ID, DEFAULT_MODEL_NAME
 
     name = (base_model_name_or_path or "").strip()
-    if name and Path(name).expanduser().is_dir():
+    if not name or name in (DEFAULT_HUB_ID, DEFAULT_MODEL_NAME):
+        return None
+    if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
-    if not name or name in (DEFAULT_HUB_ID, DEFAULT_MODEL_NAME) or name.rstrip("/").endswith("/" + DEFAULT_MODEL_NAME):
-        return None  # the default model
-    raise ModelError(f"the adapter was made for {name!r}, which is not a local folder; pass --model with that model")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not name.startswith((".", "~")):
+        return name
+    raise ModelError(f"the adapter was made for {name!r}, which does not exist here; pass --model with that model")
 
 
 def load_base_model(spec: str | Path | None, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any, str]:

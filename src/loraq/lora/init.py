@@ -25,7 +25,7 @@ layers.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -62,7 +62,7 @@ def low_rank_factors(matrix: torch.Tensor, r: int, scale: float, exact: bool = T
     return a.contiguous(), b.contiguous()
 
 
-def top_singular_triplets(matrix: torch.Tensor, k: int, oversample: int | None = None, power_iters: int = 4,
+def top_singular_triplets(matrix: torch.Tensor, k: int, oversample: int | None = None, power_iters: int = 2,
                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U_k, S_k, V_k^T)`` of ``matrix`` by a randomized range finder (Halko, Martinsson & Tropp 2011).
 
@@ -94,28 +94,25 @@ def loftq(
     r: int,
     scale: float,
     iters: int,
-    quantize_dequantize: Callable[[torch.Tensor], torch.Tensor],
+    quantize: Callable[[torch.Tensor], tuple[Any, torch.Tensor]],
     exact_svd: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoftQ: ``(A, B, to_quantize)`` such that ``q(to_quantize) + scale * B @ A ~ weight``.
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """LoftQ: ``(A, B, quantized)`` such that ``dequantize(quantized) + scale * B @ A ~ weight``.
 
-    ``quantize_dequantize(w)`` returns ``dequantize(quantize(w))`` in float32.
-    ``to_quantize`` is the tensor whose quantization ``Q`` the final ``A, B``
-    were fitted to (``W - s B_{N-1} A_{N-1}``); quantizing it again with the
-    same settings gives that same ``Q``, since quantization is deterministic.
-    The rank-r SVD is randomized (seeded) unless ``exact_svd``: on SmolLM2's
-    layers it reaches the same weight error as a full SVD at a fraction of the
-    cost (the quantization dominates the time).
+    ``quantize(w)`` returns ``(quantized, dequantized float32)``; ``quantized``
+    is whatever the caller's quantizer produces, handed back for the last
+    iteration (the Q that the final A, B were fitted to). The rank-r SVD is
+    randomized (seeded) unless ``exact_svd``: on SmolLM2's layers it reaches
+    the same weight error as a full SVD at a fraction of the cost.
     """
     w = weight.float()
     to_quantize = w
-    a = b = None
+    a = b = quantized = None
     for _ in range(iters):
-        q = quantize_dequantize(to_quantize)
+        quantized, q = quantize(to_quantize)
         a, b = low_rank_factors(w - q, r, scale, exact=exact_svd)
-        last = to_quantize
         to_quantize = w - scale * (b @ a)
-    return a, b, last
+    return a, b, quantized
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

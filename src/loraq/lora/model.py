@@ -9,6 +9,7 @@ model under ``_loraq_adapters`` (name -> :class:`~loraq.lora.config.LoraConfig`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -126,14 +127,14 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
 
         settings = {k: quant[k] for k in ("quant_type", "double_quant", "blocksize") if k in quant}
 
-        def quantize_dequantize(w: torch.Tensor) -> torch.Tensor:
+        def quantize(w: torch.Tensor):
             packed, state = quantize_4bit(w, **settings)
-            return dequantize_4bit(packed, state, dtype=torch.float32)
+            return (packed, state), dequantize_4bit(packed, state, dtype=torch.float32)
 
-        a, b, to_quantize = lora_init.loftq(layer.base_weight(torch.float32), r, s, config.loftq_iters, quantize_dequantize)
-        dense = dense_linear(to_quantize, layer.base.bias, torch.float32)
-        layer.base = Linear4bit.from_linear(dense, **quant)
-        layer.base.requires_grad_(False)
+        a, b, (packed, state) = lora_init.loftq(layer.base_weight(torch.float32), r, s, config.loftq_iters, quantize)
+        state = dataclasses.replace(state, dtype=layer.base.weight.dtype)  # the dtype of the weight it stands for
+        bias = None if layer.base.bias is None else layer.base.bias.detach().clone()
+        layer.base = Linear4bit(packed, state, bias, quant.get("compute_dtype", torch.bfloat16))
     with torch.no_grad():
         layer.lora_A[name].weight.copy_(a)
         if b is not None:
