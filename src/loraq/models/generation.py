@@ -30,9 +30,17 @@ def check_options(max_new_tokens: int, temperature: float, top_p: float) -> None
         raise ConfigError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
-def build_prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> torch.Tensor:
-    """Token ids [1, n] of ``prompt``, as one user turn of the chat template when there is one."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
+def build_prompt_ids(tokenizer: Any, prompt: str | list[dict], chat_template: bool = True) -> torch.Tensor:
+    """Token ids [1, n] of ``prompt``, as one user turn of the chat template when there is one.
+
+    ``prompt`` may also be a whole conversation (a list of role/content messages, for ``loraq chat``).
+    """
+    if isinstance(prompt, list):
+        from loraq.data.tokenize import render_chat
+
+        text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif chat_template and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=True)["input_ids"]
     else:
@@ -51,7 +59,7 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def generate_text(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+def generate_text(model: Any, tokenizer: Any, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int | None = None, chat_template: bool = True,
                   stream: TextIO | None = None) -> str:
     """Generate a reply to ``prompt``; see the module docstring for the decoding rules."""
