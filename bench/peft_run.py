@@ -1,0 +1,84 @@
+"""The reference side of bench/throughput.py: the same training with transformers + PEFT (+ bitsandbytes).
+
+What a PEFT user writes: the model from transformers (4-bit through
+BitsAndBytesConfig for QLoRA: nf4, double quant, bf16 compute; bf16 weights
+for LoRA), ``peft.get_peft_model`` with LoraConfig(r, alpha, dropout 0,
+target_modules="all-linear"), the model's own loss, torch AdamW over the
+trainable parameters, bf16. The batches are exactly loraq's (same packed
+rows, position ids restarting per document), so both tools see the same tokens.
+
+    python bench/peft_run.py --method qlora|lora --steps N --model DIR --data docs.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=("qlora", "lora"), required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--padding", action="store_true", help="HF-style padding instead of packing (epoch benchmark)")
+    ap.add_argument("--epoch", action="store_true", help="run one epoch instead of --steps")
+    args = ap.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if args.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    batches = _batches(args, tok)
+    n = len(batches) if args.epoch else args.steps
+    t0 = time.perf_counter()
+    tokens = 0
+    for step in range(n):
+        b = batches[step % len(batches)]
+        kwargs = {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "use_cache": False}
+        if b.attention_mask is not None:
+            kwargs["attention_mask"] = b.attention_mask
+        loss = model(**kwargs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += b.num_tokens
+    print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0, "tokens": tokens, "loss": float(loss)}))
+
+
+def _batches(args, tok):
+    """loraq's own batching of the same file, so both tools see identical tokens."""
+    from loraq.config import TrainConfig
+    from loraq.data.dataset import build_data
+
+    cfg = TrainConfig(data=args.data, seq_len=args.seq_len, packing=not args.padding, batch_size=args.batch_size,
+                      eval_samples=0)
+    data = build_data(cfg, tok)
+    it = data.train_batches(args.batch_size, seed=0)
+    return [next(it) for _ in range(it.batches_per_epoch)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Training throughput and memory: loraq against PEFT (+bitsandbytes), side by side, in one run.
+
+For each tool and method the same training is run twice as a fresh process,
+for N_SHORT and N_LONG optimizer steps; the time per step is the difference
+of the two wall times divided by the difference of steps, so loading and
+start-up cancel out. Peak RSS is the larger of the two processes' (os.wait4).
+Runs alternate between the tools so a slow spell of the machine hits both.
+
+Settings (issue 6): text data (Python's own documentation, pydoc_data.topics)
+packed into batches of 4 x 256 tokens, bf16, LoRA r=16, alpha=32,
+dropout 0, all linear layers but the head, AdamW, seed 0.
+
+MFU = model FLOPs per token x tokens/s / the bf16 matmul peak measured in the
+same run (torch.matmul 2048 x 2048). Model FLOPs per token for LoRA/QLoRA:
+4 x (parameters in matmuls, head included) for the forward and the input
+gradient, plus attention (4 x layers x hidden x mean context, x3 for backward).
+
+    python bench/throughput.py [--methods qlora,lora] [--short 3] [--long 13] [--model DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
+
+
+def docs_jsonl(path: Path, n_docs: int = 400) -> Path:
+    """Python's bundled documentation topics as a `text` dataset (license: PSF, shipped with CPython)."""
+    from pydoc_data.topics import topics
+
+    with open(path, "w") as fh:
+        for key in sorted(topics)[:n_docs]:
+            fh.write(json.dumps({"text": topics[key]}) + "\n")
+    return path
+
+
+def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / best / 1e9
+
+
+def model_flops_per_token(model_dir: Path, seq_len: int = SEQ) -> float:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    d, L, ff, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = cfg.get("head_dim") or d // heads
+    per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * ff
+    matmul_params = L * per_layer + V * d
+    attention = 3 * 4 * L * heads * hd * (seq_len / 2)
+    return 4 * matmul_params + attention
+
+
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS bytes, and stderr tail of one fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, err[-500:]
+
+
+def loraq_cmd(method: str, steps: int, model: Path, data: Path, out: Path) -> list[str]:
+    return [PY, "-m", "loraq", "train", "--model", str(model), "--data", str(data), "--method", method,
+            "--max-steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
+            "--alpha", str(ALPHA), "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16",
+            "--packing", "--eval-every", "100000", "--save-every", "100000", "--eval-samples", "0", "--seed", "0",
+            "--output-dir", str(out), "--overwrite"]
+
+
+def peft_cmd(method: str, steps: int, model: Path, data: Path) -> list[str]:
+    return [PY, str(HERE / "peft_run.py"), "--method", method, "--steps", str(steps), "--model", str(model),
+            "--data", str(data), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
+            "--alpha", str(ALPHA)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="qlora,lora")
+    ap.add_argument("--short", type=int, default=3)
+    ap.add_argument("--long", type=int, default=13)
+    ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from loraq.models.default import ensure_default_model
+
+    model = Path(args.model) if args.model else ensure_default_model()
+    tmp = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
+    data = docs_jsonl(tmp / "docs.jsonl")
+    peak = matmul_peak_gflops("bf16")
+    flops = model_flops_per_token(model)
+    tokens_per_step = BATCH * SEQ
+    env = dict(os.environ, LORAQ_NO_HUB="1", HF_HUB_OFFLINE="1")
+
+    rows = []
+    for method in args.methods.split(","):
+        res: dict[str, dict] = {"loraq": {}, "peft": {}}
+        for steps in (args.short, args.long):  # alternate tools at each length
+            for tool in ("loraq", "peft"):
+                cmd = (loraq_cmd(method, steps, model, data, tmp / f"run-{method}") if tool == "loraq"
+                       else peft_cmd(method, steps, model, data))
+                wall, rss, _ = run_timed(cmd, env)
+                res[tool][steps] = (wall, rss)
+                print(f"  {method:5s} {tool:5s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
+                      file=sys.stderr, flush=True)
+        for tool in ("loraq", "peft"):
+            (w_s, r_s), (w_l, r_l) = res[tool][args.short], res[tool][args.long]
+            sec_per_step = (w_l - w_s) / (args.long - args.short)
+            tps = tokens_per_step / sec_per_step
+            rows.append({"method": method, "tool": tool, "seconds_per_step": sec_per_step, "tokens_per_second": tps,
+                         "peak_rss_bytes": max(r_s, r_l), "mfu": flops * tps / (peak * 1e9)})
+
+    print(f"\n# loraq vs PEFT{'+bitsandbytes' if 'qlora' in args.methods else ''} -- {dt.date.today()} -- "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{__import__('torch').__version__}")
+    print(f"model {model.name}, batch {BATCH} x {SEQ} packed text, bf16, r={RANK}, alpha={ALPHA}, all-linear; "
+          f"bf16 matmul peak measured {peak:.0f} GFLOP/s; {flops / 1e9:.3f} GFLOP/token\n")
+    print("| method | tool | tokens/s | peak RSS | MFU | speed vs PEFT | RSS vs PEFT |")
+    print("|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        ours = next(r for r in rows if r["method"] == method and r["tool"] == "loraq")
+        ref = next(r for r in rows if r["method"] == method and r["tool"] == "peft")
+        for r in (ours, ref):
+            ratio_speed = r["tokens_per_second"] / ref["tokens_per_second"]
+            ratio_rss = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+            print(f"| {method} | {r['tool']}{'+bnb' if r['tool'] == 'peft' and method == 'qlora' else ''} | "
+                  f"{r['tokens_per_second']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GB | {100 * r['mfu']:.0f}% | "
+                  f"{ratio_speed:.2f}x | {ratio_rss:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "peak_gflops": peak,
+                                               "flops_per_token": flops, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
