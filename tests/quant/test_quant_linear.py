@@ -125,3 +125,20 @@ def test_from_linear_rejects_non_finite_weights_naming_the_layer():
         linear.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layers.0.q_proj"):
         Linear4bit.from_linear(linear, name="layers.0.q_proj")
+
+
+def test_float32_input_with_bf16_compute_returns_float32(bnbf):
+    linear, layer = _pair(compute_dtype=torch.bfloat16, seed=6)
+    reference = nn.Linear(96, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference.weight.copy_(_bnb_weight(bnbf, linear, dtype=torch.bfloat16))
+        reference.bias.copy_(linear.bias)
+    x = torch.randn(3, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y_ref = reference(x_ref.to(torch.bfloat16)).float()  # what bitsandbytes' Linear4bit does too
+    grad_out = torch.randn(3, 40)
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    assert y.dtype == torch.float32 and torch.equal(y, y_ref)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x_ref.grad)

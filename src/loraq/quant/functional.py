@@ -41,7 +41,7 @@ MIN_ABSMAX = 1e-38  # bitsandbytes' floor on a block's scale (an all-zero block)
 CPU_CHUNK_BYTES = 1 << 18  # packed bytes per dequantization step on CPU: a 2 MB float32 scratch (best of 2^15..2^19, measured)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # tensors inside: compare fields explicitly
 class QuantState:
     """Everything besides the packed bytes that dequantization needs.
 
