@@ -109,6 +109,17 @@ def test_trimming_template_and_a_separate_end_of_turn_token(tiny_tokenizer):
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_template_that_is_not_prefix_consistent(tiny_tokenizer):
+    # the last assistant turn renders differently from the prompt + generation prompt before it
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for message in messages %}{% if loop.last %}{{ 'answer follows\\n' }}{% endif %}"
+                         + GENERATION_TAGGED_CHATML[len("{% for message in messages %}"):])
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]  # answer repeats the question
+    example = tokenize_sample(chat(messages), tok)
+    ids, mask = reference(tok, messages)
+    assert example.input_ids == ids and [int(label != -100) for label in example.labels] == mask
+
+
 def test_template_without_end_of_turn_gets_a_trained_eos(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"

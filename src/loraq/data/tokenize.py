@@ -22,7 +22,7 @@ How assistant spans are found: the conversation is rendered in full once;
 for each assistant turn the prompt up to it (``messages[:i]`` with the
 generation prompt) is rendered too, and when it is a prefix of the full text
 (true of every common template) the turn's content is located right after
-it; otherwise the content is searched for after the previous turn. Character
+it; otherwise it is searched for after the contents of the turns before it. Character
 spans become token spans by tokenizing the text up to each span boundary and
 comparing with the full tokenization (a token that straddles a boundary is
 trained).
@@ -107,18 +107,15 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tup
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, message in enumerate(messages):
+        content, start = _find_content(full, message["content"], cursor)
         if message["role"] != "assistant":
+            # walking past the other turns keeps an answer that repeats the question from matching inside it
+            cursor = cursor if start < 0 else start + len(content)
             continue
-        search_from = cursor
         if i > 0:
             prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
-            if full.startswith(prompt):
-                search_from = max(cursor, len(prompt))
-        content = message["content"]
-        start = full.find(content, search_from)
-        if start < 0:  # templates often trim the content
-            content = content.strip()
-            start = full.find(content, search_from)
+            if full.startswith(prompt) and len(prompt) > cursor:
+                content, start = _find_content(full, message["content"], len(prompt))
         if start < 0:
             raise DataError(f"{where}: the chat template does not reproduce assistant turn {i + 1} verbatim, so its "
                             f"tokens cannot be found; use a model whose template keeps the content")
@@ -126,6 +123,15 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tup
         spans.append((start, end))
         cursor = end
     return full, spans
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[str, int]:
+    """(the content as the template wrote it, its position at or after ``start``, or -1)."""
+    at = text.find(content, start)
+    if at < 0:  # templates often trim the content
+        content = content.strip()
+        at = text.find(content, start)
+    return content, at
 
 
 def _closed(text: str, span: tuple[int, int], markers: Sequence[str]) -> bool:
