@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from loraq.errors import ModelError
-from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.models.cache import gguf_dir, is_complete, remove_stale_temporaries, write_marker
+from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.paths import atomic_dir, file_lock
 
 
@@ -55,7 +55,13 @@ def convert_gguf_to_folder(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraq.models.hf_folder import tied_keys_to_drop, write_config, write_generation_config, write_state_dict, write_tokenizer
+    from loraq.models.hf_folder import (
+        tied_keys_to_drop,
+        write_config,
+        write_generation_config,
+        write_state_dict,
+        write_tokenizer,
+    )
 
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name

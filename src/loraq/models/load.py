@@ -70,12 +70,12 @@ def load_model(
     config = read_config(source.path, label)
     check_remote_code(config, trust_remote_code, label)
     files = weight_files(source.path, allow_pickle=allow_pickle, label=label)
+    _check_tokenizer_files(source, label)  # fail before the slow part
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = resolve_dtype(dtype, device)
 
     quantized: list[str] = []
     with quiet_transformers():
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)  # first: it fails fast
         if source.kind == "bnb4bit":
             if method != "qlora":
                 raise ModelError(
@@ -92,6 +92,8 @@ def load_model(
                                               quant_type=quant, double_quant=double_quant, blocksize=blocksize)
         else:
             model = _load_full_precision(source.path, files, compute_dtype, trust_remote_code, label).to(device)
+        # after the model: its parsed vocabulary would otherwise sit under the loading peak
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.eval()
     return LoadedModel(model, tokenizer, source, compute_dtype, method, quantized)
 
@@ -100,14 +102,18 @@ def load_tokenizer(spec: str | Path | ModelSource | None = None, *, trust_remote
     """The tokenizer (and chat template) stored with the model ``spec``."""
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     label = source.origin or source.name
-    if not any((source.path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"--model {label}: no tokenizer files (tokenizer.json or tokenizer_config.json) in {source.path}")
+    _check_tokenizer_files(source, label)
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
         raise ModelError(f"--model {label}: cannot load its tokenizer ({exception_line(exc)})") from None
+
+
+def _check_tokenizer_files(source: ModelSource, label: str) -> None:
+    if not any((source.path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"--model {label}: no tokenizer files (tokenizer.json or tokenizer_config.json) in {source.path}")
 
 
 def _check_options(method: str, quant: str, blocksize: int) -> None:

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from loraq.models.safety import WeightFiles
-from loraq.models.skeleton import build_skeleton, finish, iter_checkpoint_tensors, module_and_leaf, set_tensor, tied_targets
+from loraq.models.skeleton import (
+    build_skeleton,
+    finish,
+    iter_checkpoint_tensors,
+    module_and_leaf,
+    set_tensor,
+    tied_targets,
+)
 
 if TYPE_CHECKING:
     from loraq.quant.functional import QuantState
@@ -69,7 +76,6 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
         del tensor
     finish(model, device, label)
     return model, sorted(quantized)
-
 
 
 def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,

@@ -19,7 +19,14 @@ from torch import nn
 
 from loraq.errors import ModelError
 from loraq.models.safety import WeightFiles
-from loraq.models.skeleton import build_skeleton, finish, iter_checkpoint_tensors, module_and_leaf, set_tensor, tied_targets
+from loraq.models.skeleton import (
+    build_skeleton,
+    finish,
+    iter_checkpoint_tensors,
+    module_and_leaf,
+    set_tensor,
+    tied_targets,
+)
 from loraq.models.source import read_config
 
 log = logging.getLogger(__name__)
