@@ -10,11 +10,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the user message")
+    add_decoding_arguments(parser)
+    parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --seed (for any command that generates)."""
     parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
 
 
 def run(args: argparse.Namespace) -> int:
