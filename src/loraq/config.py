@@ -71,6 +71,7 @@ class TrainConfig:
     seq_len: int = opt(512, "maximum tokens per sequence", lo=8, hi=1 << 20)
     packing: bool = opt(False, "pack several examples per sequence (attention never crosses examples)")
     train_on_inputs: bool = opt(False, "also train on prompt tokens (default: assistant/completion tokens only)")
+    skip_bad_examples: bool = opt(False, "leave malformed records out (counted and reported) instead of stopping at the first")
     # --- the loop --------------------------------------------------------
     max_steps: int = opt(-1, "optimizer steps (-1: run --epochs)", lo=-1)
     epochs: float = opt(1.0, "passes over the training data when --max-steps is -1", lo=0)
