@@ -60,23 +60,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, y[:, None]).squeeze(1)
-            total += (lse - target_logit).sum()
+            # log-softmax reads the compute-dtype logits once and writes fp32 (no separate upcast pass)
+            logp = torch.log_softmax(F.linear(h, weight, bias), dim=-1, dtype=torch.float32)
+            total -= logp.gather(1, y[:, None]).sum()
             if not (need_dh or need_dw or need_db):
                 continue
-            # softmax - onehot, in place over the chunk's logits, scaled by 1/normalizer
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, y[:, None], torch.full_like(target_logit[:, None], -1.0))
-            grad.mul_(inv)
-            g = grad.to(hidden.dtype)
+            # dlogits = (softmax - onehot) / normalizer, in place over the chunk's log-probabilities
+            grad = logp.exp_()
+            grad.scatter_add_(1, y[:, None], torch.full((len(y), 1), -1.0, dtype=grad.dtype, device=grad.device))
+            g = grad.mul_(inv).to(hidden.dtype)
             if need_dh:
                 dh[start:start + chunk_rows] = g @ weight
             if need_dw:
                 dw.add_(g.t() @ h)
             if need_db:
                 db.add_(grad.sum(0))
+            del grad, logp
         ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
         ctx.has = (need_dh, need_dw, need_db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
