@@ -157,18 +157,61 @@ def scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
 
 
 def nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """uint8 index of the nearest entry of ``code`` for each value (ties to the lower value), padded to even length with 0.0's code."""
+    """uint8 index of the nearest entry of ``code`` for each value (ties to the lower value), padded to even length with 0.0's code.
+
+    The position of a value in sorted code order is the number of midpoints
+    strictly below it. A uniform grid over [-1, 1] (``bin(x) = floor((x + 1) * K / 2)``,
+    monotonic in x even after float rounding) holds at most one midpoint per
+    bin, so ``position = below[bin] + (x > mid[bin])``: two table lookups and one
+    comparison per value, instead of one comparison per midpoint.
+    ``below[b]`` counts the midpoints whose own bin is before ``b`` -- every x in
+    bin ``b`` is above those, by monotonicity -- and ``mid[b]`` is the midpoint in
+    bin ``b`` (+inf if none). :func:`nearest_codes_by_comparison` is the plain
+    version the tests hold this equal to.
+    """
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     order = sorted_order(code)
-    # position in value order = how many midpoints lie strictly below the value (15 vectorised
-    # comparisons beat torch.bucketize's per-element binary search several times over on CPU)
-    position = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    below = torch.empty(scaled.shape, dtype=torch.bool, device=scaled.device)
-    for midpoint in midpoints(code[order]).tolist():
-        position.add_(torch.gt(scaled, midpoint, out=below))
+    below, mid = _grid_tables(tuple(code.tolist()), scaled.device)
+    bins = _grid_bin(scaled)
+    position = below[bins]
+    position.add_(torch.gt(scaled, mid[bins]))
     if torch.equal(order, torch.arange(len(code), device=order.device)):
         return position  # NF4: value order is index order
+    return order.to(torch.uint8)[position.long()]
+
+
+GRID_BINS = 4096  # FP4's two midpoints nearest zero are 0.0052 apart; a bin is 2/4096 = 0.0005 wide
+
+
+def _grid_bin(x: torch.Tensor) -> torch.Tensor:
+    """int64 bin of each value in [-1, 1]: floor((x + 1) * K / 2), clamped to K - 1 (x = 1)."""
+    return (x + 1.0).mul_(GRID_BINS / 2).to(torch.int64).clamp_(max=GRID_BINS - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_tables(code_values: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.tensor(code_values, dtype=torch.float32)
+    mids = midpoints(code[sorted_order(code)])
+    mid_bins = _grid_bin(mids.clone())
+    if len(set(mid_bins.tolist())) != len(mids):
+        raise AssertionError("two midpoints share a grid bin; raise GRID_BINS")
+    below = torch.zeros(GRID_BINS, dtype=torch.uint8)
+    mid = torch.full((GRID_BINS,), float("inf"), dtype=torch.float32)
+    for b, m in zip(mid_bins.tolist(), mids.tolist()):
+        below[b + 1:] += 1
+        mid[b] = m
+    return below.to(device), mid.to(device)
+
+
+def nearest_codes_by_comparison(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`nearest_codes`: position = number of midpoints strictly below, one comparison each."""
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    order = sorted_order(code)
+    position = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for midpoint in midpoints(code[order]).tolist():
+        position.add_(torch.gt(scaled, midpoint))
     return order.to(torch.uint8)[position.long()]
 
 
