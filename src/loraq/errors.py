@@ -32,3 +32,7 @@ class AdapterError(LoraqError):
 
 class ConfigError(LoraqError):
     """A flag or recipe key that is unknown, of the wrong type, out of range or contradictory."""
+
+
+class OutputError(LoraqError):
+    """A file or folder loraq must write cannot be written (disk full, read-only, no permission)."""

@@ -33,11 +33,9 @@ def launch_torchrun(cfg: TrainConfig):
     from loraq.train.rundir import prepare_run_dir, resolve_run_dir
 
     run_dir = resolve_run_dir(cfg).resolve()
-    prepare_run_dir(run_dir, cfg)  # errors before any process starts (and --overwrite empties it)
+    prepare_run_dir(run_dir, cfg)  # errors before any process starts; rank 0 empties an --overwrite folder later
     cfg_child = TrainConfig.from_dict(child_recipe(cfg, run_dir), source="launcher")
-    cfg_child.resume, cfg_child.overwrite = cfg.resume, False
-    if cfg.overwrite:
-        cfg_child.explicit.discard("overwrite")
+    cfg_child.resume = cfg.resume
     with tempfile.TemporaryDirectory(prefix="loraq-launch-") as tmp:
         recipe = Path(tmp) / "recipe.json"  # JSON is YAML: the child reads it as a recipe
         values = {k: getattr(cfg_child, k) for k in cfg_child.explicit}

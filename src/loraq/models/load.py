@@ -67,10 +67,7 @@ def load_model(
     _check_options(method, quant, blocksize)
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec, allow_pickle=allow_pickle)
     label = source.origin or source.name
-    config = read_config(source.path, label)
-    check_remote_code(config, trust_remote_code, label)
-    files = weight_files(source.path, allow_pickle=allow_pickle, label=label)
-    _check_tokenizer_files(source, label)  # fail before the slow part
+    files = check_loadable(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = resolve_dtype(dtype, device)
 
@@ -96,6 +93,16 @@ def load_model(
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.eval()
     return LoadedModel(model, tokenizer, source, compute_dtype, method, quantized)
+
+
+def check_loadable(source: ModelSource, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> WeightFiles:
+    """What :func:`load_model` checks before the slow part: config.json, remote code, safe weight files, tokenizer files."""
+    label = source.origin or source.name
+    config = read_config(source.path, label)
+    check_remote_code(config, trust_remote_code, label)
+    files = weight_files(source.path, allow_pickle=allow_pickle, label=label)
+    _check_tokenizer_files(source, label)
+    return files
 
 
 def load_tokenizer(spec: str | Path | ModelSource | None = None, *, trust_remote_code: bool = False) -> Any:

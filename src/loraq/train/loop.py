@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from loraq import faults
 from loraq.config import TrainConfig
 from loraq.devices import dtype_name
 from loraq.errors import LoraqError
@@ -32,7 +33,7 @@ from loraq.train.loss import fused_linear_cross_entropy, shift_targets
 from loraq.train.metrics import MetricsWriter, Throughput, current_rss_bytes, peak_memory_bytes
 from loraq.train.progress import Progress
 from loraq.train.report import plot_loss, write_summary
-from loraq.train.rundir import check_writable, prepare_run_dir, resolve_run_dir, write_run_file
+from loraq.train.rundir import check_writable, clear_run_dir, prepare_run_dir, resolve_run_dir, write_run_file
 from loraq.train.schedule import make_scheduler, warmup_steps
 
 
@@ -188,6 +189,12 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
+    # every check before the first word is printed (a mistake is one line), the data before the model
+    # (a malformed file is reported in seconds, not after minutes of loading weights)
+    from loraq.models.load import check_loadable, load_tokenizer
+
+    check_loadable(source, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    data = build_data(cfg, load_tokenizer(source, trust_remote_code=cfg.trust_remote_code))
 
     device = runtime.device
     full = cfg.method == "full"
@@ -206,9 +213,16 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     base_desc = dtype_name(compute_dtype)
     if cfg.method == "qlora":
         base_desc += f", {len(loaded.quantized_modules)} layers in {cfg.quant}{'+DQ' if cfg.double_quant else ''}"
+    lora_config = None
+    if not full:
+        from loraq.lora.config import LoraConfig
+        from loraq.lora.targeting import find_targets, resolve_modules_to_save
+
+        lora_config = LoraConfig.from_train_config(cfg).replace(base_model_name_or_path=adapter_base_name(source))
+        find_targets(model, lora_config)  # --target-modules that match no layer: an error now, not after the base eval
+        resolve_modules_to_save(model, lora_config.modules_to_save)
     say(f"loraq: {cfg.method} on {source.name} ({base_desc})")
 
-    data = build_data(cfg, tokenizer)
     st = data.stats
     say(f"loraq: data {st.path} ({st.format}): {st.train.examples} examples, {st.train.rows} rows, "
         f"{st.train.trained_tokens} trained tokens"
@@ -226,16 +240,12 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         say(f"loraq: base accuracy {base_em.accuracy:.1%}")
 
     # adapters (or everything, for full fine-tuning)
-    lora_config = None
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from loraq.lora.config import LoraConfig
         from loraq.lora.model import inject_lora
 
-        lora_config = LoraConfig.from_train_config(cfg)
-        lora_config = lora_config.replace(base_model_name_or_path=adapter_base_name(source))
         quant = None
         if loftq:
             quant = {"quant_type": cfg.quant, "double_quant": cfg.double_quant, "blocksize": cfg.blocksize,
@@ -263,22 +273,27 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     scheduler = make_scheduler(optimizer, total_steps, warmup_steps(cfg.warmup, total_steps), cfg.schedule)
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 and device.type == "cuda" else None
 
-    start_step, counters = 0, {"tokens": 0, "skipped_steps": 0, "base_accuracy": None, "base_predictions": None}
+    start_step, loaded_ckpt, counters = 0, None, {"tokens": 0, "skipped_steps": 0, "base_accuracy": None, "base_predictions": None}
     if base_em is not None:
         counters["base_accuracy"] = base_em.accuracy
         counters["base_predictions"] = base_em.predictions[:3]
     if mode == "resume":
         loaded_ckpt = ckpt.resume_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         warn=lambda m: say(f"loraq: warning: {m}"))
+                                         data=batches, warn=lambda m: say(f"loraq: warning: {m}"))
+        if runtime.is_main:
+            ckpt.remove_stale_temporaries(run_dir)
         if loaded_ckpt is None:
             say(f"loraq: --resume: no complete checkpoint in {run_dir}; starting from step 0")
         else:
             start_step = loaded_ckpt.step
-            batches.load_state_dict(loaded_ckpt.state["data"])
             counters.update(loaded_ckpt.state.get("counters", {}))
             if scaler is not None and loaded_ckpt.state.get("scaler"):
                 scaler.load_state_dict(loaded_ckpt.state["scaler"])
             say(f"loraq: resumed from {loaded_ckpt.path.name} (step {start_step} of {total_steps})")
+    elif cfg.resume:
+        say(f"loraq: --resume: nothing to resume in {run_dir} yet; starting a new run")
+    if runtime.is_main and mode == "overwrite":
+        clear_run_dir(run_dir)  # only now that the model and data loaded: a mistake in them costs the old run nothing
     if runtime.is_main and mode != "resume":
         write_run_file(run_dir, cfg, {"model": source.name, "model_path": str(source.path), "method": cfg.method,
                                       "dtype": dtype_name(compute_dtype), "world_size": runtime.world_size})
@@ -288,7 +303,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     progress = Progress(total_steps, start_step, enabled=runtime.is_main, log_every=cfg.log_every)
     params = trainable_parameters(model)
     throughput = Throughput()
-    last_loss, last_eval, last_ckpt_name = float("nan"), None, None
+    last_loss, last_eval = float("nan"), None
+    last_ckpt_name = loaded_ckpt.path.name if mode == "resume" and loaded_ckpt is not None else None
     val_batches = (lambda: data.val_batches(cfg.batch_size)) if data.val else None
 
     def save(step: int) -> None:
@@ -303,6 +319,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     try:
         for step in range(start_step + 1, total_steps + 1):
+            faults.point("step-start")
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             normalizer = max(1, sum(b.global_trained_tokens for b in micro))
             step_loss = 0.0
@@ -310,12 +327,14 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                 batch = batch.to(device)
                 sync = (i == len(micro) - 1) or not runtime.distributed
                 with (contextlib.nullcontext() if sync else loss_module.no_sync()):
-                    loss = batch_loss(loss_module, batch, normalizer)
+                    loss = faults.loss(step, batch_loss(loss_module, batch, normalizer))
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo that
                     scaled = loss * runtime.world_size
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += float(loss.detach())
             step_loss = runtime.sum(step_loss)
+            faults.grads(step, params)
+            faults.point("after-backward")
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
@@ -334,6 +353,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            faults.point("after-optimizer-step")
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
 
@@ -357,6 +377,11 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                     progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} (ppl {last_eval.perplexity:.2f})")
             if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
                 save(step)
+    except OSError as exc:  # metrics.jsonl (a checkpoint's own failure is already an OutputError)
+        error = ckpt.output_error(exc, run_dir, "metrics.jsonl")
+        if error is None:
+            raise
+        raise error from None
     finally:
         progress.close()
 
@@ -376,7 +401,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     metrics.close()
 
     if runtime.is_main:
-        save_final(run_dir, model, tokenizer, cfg, lora_config, source, compute_dtype)
+        with ckpt.writing(run_dir, "the final adapter" if lora_config is not None else "the final model"):
+            save_final(run_dir, model, tokenizer, cfg, lora_config, source, compute_dtype)
     wall = time.perf_counter() - t_start
     summary = {
         "method": cfg.method,
@@ -407,9 +433,10 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                              "base": (counters.get("base_predictions") or [None])[0],
                              "tuned": final_em.predictions[0]}
     if runtime.is_main:
-        write_summary(run_dir, summary)
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
-                  title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
+        with ckpt.writing(run_dir, "summary.json and loss.png"):
+            write_summary(run_dir, summary)
+            plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                      title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
     return RunResult(run_dir=run_dir, summary=summary)
 
 
@@ -494,6 +521,7 @@ def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, s
             for f in (tmp / "adapter").iterdir():
                 os.replace(f, tmp / f.name)
             (tmp / "adapter").rmdir()
+        faults.point("final-save", tmp)
         for f in tmp.iterdir():
             os.replace(f, run_dir / f.name)
         fsync_dir(run_dir)

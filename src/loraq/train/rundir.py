@@ -5,8 +5,13 @@ Rules (nothing of the user's is overwritten without being asked):
 * a missing or empty folder is used as is;
 * a non-empty folder needs ``--resume`` (continue it) or ``--overwrite``
   (replace it); ``--overwrite`` only replaces a folder that loraq made
-  (it holds ``run.json``), never an arbitrary directory;
-* ``--resume`` needs a loraq run folder whose settings match this run's.
+  (it holds ``run.json``), never an arbitrary directory, and never one that
+  holds the run's own model or data; the old run is deleted only once the
+  new one's model and data have loaded (:func:`clear_run_dir`), so a mistake
+  in them costs nothing;
+* ``--resume`` needs a loraq run folder whose settings match this run's; a
+  missing or empty folder (a run killed before it wrote anything) starts anew;
+* a run that stops on an error before writing anything leaves no folder behind.
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
     non_empty = run_dir.is_dir() and any(run_dir.iterdir())
     is_run = (run_dir / RUN_FILE).is_file()
     if cfg.resume:
+        if not non_empty:
+            return "new"  # killed before it wrote anything: nothing to continue, so start
         if not is_run:
             raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); drop --resume to start a new run there")
         check_resume_matches(run_dir, cfg)
@@ -64,13 +71,24 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
         if not is_run:
             raise ConfigError(f"--overwrite: {run_dir} is not a loraq run folder (no {RUN_FILE}); "
                               "refusing to delete it, choose another --output-dir")
-        _empty_folder(run_dir)
+        for flag, value in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--model", cfg.model)):
+            if value and _inside(Path(value), run_dir):
+                raise ConfigError(f"--overwrite would delete {flag} {value}, which is inside --output-dir {run_dir}; "
+                                  "move it out or choose another --output-dir")
         return "overwrite"
     return "new"
 
 
-def _empty_folder(folder: Path) -> None:
-    for child in folder.iterdir():
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.expanduser().resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def clear_run_dir(folder: Path) -> None:
+    """Empty an ``--overwrite`` run folder (call it once the new run's model and data have loaded)."""
+    for child in Path(folder).iterdir():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -106,11 +124,25 @@ def write_run_file(run_dir: Path, cfg: TrainConfig, extra: dict[str, Any]) -> No
 
 
 def check_writable(run_dir: Path) -> None:
-    """Fail before hours of training, not after: the folder must accept files."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Fail before hours of training, not after: the folder must accept files.
+
+    A folder (and parents) created for the test is removed again: the run
+    creates it when it writes its first file, so an error before then leaves
+    nothing behind.
+    """
+    run_dir = Path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     probe = run_dir / f".loraq-write-test-{os.getpid()}"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"--output-dir {run_dir} is not writable ({exc.strerror}); choose a folder you can write to") from None
+        raise ConfigError(f"--output-dir {run_dir} is not writable ({exc.strerror}); "
+                          "choose a folder you can write to") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
