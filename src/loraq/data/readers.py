@@ -24,6 +24,12 @@ from loraq.errors import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
             ".pq": "parquet"}
+# files people pass as --data by mistake: weights, archives
+NOT_DATA = {".bin": "a weight file", ".pt": "a weight file", ".pth": "a weight file", ".ckpt": "a weight file",
+            ".safetensors": "a weight file", ".gguf": "a model file", ".onnx": "a model file", ".npy": "a NumPy array",
+            ".npz": "a NumPy archive", ".gz": "a compressed file", ".zip": "a compressed file",
+            ".bz2": "a compressed file", ".xz": "a compressed file", ".zst": "a compressed file",
+            ".tar": "an archive", ".pkl": "a pickle file", ".pickle": "a pickle file"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not a dataset file; give a .jsonl, .json, .csv or .parquet file")
     kind = SUFFIXES.get(p.suffix.lower())
+    if p.suffix.lower() in NOT_DATA:
+        raise DataError(f"{p}: {NOT_DATA[p.suffix.lower()]} ({p.suffix}), not a dataset; give a .jsonl, .json, .csv "
+                        f"or .parquet file" + (" (decompress it first)" if "compress" in NOT_DATA[p.suffix.lower()] else ""))
     if kind == "parquet":
         records = _read_parquet(p, skipped)
     else:
