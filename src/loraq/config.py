@@ -121,7 +121,7 @@ class TrainConfig:
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
+                hint = [OTHER_TOOLS_NAMES[key]] if key in OTHER_TOOLS_NAMES else difflib.get_close_matches(key, known, n=1)
                 more = f" (did you mean '{hint[0].replace('_', '-')}'?)" if hint else ""
                 raise ConfigError(f"{source}: unknown key '{raw_key}'{more}; see `loraq train --help` for the keys")
             setattr(self, key, _coerce(known[key], value, source, raw_key))
@@ -177,6 +177,23 @@ class TrainConfig:
             if not isinstance(idx, int) or idx < 0:
                 raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
         return self
+
+
+# what other fine-tuning tools (transformers' TrainingArguments, PEFT, axolotl) call loraq's keys: named in the
+# "did you mean" of an unknown key, never accepted silently
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "max_seq_length": "seq_len",
+    "sequence_len": "seq_len", "max_length": "seq_len", "model_name_or_path": "model", "base_model": "model",
+    "dataset": "data", "train_file": "data", "datasets": "data", "validation_file": "val_data",
+    "lr_scheduler_type": "schedule", "lr_scheduler": "schedule", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+    "gradient_checkpointing": "grad_checkpointing", "save_steps": "save_every", "eval_steps": "eval_every",
+    "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+    "lora_target_modules": "target_modules", "use_rslora": "rslora", "sample_packing": "packing",
+    "val_set_size": "val_fraction", "output": "output_dir", "resume_from_checkpoint": "resume",
+    "load_in_4bit": "method", "bf16": "dtype", "fp16": "dtype", "torch_dtype": "dtype",
+}
 
 
 def _flag(name: str) -> str:

@@ -1,0 +1,99 @@
+"""Kill-and-resume: a run SIGKILLed at many moments and resumed each time ends exactly where an uninterrupted one does.
+
+One run folder is killed seven times -- before it has written anything, in the
+middle of a step (gradients computed, weights not yet updated; weights
+updated, schedule not yet), in the middle of a checkpoint write (a temporary
+folder with half the files), right after a checkpoint (renamed, older ones
+not yet pruned), at a moment chosen by the clock alone, and while the final
+adapter is being written -- and resumed with ``--resume`` after each kill. Its
+adapter must equal, bit for bit, that of an uninterrupted run with the same
+seed (CPU, fp32, one thread), and its metrics.jsonl must hold each step once.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from reliability_lib import (adapter, kill_when_step_logged, killed_by_sigkill, loraq_env, max_abs_difference,
+                             run_loraq, start_loraq, train_steps_logged)
+
+
+def checkpoints(run):
+    root = run / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def crash(flags, point: str):
+    """Run ``flags`` with the fault hook set to SIGKILL the process at ``point``; check it died there."""
+    proc = run_loraq(flags, env=loraq_env(LORAQ_CRASH_AT=point))
+    assert killed_by_sigkill(proc), f"not killed at {point} (code {proc.returncode}): {proc.stderr[-2000:]}"
+    return proc
+
+
+def test_sigkill_at_seven_moments_then_resume_equals_uninterrupted(run_flags, tmp_path):
+    reference_dir, run = tmp_path / "reference", tmp_path / "killed"
+    # the uninterrupted run, alongside the killed one (one thread each)
+    reference = start_loraq(run_flags(reference_dir))
+    resume = run_flags(run, resume=True)
+
+    # 1. killed while starting up, before it wrote anything: no folder is left, and --resume starts the run
+    proc = start_loraq(run_flags(run))
+    time.sleep(1.0)
+    proc.kill()
+    proc.communicate()
+    assert not (run / "run.json").exists()
+
+    # 2. mid-step 3: gradients computed, weights not updated; no checkpoint yet, so the resume starts over
+    crash(resume, "after-backward:3")
+    assert (run / "run.json").is_file() and train_steps_logged(run) == [1, 2] and checkpoints(run) == []
+
+    # 3. during the second checkpoint write (step 8): a temporary folder holding half the files
+    crash(resume, "checkpoint-write:2")
+    names = checkpoints(run)
+    assert "step-00000004" in names and "step-00000008" not in names, names
+    temp = [n for n in names if n.startswith(".step-00000008.tmp-")]
+    assert len(temp) == 1, names
+    half = sorted(p.name for p in (run / "checkpoints" / temp[0]).iterdir())
+    assert half == ["optimizer.safetensors", "trainable.safetensors"], half  # no rng, no state.json
+
+    # 4. right after a checkpoint (step 12) is renamed into place, before older ones are pruned
+    crash(resume, "checkpoint-renamed:2")  # resumed from 4: writes 8, then 12
+    assert checkpoints(run) == ["step-00000004", "step-00000008", "step-00000012"]  # the leftover temp was removed
+
+    # 5. wherever the clock says: killed as soon as step 14 is logged
+    proc = start_loraq(resume)
+    kill_when_step_logged(proc, run, 14)
+    assert killed_by_sigkill(proc)
+    assert checkpoints(run)[-1] == "step-00000012"
+
+    # 6. mid-step 3 after the resume (step 15): weights updated, schedule and metrics not yet
+    crash(resume, "after-optimizer-step:3")
+    assert max(train_steps_logged(run)) == 14
+
+    # 7. every step done, killed while the final adapter is being written: nothing of it in the run folder
+    crash(resume, "final-save:1")
+    assert not (run / "adapter_model.safetensors").exists()
+    assert checkpoints(run) == ["step-00000016", "step-00000020"]  # --keep-checkpoints 2 caught up
+
+    # the last resume finishes from step 20
+    done = run_loraq(resume)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step-00000020" in done.stderr
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+
+    assert max_abs_difference(adapter(run), adapter(reference_dir)) == 0.0
+    assert train_steps_logged(run) == list(range(1, 25))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [6, 12, 18, 24]
+    # every logged loss, learning rate and eval loss is the uninterrupted run's
+    for key in ("loss", "lr", "grad_norm", "eval_loss", "tokens"):
+        assert [r.get(key) for r in rows] == [r.get(key) for r in ref_rows], key
+    summary = json.loads((run / "summary.json").read_text())
+    ref_summary = json.loads((reference_dir / "summary.json").read_text())
+    for key in ("steps", "tokens", "train_loss", "eval_loss", "skipped_steps", "trainable_parameters"):
+        assert summary[key] == ref_summary[key], key
+    assert summary["steps"] == 24 and summary["skipped_steps"] == 0 and summary["tokens_per_second"] > 0
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name or p.name.startswith((".final-", ".loraq-"))]
