@@ -34,3 +34,28 @@ def run_flags(tiny_llama_dir, chat_data):
         return args
 
     return flags
+
+
+class _BackgroundRun:
+    """A `loraq train` subprocess started on first request and awaited when its result is needed."""
+
+    def __init__(self, args, run_dir):
+        from reliability_lib import start_loraq
+
+        self.run_dir = run_dir
+        self.proc = start_loraq(args)
+        self._done = False
+
+    def result(self, timeout: float = 300):
+        if not self._done:
+            _, err = self.proc.communicate(timeout=timeout)
+            assert self.proc.returncode == 0, err[-3000:]
+            self._done = True
+        return self.run_dir
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, run_flags):
+    """The uninterrupted run every resumed run is compared with (started in the background: one thread)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return _BackgroundRun(run_flags(run_dir), run_dir)

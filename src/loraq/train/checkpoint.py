@@ -154,9 +154,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``save_file``, then read the header back: a write the OS cut short must not pass for a checkpoint."""
     save_file(tensors, str(path))
-    with safe_open(str(path), "pt") as fh:  # checks the file covers every tensor the header lists
-        if set(fh.keys()) != set(tensors):
-            raise OSError(errno.EIO, "a tensor is missing after writing", str(path))
+    try:
+        with safe_open(str(path), "pt") as fh:  # checks the file covers every tensor the header lists
+            complete = set(fh.keys()) == set(tensors)
+    except SafetensorError:
+        complete = False
+    if not complete:
+        raise OSError(errno.EIO, "a file read back incomplete (is the disk full?)", str(path))
 
 
 @contextlib.contextmanager
@@ -192,7 +196,8 @@ def output_error(exc: BaseException, run_dir: Path, what: str) -> OutputError | 
     done = list_checkpoints(run_dir)
     last = (f"the last good checkpoint, {done[0][1].name}, is intact: {fix}, then run again with --resume"
             if done else f"no checkpoint was written yet: {fix} or choose another --output-dir")
-    return OutputError(f"cannot write {what} in {run_dir}: {os.strerror(code)}; {last}")
+    reason = getattr(exc, "strerror", None) or os.strerror(code)
+    return OutputError(f"cannot write {what} in {run_dir}: {reason}; {last}")
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
