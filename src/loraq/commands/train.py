@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from loraq.config import add_train_arguments, config_from_args
 
@@ -16,12 +17,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     demo = cfg.data is None
     cfg = apply_demo_defaults(cfg).validate()
-    if demo:
+    if demo and reports_here():
         print("loraq: no --data given: running the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)",
               flush=True)
     result = train(cfg)
-    print_report(result.summary, result.run_dir)
+    if reports_here():
+        print_report(result.summary, result.run_dir)
     return 0
+
+
+def reports_here() -> bool:
+    """One process speaks for the run: not the ranks `loraq train --nproc` started, and only rank 0 under torchrun."""
+    from loraq.distributed.launch import LAUNCHED_ENV
+
+    return os.environ.get(LAUNCHED_ENV) != "1" and os.environ.get("RANK", "0") == "0"
 
 
 def print_report(summary: dict, run_dir) -> None:

@@ -7,15 +7,21 @@ every collective here is the identity.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from loraq.devices import default_device
-from loraq.errors import LoraqError
+from loraq.errors import ConfigError, LoraqError
+
+# a checkpoint's per-rank random states (the checkpoint's own rng.safetensors holds rank 0's)
+RANK_RNG_FILE = "rng-ranks.safetensors"
 
 
 @dataclass
@@ -82,6 +88,39 @@ class Runtime:
             raise LoraqError(value)
         return value
 
+    def seed_rank_streams(self, seed: int) -> None:
+        """Give rank r > 0 its own random stream (dropout); rank 0 keeps the one a single process has.
+
+        Call it once the model is initialised: every rank draws the same
+        initial adapter weights from ``seed``, then different dropout masks.
+        """
+        if self.rank:
+            torch.manual_seed(random.Random(f"loraq-rank:{seed}:{self.rank}").getrandbits(63))
+
+    def gather_rng_states(self) -> dict[str, torch.Tensor] | None:
+        """Every rank's generator states, ``rank<r>/torch_cpu`` (and ``/torch_cuda``), on every rank."""
+        if not self.distributed:
+            return None
+        mine = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        return {f"rank{r}/{key}": value.cpu() for r, states in enumerate(everyone) for key, value in states.items()}
+
+    def restore_rng_state(self, checkpoint_dir: Path) -> None:
+        """This rank's generator states from a checkpoint's ``RANK_RNG_FILE`` (if it has one)."""
+        path = Path(checkpoint_dir) / RANK_RNG_FILE
+        if not self.distributed or not path.is_file():
+            return
+        from safetensors.torch import load_file
+
+        states = load_file(str(path))
+        if f"rank{self.rank}/torch_cpu" in states:
+            torch.set_rng_state(states[f"rank{self.rank}/torch_cpu"])
+        if self.device.type == "cuda" and f"rank{self.rank}/torch_cuda" in states:
+            torch.cuda.set_rng_state(states[f"rank{self.rank}/torch_cuda"], self.device)
+
     def shutdown(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -94,12 +133,39 @@ def init_runtime(device: str | torch.device | None = None) -> Runtime:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        if local_rank >= torch.cuda.device_count():
+            local_world = os.environ.get("LOCAL_WORLD_SIZE", "?")
+            raise ConfigError(f"{local_world} processes on this node but {torch.cuda.device_count()} GPU(s): "
+                              "start at most one process per GPU (--nproc / --nproc-per-node)")
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # NCCL is told its device up front (no guessing at the first collective)
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
         here = True
     return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, initialized_here=here)
+
+
+def check_run_settings(cfg, world_size: int, run_dir: Path | None = None, mode: str | None = None) -> None:
+    """Settings that only make sense with several processes, or with the same number as before."""
+    if cfg.fsdp and world_size < 2:
+        raise ConfigError("--fsdp shards the model across processes and needs several: add --nproc N (N >= 2) "
+                          "or start loraq under torchrun")
+    if cfg.fsdp and cfg.method == "full":
+        raise ConfigError("--fsdp shards the frozen base of --method lora/qlora; --method full trains every weight "
+                          "and runs with DDP: drop --fsdp")
+    if "nproc" in cfg.explicit and cfg.nproc > 1 and cfg.nproc != world_size and "LOCAL_RANK" in os.environ:
+        raise ConfigError(f"--nproc {cfg.nproc}, but torchrun started {world_size} processes: drop --nproc "
+                          "when torchrun starts loraq")
+    if mode == "resume" and run_dir is not None:
+        try:
+            saved = json.loads((Path(run_dir) / "run.json").read_text()).get("world_size")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # rundir's own checks report an unreadable run.json
+        if isinstance(saved, int) and saved != world_size:
+            raise ConfigError(f"--resume: {run_dir} was trained by {saved} process(es), this run has {world_size}; "
+                              f"the global batch (batch-size x grad-accum x processes) must not change: "
+                              f"resume with --nproc {saved}")

@@ -57,6 +57,8 @@ def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     trainable = [p for p in loss_module.parameters() if p.requires_grad]
     ignored = set(trainable)
+    for p in trainable:  # every rank starts from rank 0's adapters, as DDP would make sure
+        dist.broadcast(p.data, src=0)
     for layer in decoder_layers(loss_module.model):
         # move the whole layer first: FSDP moves parameters and buffers only, a 4-bit layer's QuantState
         # moves with Linear4bit._apply. One layer at a time: the device never holds more than one full layer
@@ -64,8 +66,14 @@ def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
     loss_module.to(runtime.device)
     fully_shard(loss_module, mesh=mesh, ignored_params=ignored)
+    # settle now which unit is the root (FSDP2 would do it at the root's first forward): generation calls the
+    # layers without passing through the loss module, and a layer that ran first would claim to be a root
+    fully_shard.state(loss_module)._lazy_init()
     sync = ReplicatedGradSync(trainable, runtime.world_size)
     loss_module.no_sync = sync.no_sync  # the loop's accumulation hook
+    # transformers' generate() then keeps every rank stepping until all are done (synced_gpus): the layers
+    # all-gather in each forward, so a rank that stopped early would leave the others waiting
+    loss_module.model._is_fsdp_managed_module = True
     loss_module.replicated_grad_sync = sync
     return loss_module
 

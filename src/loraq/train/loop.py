@@ -170,6 +170,9 @@ def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None) -> 
 
 def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     from loraq.data.dataset import build_data
+    from safetensors.torch import save_file
+
+    from loraq.distributed.runtime import RANK_RNG_FILE, check_run_settings
     from loraq.models.load import load_model
     from loraq.models.source import resolve_source
 
@@ -178,6 +181,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     def claim_run_dir():
         run_dir = resolve_run_dir(cfg)
         mode = prepare_run_dir(run_dir, cfg)
+        check_run_settings(cfg, runtime.world_size, run_dir, mode)
         check_writable(run_dir)
         return str(run_dir), mode
 
@@ -198,13 +202,15 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     device = runtime.device
     full = cfg.method == "full"
+    # FSDP loads on the CPU and moves each layer to the device as it shards it: no device holds the whole model
+    fsdp = cfg.fsdp and runtime.distributed
     loftq = cfg.init == "loftq"
     # full fine-tuning keeps fp32 master weights (bf16/fp16 via autocast); LoftQ quantizes the full-precision
     # weights itself, so both load unquantized
     load_dtype = "fp32" if full or loftq else cfg.dtype
     loaded = load_model(source, method="lora" if loftq else cfg.method, dtype=load_dtype, quant=cfg.quant, double_quant=cfg.double_quant,
                         blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
-                        trust_remote_code=cfg.trust_remote_code, device=device)
+                        trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     model, tokenizer = loaded.model, loaded.tokenizer
     from loraq.devices import resolve_dtype
 
@@ -222,6 +228,10 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         find_targets(model, lora_config)  # --target-modules that match no layer: an error now, not after the base eval
         resolve_modules_to_save(model, lora_config.modules_to_save)
     say(f"loraq: {cfg.method} on {source.name} ({base_desc})")
+    if runtime.distributed:
+        say(f"loraq: {runtime.world_size} processes ({'FSDP2' if fsdp else 'DDP'}, {dist_backend()}); global batch "
+            f"{cfg.batch_size * cfg.grad_accum * runtime.world_size} = batch-size {cfg.batch_size} x grad-accum "
+            f"{cfg.grad_accum} x {runtime.world_size}")
 
     st = data.stats
     say(f"loraq: data {st.path} ({st.format}): {st.train.examples} examples, {st.train.rows} rows, "
@@ -234,7 +244,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     # accuracy of the model we start from (before any adapter), on held-out references
     refs = data.references if cfg.eval_samples else []
     base_em = None
-    if refs and mode != "resume":
+    if refs and mode != "resume" and not fsdp:  # under FSDP: once the model is sharded, below
         say(f"loraq: base model exact match on {len(refs)} examples ...")
         base_em = exact_match_eval(model, tokenizer, data, refs)
         say(f"loraq: base accuracy {base_em.accuracy:.1%}")
@@ -266,6 +276,12 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         from loraq.distributed.wrap import wrap_for_distributed
 
         loss_module = wrap_for_distributed(loss_module, cfg, runtime)
+        runtime.seed_rank_streams(cfg.seed)
+    if refs and mode != "resume" and fsdp:
+        # the model as initialised: the base itself for default/gaussian init (B = 0) and PiSSA (W_res + BA = W)
+        say(f"loraq: base model exact match on {len(refs)} examples ...")
+        base_em = exact_match_eval(model, tokenizer, data, refs, loss_module)
+        say(f"loraq: base accuracy {base_em.accuracy:.1%}")
 
     batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
     total_steps = total_steps_for(cfg, batches.batches_per_epoch)
@@ -286,6 +302,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             say(f"loraq: --resume: no complete checkpoint in {run_dir}; starting from step 0")
         else:
             start_step = loaded_ckpt.step
+            runtime.restore_rng_state(loaded_ckpt.path)
             counters.update(loaded_ckpt.state.get("counters", {}))
             if scaler is not None and loaded_ckpt.state.get("scaler"):
                 scaler.load_state_dict(loaded_ckpt.state["scaler"])
@@ -309,12 +326,14 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     def save(step: int) -> None:
         nonlocal last_ckpt_name
+        rank_rng = runtime.gather_rng_states()  # every rank's dropout stream, for an exact resume
         if not runtime.is_main:
             return
         state = {"data": batches.state_dict(), "counters": counters,
                  "scaler": scaler.state_dict() if scaler is not None else None}
+        extra = None if rank_rng is None else (lambda tmp: save_file(rank_rng, str(tmp / RANK_RNG_FILE)))
         path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                                    keep=cfg.keep_checkpoints)
+                                    write_extra=extra, keep=cfg.keep_checkpoints)
         last_ckpt_name = path.name
 
     try:
@@ -396,7 +415,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     final_em = None
     if refs:
         say(f"loraq: tuned model exact match on {len(refs)} examples ...")
-        final_em = exact_match_eval(model, tokenizer, data, refs)
+        final_em = exact_match_eval(model, tokenizer, data, refs, loss_module)
         say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
     metrics.close()
 
@@ -416,7 +435,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         "eval_loss": None if last_eval is None else last_eval.loss,
         "eval_perplexity": None if last_eval is None else last_eval.perplexity,
         "tokens_per_second": throughput.tokens_per_second(),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": int(runtime.max(peak_memory_bytes(device))),  # the largest rank's
         "wall_seconds": wall,
         "train_seconds": train_seconds,
         "trainable_parameters": trainable,
@@ -437,6 +456,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             write_summary(run_dir, summary)
             plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
                       title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
+    runtime.barrier()  # every rank returns once rank 0's files are there
     return RunResult(run_dir=run_dir, summary=summary)
 
 
@@ -468,14 +488,19 @@ def _eval_loss(loss_module, val_batches, device, runtime):
     loss_module.eval()
     total, count = 0.0, 0
     rng = torch.get_rng_state()  # evaluation must not shift the training run's random stream
+    batches = list(val_batches())
+    rounds = math.ceil(len(batches) / runtime.world_size)
     try:
         with torch.no_grad():
-            for i, batch in enumerate(val_batches()):
-                if i % runtime.world_size != runtime.rank:
-                    continue
-                batch = batch.to(device)
-                total += float(batch_loss(loss_module, batch, 1.0))
-                count += batch.num_trained_tokens
+            # rank r takes batches r, r + N, ...; every rank runs the same number of forwards (FSDP gathers
+            # weights in each), the ones past the end repeating the last batch and counting nothing
+            for k in range(rounds):
+                index = k * runtime.world_size + runtime.rank
+                batch = batches[min(index, len(batches) - 1)].to(device)
+                loss = float(batch_loss(loss_module, batch, 1.0))
+                if index < len(batches):
+                    total += loss
+                    count += batch.num_trained_tokens
     finally:
         torch.set_rng_state(rng)
         loss_module.train(was)
@@ -483,15 +508,23 @@ def _eval_loss(loss_module, val_batches, device, runtime):
     return EvalLoss(loss=total / count, tokens=int(count)) if count else None
 
 
-def exact_match_eval(model, tokenizer, data, refs):
+def exact_match_eval(model, tokenizer, data, refs, loss_module=None):
+    from loraq.distributed.wrap import gathered_for_inference
     from loraq.train.evaluate import exact_match
 
     rng = torch.get_rng_state()
     try:
-        return exact_match(model, tokenizer, refs, max_new_tokens=data.max_answer_tokens,
-                           stop_token_ids=data.stop_token_ids)
+        with gathered_for_inference(loss_module):  # FSDP: every rank generates the same, in step
+            return exact_match(model, tokenizer, refs, max_new_tokens=data.max_answer_tokens,
+                               stop_token_ids=data.stop_token_ids)
     finally:
         torch.set_rng_state(rng)
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else "single process"
 
 
 def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, source, compute_dtype) -> None:
