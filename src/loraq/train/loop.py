@@ -379,7 +379,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             step_tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
             counters["tokens"] += step_tokens
             throughput.add(step_tokens)
-            last_loss = step_loss
+            if finite:  # a skipped step's NaN is not the run's loss
+                last_loss = step_loss
             mem = peak_memory_bytes(device)
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
