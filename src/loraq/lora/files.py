@@ -193,7 +193,9 @@ def read_adapter_tensors(adapter_dir: str | Path, allow_pickle: bool = False) ->
         try:
             state = torch.load(str(pickle_path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterError(f"{pickle_path} could not be read ({type(exc).__name__}: {exc})") from None
+            from loraq.models.hf_calls import exception_line
+
+            raise AdapterError(f"{pickle_path} could not be read ({exception_line(exc)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(f"{pickle_path} is not a mapping of names to tensors")
         return state

@@ -2,17 +2,31 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
+import re
 from typing import Iterator
 
 from safetensors import SafetensorError
 
-# what transformers/safetensors raise for a file that is corrupt or does not fit its config
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError, SafetensorError)
+# what transformers/safetensors/torch.load raise for a file that is corrupt, does not fit its config, or is a
+# pickle holding more than tensors (refused by weights_only)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError, SafetensorError,
+               pickle.UnpicklingError)
 
 
 def exception_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when empty), cut at ``limit``."""
+    """The first line of an exception's message (its type name when empty), cut at ``limit``.
+
+    torch's weights-only refusal (a pickle that names code to run) gets a line of its own: torch's
+    message suggests ``weights_only=False``, the one thing not to do with such a file.
+    """
     text = str(exc).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"the pickle holds objects other than tensors{what}, which would run code when loaded; loraq reads "
+                "pickles as plain tensors only, even with --allow-pickle; convert the file to safetensors where you "
+                "trust it")
     line = text.splitlines()[0] if text else type(exc).__name__
     return line[:limit]
 
