@@ -63,6 +63,7 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model folder should read like any other
     try:
         yield tmp
+        _readable_like_any_file(tmp)
         fsync_tree(tmp)
         if final.exists():
             if not replace:
@@ -77,6 +78,14 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable_like_any_file(folder: Path) -> None:
+    """Files made through mkstemp (ours, safetensors') are 0600; give them the mode the user's umask gives any file."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def _umask() -> int:
@@ -94,6 +103,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)

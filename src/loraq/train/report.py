@@ -29,7 +29,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
     """Train loss per step and eval loss at each evaluation, on one chart."""
     import io
+    import os
 
+    from loraq.paths import cache_dir
+
+    # matplotlib makes ~/.config/matplotlib and a font cache on import: keep them in loraq's cache instead
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")
