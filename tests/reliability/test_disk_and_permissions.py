@@ -3,7 +3,7 @@ and a later ``--resume`` (once there is room) ends exactly where an uninterrupte
 
 The suite runs as root, where chmod does not stop writes; so the real cases use a private mount namespace
 (``unshare -m``) holding a tiny tmpfs or a read-only bind mount, and are skipped where that is not allowed.
-The fault hook covers the same failure everywhere.
+The fault hook covers the same failure everywhere (test_kill_resume.py, test_checkpoints.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import shutil
 import subprocess
 
 import pytest
-from reliability_lib import (adapter, assert_one_line_error, killed_by_sigkill, loraq_cmd, loraq_env,
-                             max_abs_difference, run_loraq, snapshot_diff, tree_snapshot)
+from reliability_lib import (adapter, assert_one_line_error, loraq_cmd, loraq_env, max_abs_difference, run_loraq,
+                             snapshot_diff, tree_snapshot)
 
 @functools.lru_cache(maxsize=1)
 def mount_namespaces() -> bool:
@@ -52,27 +52,6 @@ def assert_error_line(stderr: str, *needles: str) -> None:
 
 def checkpoint_names(run_dir):
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-
-
-@pytest.mark.slow
-def test_disk_full_at_a_checkpoint_via_the_hook_then_resume(run_flags, reference_run, tmp_path):
-    run = tmp_path / "run"
-    # killed right after its first checkpoint (step 4) was written and pruning done
-    killed = run_loraq(run_flags(run), env=loraq_env(LORAQ_CRASH_AT="checkpoint-saved:1"))
-    assert killed_by_sigkill(killed), killed.stderr[-2000:]
-    assert checkpoint_names(run) == ["step-00000004"]
-    before = tree_snapshot(run / "checkpoints")
-
-    full = run_loraq(run_flags(run, resume=True), env=loraq_env(LORAQ_FAULT="enospc:checkpoint-write:1"))
-    assert full.returncode == 2
-    # the run had started, so progress lines came first; the error itself is one line, and the last
-    assert_error_line(full.stderr, str(run), "checkpoint step-00000008", "No space left on device",
-                      "step-00000004, is intact", "--resume")
-    assert snapshot_diff(before, tree_snapshot(run / "checkpoints")) == []  # no temporary folder, step 4 untouched
-
-    done = run_loraq(run_flags(run, resume=True))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert max_abs_difference(adapter(run), adapter(reference_run.result())) == 0.0
 
 
 @pytest.mark.slow

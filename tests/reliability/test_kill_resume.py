@@ -1,13 +1,14 @@
 """Kill-and-resume: a run SIGKILLed at many moments and resumed each time ends exactly where an uninterrupted one does.
 
-One run folder is killed seven times -- before it has written anything, in the
+One run folder is killed eight times -- before it has written anything, in the
 middle of a step (gradients computed, weights not yet updated; weights
 updated, schedule not yet), in the middle of a checkpoint write (a temporary
-folder with half the files), right after a checkpoint (renamed, older ones
-not yet pruned), at a moment chosen by the clock alone, and while the final
-adapter is being written -- and resumed with ``--resume`` after each kill. Its
-adapter must equal, bit for bit, that of an uninterrupted run with the same
-seed (CPU, fp32, one thread), and its metrics.jsonl must hold each step once.
+folder with half the files), right after a checkpoint (renamed, older ones not
+yet pruned; and pruned), at a moment chosen by the clock alone, and while the
+final adapter is being written -- and once stopped by a full disk; it is
+resumed with ``--resume`` after each. Its adapter must equal, bit for bit, that
+of an uninterrupted run with the same seed (CPU, fp32, one thread), and its
+metrics.jsonl must hold each step once with the uninterrupted run's values.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import pytest
 from reliability_lib import (adapter, kill_when_step_logged, killed_by_sigkill, loraq_env, max_abs_difference,
-                             run_loraq, start_loraq, train_steps_logged)
+                             run_loraq, snapshot_diff, start_loraq, train_steps_logged, tree_snapshot)
 
 
 def checkpoints(run):
@@ -31,7 +32,7 @@ def crash(flags, point: str):
     return proc
 
 
-def test_sigkill_at_seven_moments_then_resume_equals_uninterrupted(run_flags, reference_run, tmp_path):
+def test_killed_eight_times_and_a_full_disk_then_resume_equals_uninterrupted(run_flags, reference_run, tmp_path):
     run = tmp_path / "killed"
     resume = run_flags(run, resume=True)
 
@@ -69,10 +70,25 @@ def test_sigkill_at_seven_moments_then_resume_equals_uninterrupted(run_flags, re
     crash(resume, "after-optimizer-step:3")
     assert max(train_steps_logged(run)) == 14
 
-    # 7. every step done, killed while the final adapter is being written: nothing of it in the run folder
+    # 7. the disk is full when step 16's checkpoint is written: one error line, step 12's checkpoint untouched
+    before = tree_snapshot(run / "checkpoints")
+    full = run_loraq(resume, env=loraq_env(LORAQ_FAULT="enospc:checkpoint-write:1"))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("loraq: error:")] == lines[-1:]
+    for words in (str(run), "checkpoint step-00000016", "No space left on device", "step-00000012, is intact",
+                  "--resume"):
+        assert words in lines[-1], (words, lines[-1])
+    assert snapshot_diff(before, tree_snapshot(run / "checkpoints")) == []  # no temporary folder either
+
+    # 8. right after step 16's checkpoint is written and the oldest pruned
+    crash(resume, "checkpoint-saved:1")
+    assert checkpoints(run) == ["step-00000012", "step-00000016"]
+
+    # 9. every step done, killed while the final adapter is being written: nothing of it in the run folder
     crash(resume, "final-save:1")
     assert not (run / "adapter_model.safetensors").exists()
-    assert checkpoints(run) == ["step-00000016", "step-00000020"]  # --keep-checkpoints 2 caught up
+    assert checkpoints(run) == ["step-00000016", "step-00000020"]
 
     # the last resume finishes from step 20
     done = run_loraq(resume)
@@ -94,3 +110,24 @@ def test_sigkill_at_seven_moments_then_resume_equals_uninterrupted(run_flags, re
         assert summary[key] == ref_summary[key], key
     assert summary["steps"] == 24 and summary["skipped_steps"] == 0 and summary["tokens_per_second"] > 0
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name or p.name.startswith((".final-", ".loraq-"))]
+
+
+@pytest.mark.slow
+def test_bf16_resume_is_bitwise_too_on_cpu(run_flags, tmp_path):
+    """bf16 on the CPU is deterministic too: killed mid-checkpoint and mid-run, the adapter is bit for bit the same."""
+    def flags(out, **kw):
+        return run_flags(out, dtype="bf16", max_steps=12, **kw)
+
+    run = tmp_path / "killed"
+    reference = start_loraq(flags(tmp_path / "reference"))
+    crash(flags(run), "checkpoint-write:2")  # writing step 8's checkpoint
+    proc = start_loraq(flags(run, resume=True))  # from step 4
+    kill_when_step_logged(proc, run, 6)
+    done = run_loraq(flags(run, resume=True))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step-00000004" in done.stderr
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    ours, theirs = adapter(run), adapter(tmp_path / "reference")
+    assert json.loads((run / "run.json").read_text())["dtype"] == "bf16"
+    assert max_abs_difference(ours, theirs) == 0.0
