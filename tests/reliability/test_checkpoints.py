@@ -167,6 +167,12 @@ def _drop_tensor(path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def _truncated_extra(path: Path) -> None:
+    """A file another part of loraq adds to a checkpoint (per-rank RNG states), cut short."""
+    save_file({"rank0/torch_cpu": torch.get_rng_state(), "rank1/torch_cpu": torch.get_rng_state()}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
 def _rename_group_param(state: dict) -> None:
     state["optimizer"]["param_groups"][0]["params"][0] = "model.layers.9.self_attn.q_proj.lora_A.default.weight"
 
@@ -187,6 +193,7 @@ DAMAGE = {
     "optimizer-moment-wrong-shape": lambda d: _reshape_tensor(d / "optimizer.safetensors", "/exp_avg"),
     "trainable-missing-tensor": lambda d: _drop_tensor(d / "trainable.safetensors"),
     "rng-missing-file": lambda d: (d / "rng.safetensors").unlink(),
+    "extra-file-truncated": lambda d: _truncated_extra(d / "rng-ranks.safetensors"),
 }
 
 

@@ -114,15 +114,13 @@ def test_killed_eight_times_and_a_full_disk_then_resume_equals_uninterrupted(run
 
 @pytest.mark.slow
 def test_bf16_resume_is_bitwise_too_on_cpu(run_flags, tmp_path):
-    """bf16 on the CPU is deterministic too: killed mid-checkpoint and mid-run, the adapter is bit for bit the same."""
+    """bf16 on the CPU is deterministic too: killed mid-checkpoint, the adapter is bit for bit the same."""
     def flags(out, **kw):
         return run_flags(out, dtype="bf16", max_steps=12, **kw)
 
     run = tmp_path / "killed"
     reference = start_loraq(flags(tmp_path / "reference"))
     crash(flags(run), "checkpoint-write:2")  # writing step 8's checkpoint
-    proc = start_loraq(flags(run, resume=True))  # from step 4
-    kill_when_step_logged(proc, run, 6)
     done = run_loraq(flags(run, resume=True))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from step-00000004" in done.stderr

@@ -258,6 +258,10 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     trainable = load_file(str(path / "trainable.safetensors"))
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     rng = load_file(str(path / "rng.safetensors"))
+    for extra in path.glob("*.safetensors"):  # files others add (write_extra, e.g. per-rank RNG) must read back too
+        if extra.name not in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            with safe_open(str(extra), "pt") as fh:
+                fh.keys()
     params = _trainable(model)
     if set(trainable) != set(params):
         missing = sorted(set(params) - set(trainable))[:3]
