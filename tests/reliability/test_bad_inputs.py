@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ class Ctx:
     adapter: Path
     wide_adapter: Path
     data: Path
+    held: list = field(default_factory=list)  # things a case keeps alive while the command runs
 
     def file(self, name: str, content: str | bytes) -> str:
         path = self.tmp / name
@@ -208,6 +209,15 @@ def _overwrite_deletes_data(ctx: Ctx) -> list[str]:
     return ctx.train("--overwrite", data=str(data), out=str(run))
 
 
+def _run_in_use(ctx: Ctx) -> list[str]:
+    """Another loraq process holds the run folder (its flock, taken here as that process would)."""
+    from loraq.train.rundir import lock_run_dir
+
+    run = ctx.run_folder()
+    ctx.held.append(lock_run_dir(run))
+    return ctx.train("--resume", out=str(run))
+
+
 def _wide_adapter(ctx: Ctx) -> list[str]:
     return ["generate", "--model", str(ctx.model), "--adapter", str(ctx.wide_adapter), "--prompt", "hi"]
 
@@ -322,6 +332,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], tuple[str, ...]]] = [
     ("out-overwrite-would-delete-the-data", _overwrite_deletes_data, ("--data", "inside --output-dir")),
     ("out-overwrite-with-bad-data", _overwrite_with_bad_data, ("bad.jsonl:1", "malformed JSON")),
     ("out-overwrite-with-bad-targets", _overwrite_with_bad_targets, ("wq", "linear layers")),
+    ("out-in-use-by-another-process", _run_in_use, ("old-run", "in use by another loraq process")),
 ]
 
 

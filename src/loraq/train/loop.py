@@ -33,7 +33,8 @@ from loraq.train.loss import fused_linear_cross_entropy, shift_targets
 from loraq.train.metrics import MetricsWriter, Throughput, current_rss_bytes, peak_memory_bytes
 from loraq.train.progress import Progress
 from loraq.train.report import plot_loss, write_summary
-from loraq.train.rundir import check_writable, clear_run_dir, prepare_run_dir, resolve_run_dir, write_run_file
+from loraq.train.rundir import (check_writable, clear_run_dir, lock_run_dir, prepare_run_dir, resolve_run_dir,
+                                write_run_file)
 from loraq.train.schedule import make_scheduler, warmup_steps
 
 
@@ -178,11 +179,15 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    run_lock = []  # rank 0's hold on the run folder (rundir.lock_run_dir)
+
     def claim_run_dir():
         run_dir = resolve_run_dir(cfg)
         mode = prepare_run_dir(run_dir, cfg)
         check_run_settings(cfg, runtime.world_size, run_dir, mode)
         check_writable(run_dir)
+        if mode != "new":  # an existing run is held from now on: a second loraq on it fails before loading anything
+            run_lock.append(lock_run_dir(run_dir))
         return str(run_dir), mode
 
     # rank 0 decides (a default name holds the time) and checks; every rank gets its answer or its error
@@ -293,6 +298,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     if base_em is not None:
         counters["base_accuracy"] = base_em.accuracy
         counters["base_predictions"] = base_em.predictions[:3]
+    if mode == "new":  # the folder is made now: from here on it is this process's
+        runtime.on_main(lambda: run_lock.append(lock_run_dir(run_dir)))
     if mode == "resume":
         loaded_ckpt = ckpt.resume_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                          data=batches, warn=lambda m: say(f"loraq: warning: {m}"))
@@ -458,6 +465,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
                       title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
     runtime.barrier()  # every rank returns once rank 0's files are there
+    for lock in run_lock:  # (a process that dies releases it too)
+        lock.close()
     return RunResult(run_dir=run_dir, summary=summary)
 
 

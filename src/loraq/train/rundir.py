@@ -11,11 +11,15 @@ Rules (nothing of the user's is overwritten without being asked):
   in them costs nothing;
 * ``--resume`` needs a loraq run folder whose settings match this run's; a
   missing or empty folder (a run killed before it wrote anything) starts anew;
-* a run that stops on an error before writing anything leaves no folder behind.
+* a run that stops on an error before writing anything leaves no folder behind;
+* one process at a time: a run holds an flock on its folder (released when
+  the process ends, however it ends; no file is made for it); a second loraq
+  process on the same folder is a one-line error.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import re
@@ -93,6 +97,40 @@ def clear_run_dir(folder: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+class RunLock:
+    """This process's hold on a run folder; ``close()`` (or the process ending) lets it go."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Hold ``run_dir`` (created if missing) for this process: an exclusive flock on the folder itself.
+
+    A folder another loraq process holds is a ConfigError naming it. On a
+    filesystem without flock (some network mounts) the run goes on unguarded.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--output-dir {run_dir} is in use by another loraq process; wait for it to end or "
+                          "choose another --output-dir") from None
+    except OSError:
+        pass
+    return RunLock(fd)
 
 
 def check_resume_matches(run_dir: Path, cfg: TrainConfig) -> None:
