@@ -104,3 +104,23 @@ def test_read_only_output_folder_is_one_line_and_untouched(run_flags, reference_
         (tmp_path / f"{name}.rc").unlink()
         (tmp_path / f"{name}.err").unlink()
     assert snapshot_diff(before, tree_snapshot(tmp_path)) == []
+
+
+@pytest.mark.parametrize("fault, words", [("enospc", "No space left on device"), ("erofs", "Read-only file system")])
+def test_the_final_adapter_failing_to_write_is_one_line(run_flags, tmp_path, capfd, monkeypatch, fault, words):
+    """The last write of a run (the adapter) refused: one error line, no half adapter, the checkpoint kept."""
+    from loraq import faults
+    from loraq.cli import main
+
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.FAULT_ENV, f"{fault}:final-save:1")
+    faults.reset()
+    try:
+        assert main(run_flags(run, max_steps=6, save_every=4, val_fraction=None, eval_every=None)) == 2
+    finally:
+        monkeypatch.delenv(faults.FAULT_ENV)
+        faults.reset()
+    assert_error_line(capfd.readouterr().err, "cannot write the final adapter", str(run), words,
+                      "step-00000004, is intact")
+    left = sorted(p.name for p in run.iterdir())
+    assert left == ["checkpoints", "metrics.jsonl", "run.json"], left  # no adapter, no temporary folder
