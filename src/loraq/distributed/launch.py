@@ -89,6 +89,8 @@ def launch_torchrun(cfg: TrainConfig):
 
 # torchrun's (and c10d's) log lines: "W1129 13:05:31.123000 4242 torch/distributed/run.py:...] ..."
 _TORCH_LOG_LINE = re.compile(r"^\[?[IWEF]\d{4} \d\d:\d\d:\d\d")
+# a traceback, from torchrun or from a rank (torchrun prefixes those with "[rank1]: ")
+_TRACEBACK = re.compile(r"^(\[rank\d+\]: *)?Traceback \(most recent call last\)")
 
 
 class StderrFilter:
@@ -118,7 +120,7 @@ class StderrFilter:
             self.pending = ""
 
     def _line(self, line: str) -> None:
-        if self.held or line.startswith("Traceback (most recent call last)"):
+        if self.held or _TRACEBACK.match(line):
             self.held.append(line)
             return
         body = line.strip()

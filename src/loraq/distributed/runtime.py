@@ -61,6 +61,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's Python object, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's Python object, on every rank."""
         if not self.distributed:
@@ -104,9 +112,7 @@ class Runtime:
         mine = {"torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             mine["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine)
-        return {f"rank{r}/{key}": value.cpu() for r, states in enumerate(everyone) for key, value in states.items()}
+        return {f"rank{r}/{key}": value.cpu() for r, states in enumerate(self.gather(mine)) for key, value in states.items()}
 
     def restore_rng_state(self, checkpoint_dir: Path) -> None:
         """This rank's generator states from a checkpoint's ``RANK_RNG_FILE`` (if it has one)."""

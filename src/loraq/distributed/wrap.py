@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,8 @@ def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    if runtime.device.type == "cpu":
+        fixed_mmap_threshold()
     trainable = [p for p in loss_module.parameters() if p.requires_grad]
     ignored = set(trainable)
     for p in trainable:  # every rank starts from rank 0's adapters, as DDP would make sure
@@ -76,6 +80,24 @@ def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:
     loss_module.model._is_fsdp_managed_module = True
     loss_module.replicated_grad_sync = sync
     return loss_module
+
+
+def fixed_mmap_threshold(threshold_bytes: int = 1 << 20) -> None:
+    """On glibc, serve every block of ``threshold_bytes`` or more by mmap, so that freeing it returns it.
+
+    glibc raises its mmap threshold each time a large block is freed; from
+    then on FSDP's per-layer gathers, allocated and freed at every forward and
+    backward, come from a heap that only grows (measured on SmolLM2-135M, 2
+    ranks: 2.5 GB peak per rank instead of 1.4 GB). A fixed threshold keeps
+    resident memory at what is live, for some speed. The environment variable
+    ``MALLOC_MMAP_THRESHOLD_``, if set, wins; elsewhere than glibc this does nothing.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold_bytes)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -414,6 +414,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     # final evaluation and files
     train_seconds = time.perf_counter() - t_start
+    # what each rank holds while training (weights, their shards under FSDP, optimizer state, caches)
+    training_memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
     if val_batches is not None:
         last_eval = _eval_loss(loss_module, val_batches, device, runtime)
         if last_eval is not None:
@@ -444,6 +446,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         "eval_perplexity": None if last_eval is None else last_eval.perplexity,
         "tokens_per_second": throughput.tokens_per_second(),
         "peak_memory_bytes": int(runtime.max(peak_memory_bytes(device))),  # the largest rank's
+        "peak_memory_bytes_per_rank": runtime.gather(peak_memory_bytes(device)),
+        "training_memory_bytes_per_rank": training_memory,
         "wall_seconds": wall,
         "train_seconds": train_seconds,
         "trainable_parameters": trainable,
