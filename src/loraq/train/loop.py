@@ -316,14 +316,14 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             say(f"loraq: resumed from {loaded_ckpt.path.name} (step {start_step} of {total_steps})")
     elif cfg.resume:
         say(f"loraq: --resume: nothing to resume in {run_dir} yet; starting a new run")
-    if runtime.is_main and mode == "overwrite":
-        clear_run_dir(run_dir)  # only now that the model and data loaded: a mistake in them costs the old run nothing
-    if runtime.is_main and mode != "resume":
-        write_run_file(run_dir, cfg, {"model": source.name, "model_path": str(source.path), "method": cfg.method,
-                                      "dtype": dtype_name(compute_dtype), "world_size": runtime.world_size})
-
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=runtime.is_main,
-                            truncate_after_step=start_step if mode == "resume" else None)
+    with ckpt.writing(run_dir, "run.json and metrics.jsonl"):  # a full disk at the start: one line too
+        if runtime.is_main and mode == "overwrite":
+            clear_run_dir(run_dir)  # only now that the model and data loaded: a mistake in them costs the old run nothing
+        if runtime.is_main and mode != "resume":
+            write_run_file(run_dir, cfg, {"model": source.name, "model_path": str(source.path), "method": cfg.method,
+                                          "dtype": dtype_name(compute_dtype), "world_size": runtime.world_size})
+        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=runtime.is_main,
+                                truncate_after_step=start_step if mode == "resume" else None)
     progress = Progress(total_steps, start_step, enabled=runtime.is_main, log_every=cfg.log_every)
     params = trainable_parameters(model)
     throughput = Throughput()
