@@ -59,3 +59,11 @@ def reference_run(tmp_path_factory, run_flags):
     """The uninterrupted run every resumed run is compared with (started in the background: one thread)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     return _BackgroundRun(run_flags(run_dir), run_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_reference_early(request):
+    """Start the reference run at the beginning of the session when some test will need it, so that it trains
+    (one thread) while the in-process tests use the other core, instead of being waited for later."""
+    if any("reference_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("reference_run")
