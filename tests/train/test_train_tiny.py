@@ -61,7 +61,10 @@ def test_grad_accum_equals_bigger_batch(tiny_llama_dir, chat_file, tmp_path):
     tb = load_file(str(b.run_dir / "adapter_model.safetensors"))
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6)
+        # the two runs sum the same numbers in another order; Adam divides by sqrt(v), which magnifies
+        # float32 rounding in components whose gradient is near zero, so compare tensors as a whole
+        rel = (ta[k] - tb[k]).norm() / ta[k].norm().clamp(min=1e-12)
+        assert rel < 1e-5, (k, float(rel))
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_llama_dir, chat_file, tmp_path):
