@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from loraq.distributed.runtime import init_runtime
@@ -98,6 +99,8 @@ def main(model_dir: str, out: str) -> None:
                 "local_frozen_bytes": local_frozen_bytes,
                 "gathered_equal": gathered_equal,
                 "quant_stats_whole": stats_whole,
+                "embedding_own_unit": isinstance(model.get_input_embeddings(), FSDPModule),
+                "tied": model.get_input_embeddings().weight is model.get_output_embeddings().weight,
                 "trainable_sharded": sum(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad),
                 "loss": loss_total,
                 "reference_loss": float(ref_loss),

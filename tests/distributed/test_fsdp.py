@@ -15,10 +15,26 @@ from dist_helpers import assert_same_weights, base_args, loraq_cli, torchrun, tr
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def test_fsdp2_shards_the_4bit_base_and_matches_the_unsharded_model(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def untied_llama_dir(tiny_llama_dir, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama's shape with its own head (the end-to-end runs use the tied one)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(str(tiny_llama_dir))
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("untied_llama")
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_fsdp2_shards_the_4bit_base_and_matches_the_unsharded_model(untied_llama_dir, tmp_path):
     out = tmp_path / "fsdp.json"
-    torchrun([str(WORKER), str(tiny_llama_dir), str(out)])
+    torchrun([str(WORKER), str(untied_llama_dir), str(out)])
     r = json.loads(out.read_text())
+    assert not r["tied"] and r["embedding_own_unit"]  # an untied embedding is gathered only while it runs
     # every packed 4-bit weight is split in two, and gathers back to the very bytes it had
     assert r["linear4bit_layers"] > 0 and r["packed_weights_sharded"] == r["linear4bit_layers"]
     assert r["packed_rows_local"] * 2 == r["packed_rows_full"]

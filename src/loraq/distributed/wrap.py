@@ -4,8 +4,9 @@
   part in the gradient all-reduce; frozen weights, 4-bit ones included, are
   left out of DDP's bookkeeping entirely.
 * FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the frozen base
-  across ranks, one unit per decoder layer plus a root unit (embeddings,
-  final norm, head), all-gathering a unit only while it runs: the FSDP+QLoRA
+  across ranks, one unit per decoder layer, one for an untied input
+  embedding, and a root unit (final norm, head, a tied embedding),
+  all-gathering a unit only while it runs: the FSDP+QLoRA
   approach for models larger than one device. For a 4-bit layer the packed
   ``uint8`` weight (a frozen ``nn.Parameter``) is sharded like any other;
   its QuantState (absmax and the code tables, plain tensors, 1/32 of the
@@ -68,6 +69,12 @@ def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:
         # moves with Linear4bit._apply. One layer at a time: the device never holds more than one full layer
         layer.to(runtime.device)
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
+    embed, head = loss_module.model.get_input_embeddings(), loss_module.model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        # an untied embedding is its own unit, gathered only while it runs; a tied one stays with the head in the
+        # root (the fused loss reads the head's weight directly, so the root must hold it)
+        embed.to(runtime.device)
+        fully_shard(embed, mesh=mesh, ignored_params=ignored)
     loss_module.to(runtime.device)
     fully_shard(loss_module, mesh=mesh, ignored_params=ignored)
     # settle now which unit is the root (FSDP2 would do it at the root's first forward): generation calls the
