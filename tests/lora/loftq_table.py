@@ -42,27 +42,30 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
     return math.exp(total / count)
 
 
-def nf4_model(model):
-    """A copy with every linear layer but the output head as loraq's Linear4bit (NF4)."""
+def _config(r: int = 16, iters: int = 5, layers: list[int] | None = None):
+    from loraq.lora.config import LoraConfig
+
+    return LoraConfig(r=r, alpha=2 * r, init="loftq", loftq_iters=iters, layers_to_transform=layers or [])
+
+
+def nf4_model(model, layers: list[int] | None = None):
+    """A copy with every linear layer but the output head (in blocks ``layers``, default all) as loraq's Linear4bit."""
     from loraq.lora.model import set_submodule
-    from loraq.lora.targeting import linear_layer_names, output_head_name
+    from loraq.lora.targeting import find_targets
     from loraq.quant.linear import Linear4bit
 
     model = copy.deepcopy(model)
-    head = output_head_name(model)
-    for name in linear_layer_names(model):
-        if name != head:
-            set_submodule(model, name, Linear4bit.from_linear(model.get_submodule(name), **NF4))
+    for name in find_targets(model, _config(layers=layers)):
+        set_submodule(model, name, Linear4bit.from_linear(model.get_submodule(name), **NF4))
     return model
 
 
-def loftq_model(model, r: int, iters: int):
-    """A copy with LoftQ (rank r, ``iters`` iterations) on every linear layer but the head."""
-    from loraq.lora.config import LoraConfig
+def loftq_model(model, r: int, iters: int, layers: list[int] | None = None):
+    """A copy with LoftQ (rank r, ``iters`` iterations) on the same layers as :func:`nf4_model`."""
     from loraq.lora.model import inject_lora
 
     model = copy.deepcopy(model)
-    inject_lora(model, LoraConfig(r=r, alpha=2 * r, init="loftq", loftq_iters=iters), quant=NF4)
+    inject_lora(model, _config(r, iters, layers), quant=NF4)
     return model
 
 
