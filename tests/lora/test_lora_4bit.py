@@ -202,25 +202,16 @@ def test_loftq_adapter_is_saved_relative_to_the_full_precision_base(tmp_path):
 
 
 @pytest.mark.slow
-def test_loftq_cuts_the_nf4_error_of_the_default_model_by_a_quarter(smollm_dir):
-    """REFERENCE.md's LoftQ effect at a smaller scale (NF4, r=16, 5 iterations, the first 4 blocks quantized):
-    the KL divergence from the full-precision model's next-token distribution drops by at least 25%.
-    The full-model perplexity table (28.6% of the gap recovered) is in docs/loftq.md."""
-    from loftq_table import load_default, loftq_model, nf4_model, pydoc_token_blocks
+def test_loftq_recovers_a_quarter_of_the_nf4_perplexity_gap_on_the_default_model(smollm_dir):
+    """REFERENCE.md's LoftQ effect on SmolLM2 (NF4 + DQ, r=16, 5 iterations, every linear layer but the head),
+    on 4 x 256 tokens of pydoc_data.topics: perplexity at initialisation at least 25% of the way back from
+    NF4 to full precision (about 37% measured; the 16 x 512 table is in docs/loftq.md). About 50 s on 2 cores."""
+    from loftq_table import load_default, loftq_model, nf4_model, perplexity, pydoc_token_blocks
 
     model, tokenizer = load_default()
     blocks = pydoc_token_blocks(tokenizer, n_seq=4, seq_len=256)
-    first_blocks = list(range(4))
-
-    @torch.no_grad()
-    def log_probs(m):
-        return torch.log_softmax(m(input_ids=blocks).logits.float(), dim=-1)
-
-    reference = log_probs(model)
-
-    def kl_from_reference(m) -> float:
-        return (reference.exp() * (reference - log_probs(m))).sum(-1).mean().item()
-
-    nf4 = kl_from_reference(nf4_model(model, layers=first_blocks))
-    loftq = kl_from_reference(loftq_model(model, r=16, iters=5, layers=first_blocks))
-    assert 0 < loftq <= 0.75 * nf4, (nf4, loftq)
+    full = perplexity(model, blocks)
+    nf4 = perplexity(nf4_model(model), blocks)
+    loftq = perplexity(loftq_model(model, r=16, iters=5), blocks)
+    assert full < loftq < nf4
+    assert nf4 - loftq >= 0.25 * (nf4 - full), (full, nf4, loftq)
