@@ -217,6 +217,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                         blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    use_fast_attention(model)
     from loraq.devices import resolve_dtype
 
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -472,6 +473,15 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     for lock in run_lock:  # (a process that dies releases it too)
         lock.close()
     return RunResult(run_dir=run_dir, summary=summary)
+
+
+def use_fast_attention(model: nn.Module) -> None:
+    """Short training sequences on the CPU: loraq's matmul attention (it hands everything else to SDPA)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
+        return
+    from loraq.kernels.attention import register
+
+    model.set_attn_implementation(register())
 
 
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

@@ -57,25 +57,37 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_db else None
         inv = 1.0 / float(normalizer)
+        # chunk-sized scratch reused across chunks and steps: a fresh 100+ MB tensor per step costs more in
+        # page faults than the softmax itself
+        rows = min(chunk_rows, n)
+        vocab = weight.shape[0]
+        logits_buf = _scratch("logits", (rows, vocab), hidden.dtype, hidden.device)
+        logp_buf = _scratch("logp", (rows, vocab), torch.float32, hidden.device)
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
+            c = h.shape[0]
+            logits = logits_buf[:c]
+            if bias is None:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, h, weight.t(), out=logits)
             # log-softmax reads the compute-dtype logits once and writes fp32 (no separate upcast pass)
-            logp = torch.log_softmax(F.linear(h, weight, bias), dim=-1, dtype=torch.float32)
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:c])
             total -= logp.gather(1, y[:, None]).sum()
             if not (need_dh or need_dw or need_db):
                 continue
             # dlogits = (softmax - onehot) / normalizer, in place over the chunk's log-probabilities
             grad = logp.exp_()
-            grad.scatter_add_(1, y[:, None], torch.full((len(y), 1), -1.0, dtype=grad.dtype, device=grad.device))
-            g = grad.mul_(inv).to(hidden.dtype)
+            grad.scatter_add_(1, y[:, None], torch.full((c, 1), -1.0, dtype=grad.dtype, device=grad.device))
+            grad.mul_(inv)
+            g = grad if hidden.dtype == torch.float32 else logits.copy_(grad)  # the logits are spent: reuse them
             if need_dh:
-                dh[start:start + chunk_rows] = g @ weight
+                torch.mm(g, weight, out=dh[start:start + chunk_rows])
             if need_dw:
                 dw.add_(g.t() @ h)
             if need_db:
                 db.add_(grad.sum(0))
-            del grad, logp
         ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
         ctx.has = (need_dh, need_dw, need_db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -97,9 +109,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None, None, None
 
 
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer of at least ``shape``; one per name, regrown when a larger one is needed."""
+    buf = _SCRATCH.get(name)
+    numel = shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[name] = buf
+    return buf[:numel].view(shape)
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                normalizer: float | None = None, bias: torch.Tensor | None = None,
-                               chunk_rows: int = 1024) -> torch.Tensor:
+                               chunk_rows: int = 256) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained rows / normalizer (default: their count).
 
     ``hidden`` is [..., d] and ``targets`` [...] (already shifted, -100 = ignored).
