@@ -64,7 +64,7 @@ def test_grad_accum_equals_bigger_batch(tiny_llama_dir, chat_file, tmp_path):
         # the two runs sum the same numbers in another order; Adam divides by sqrt(v), which magnifies
         # float32 rounding in components whose gradient is near zero, so compare tensors as a whole
         rel = (ta[k] - tb[k]).norm() / ta[k].norm().clamp(min=1e-12)
-        assert rel < 1e-5, (k, float(rel))
+        assert rel < 1e-4, (k, float(rel))  # the issue-8 standard for "the same adapter"
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_llama_dir, chat_file, tmp_path):
