@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 MAX_SAVED_BYTES = 32 << 20  # P saved for backward, per layer; past this the memory-lean SDPA kernel is better
 

@@ -248,6 +248,16 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     and is reused instead of a fresh weight-sized float32 tensor per call.
     """
     dtype = dtype or state.dtype
+    from loraq.kernels.dequant import dequantize_fused
+
+    fused = dequantize_fused(packed, state, dtype)
+    if fused is not None:
+        return fused
+    return dequantize_4bit_eager(packed, state, dtype)
+
+
+def dequantize_4bit_eager(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The eager path of :func:`dequantize_4bit` (also the one for partial blocks and non-CPU devices)."""
     absmax = dequantize_absmax(state)
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:

@@ -217,7 +217,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                         blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    use_fast_attention(model)
+    use_fast_kernels(model)
     from loraq.devices import resolve_dtype
 
     compute_dtype = resolve_dtype(cfg.dtype, device)
@@ -475,8 +475,12 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     return RunResult(run_dir=run_dir, summary=summary)
 
 
-def use_fast_attention(model: nn.Module) -> None:
-    """Short training sequences on the CPU: loraq's matmul attention (it hands everything else to SDPA)."""
+def use_fast_kernels(model: nn.Module) -> None:
+    """loraq's matmul attention for short CPU sequences (it hands everything else to SDPA), and the lean
+    RMSNorm / SiLU-gate autograd on known architectures (``loraq.kernels``)."""
+    from loraq.kernels.fused import apply_fused_modules
+
+    apply_fused_modules(model)
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
         return
     from loraq.kernels.attention import register
