@@ -92,6 +92,7 @@ def load_model(
         # after the model: its parsed vocabulary would otherwise sit under the loading peak
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model.eval()
+    contiguous_head_input(model)
     return LoadedModel(model, tokenizer, source, compute_dtype, method, quantized)
 
 
@@ -103,6 +104,20 @@ def check_loadable(source: ModelSource, *, allow_pickle: bool = False, trust_rem
     files = weight_files(source.path, allow_pickle=allow_pickle, label=label)
     _check_tokenizer_files(source, label)
     return files
+
+
+def contiguous_head_input(model: torch.nn.Module) -> None:
+    """Hand the output head contiguous hidden states.
+
+    Generation slices the last position (``hidden[:, -1:, :]``, a strided view). For such an input and a
+    weight that does not require grad -- a frozen head, as under LoRA -- ``torch.matmul`` on the CPU stops
+    folding the batch into one matrix product and broadcasts the [vocab, hidden] weight over the batch
+    instead: a 3.4 GB copy and 5 s per prefill for 64 prompts on SmolLM2 (measured). A contiguous input
+    (a few KB copy) keeps the single product.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def load_tokenizer(spec: str | Path | ModelSource | None = None, *, trust_remote_code: bool = False) -> Any:
