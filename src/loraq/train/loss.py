@@ -124,7 +124,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                normalizer: float | None = None, bias: torch.Tensor | None = None,
-                               chunk_rows: int = 256) -> torch.Tensor:
+                               chunk_rows: int = 128) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained rows / normalizer (default: their count).
 
     ``hidden`` is [..., d] and ``targets`` [...] (already shifted, -100 = ignored).
