@@ -31,8 +31,12 @@ test-fast: $(VENV)/.test
 demo: $(VENV)/.runtime
 	$(BIN)/loraq train
 
+# Side-by-side benchmarks against PEFT(+bitsandbytes); ~45 minutes on 2 cores in all.
 bench: $(VENV)/.test
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --grad-checkpointing
+	$(BIN)/python bench/epoch.py
+	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/load_memory.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -21,7 +21,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=("qlora", "lora"), required=True)
-    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (or --epoch)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--padding", action="store_true", help="HF-style padding instead of packing (epoch benchmark)")
     ap.add_argument("--epoch", action="store_true", help="run one epoch instead of --steps")
     args = ap.parse_args()
+    if not args.epoch and args.steps < 1:
+        ap.error("give --steps N or --epoch")
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

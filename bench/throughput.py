@@ -73,25 +73,30 @@ def model_flops_per_token(model_dir: Path, seq_len: int = SEQ) -> float:
     return 4 * matmul_params + attention
 
 
-def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS bytes, and stderr tail of one fresh process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, err[-500:]
+def run_timed(cmd: list[str], env: dict | None = None, capture_stdout: bool = False) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS bytes, and stderr tail (or all of stdout, if asked) of one fresh process."""
+    with tempfile.TemporaryFile("w+") as err_file:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                                stderr=err_file, env=env, text=True)
+        out = proc.stdout.read() if capture_stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it: ru_maxrss is this child's peak
+        wall = time.perf_counter() - t0
+        err_file.seek(0)
+        err = err_file.read()
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({code}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, out if capture_stdout else err[-500:]
 
 
-def loraq_cmd(method: str, steps: int, model: Path, data: Path, out: Path) -> list[str]:
+def loraq_cmd(method: str, steps: int, model: Path, data: Path, out: Path, gc: bool = False) -> list[str]:
     return [PY, "-m", "loraq", "train", "--model", str(model), "--data", str(data), "--method", method,
             "--max-steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
             "--alpha", str(ALPHA), "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16",
             "--packing", "--eval-every", "100000", "--save-every", "100000", "--eval-samples", "0", "--seed", "0",
-            "--output-dir", str(out), "--overwrite"]
+            "--output-dir", str(out), "--overwrite", *(["--grad-checkpointing"] if gc else [])]
 
 
 def peft_cmd(method: str, steps: int, model: Path, data: Path) -> list[str]:
@@ -107,6 +112,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=13)
     ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="also run loraq with --grad-checkpointing (its speed and memory cost)")
     args = ap.parse_args()
 
     from loraq.models.default import ensure_default_model
@@ -121,16 +128,17 @@ def main() -> None:
 
     rows = []
     for method in args.methods.split(","):
-        res: dict[str, dict] = {"loraq": {}, "peft": {}}
+        tools = ("loraq", "peft", *(["loraq+gc"] if args.grad_checkpointing else []))
+        res: dict[str, dict] = {tool: {} for tool in tools}
         for steps in (args.short, args.long):  # alternate tools at each length
-            for tool in ("loraq", "peft"):
-                cmd = (loraq_cmd(method, steps, model, data, tmp / f"run-{method}") if tool == "loraq"
-                       else peft_cmd(method, steps, model, data))
+            for tool in tools:
+                cmd = (peft_cmd(method, steps, model, data) if tool == "peft"
+                       else loraq_cmd(method, steps, model, data, tmp / f"run-{method}", gc=tool == "loraq+gc"))
                 wall, rss, _ = run_timed(cmd, env)
                 res[tool][steps] = (wall, rss)
                 print(f"  {method:5s} {tool:5s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
                       file=sys.stderr, flush=True)
-        for tool in ("loraq", "peft"):
+        for tool in tools:
             (w_s, r_s), (w_l, r_l) = res[tool][args.short], res[tool][args.long]
             sec_per_step = (w_l - w_s) / (args.long - args.short)
             tps = tokens_per_step / sec_per_step
@@ -145,9 +153,9 @@ def main() -> None:
     print("| method | tool | tokens/s | peak RSS | MFU | speed vs PEFT | RSS vs PEFT |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
-        ours = next(r for r in rows if r["method"] == method and r["tool"] == "loraq")
         ref = next(r for r in rows if r["method"] == method and r["tool"] == "peft")
-        for r in (ours, ref):
+        ours = [r for r in rows if r["method"] == method and r["tool"] != "peft"]
+        for r in (*ours, ref):
             ratio_speed = r["tokens_per_second"] / ref["tokens_per_second"]
             ratio_rss = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
             print(f"| {method} | {r['tool']}{'+bnb' if r['tool'] == 'peft' and method == 'qlora' else ''} | "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -289,8 +289,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if kind in (int, float):
             kw["type"] = kind
             kw["metavar"] = "N" if kind is int else "X"
-        else:
+        elif not f.metadata.get("choices"):
             kw["metavar"] = "VALUE"
+        if f.default not in (None, MISSING, "", ()) and kind is not bool:
+            kw["help"] += f" (default: {f.default})"
         parser.add_argument(flag, **kw)
 
 

@@ -147,3 +147,30 @@ def test_merge_on_the_default_model_gives_peft_s_logits(smollm_dir, tmp_path):
     assert main(["merge", "--model", str(smollm_dir), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     assert rel_err(_logits(_base(tmp_path / "merged"), ids), reference) < 1e-4
+
+
+def test_a_trained_adapter_loaded_by_peft_equals_the_merged_folder(tiny_llama_dir, tmp_path):
+    """The issue's first check: `loraq train --method lora` (4 steps), PEFT loads the adapter on the base,
+    and its logits equal those of the folder `loraq merge` writes, loaded by plain transformers."""
+    import peft
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from conftest import write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--method", "lora", "--dtype", "fp32",
+                 "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--rank", "4",
+                 "--alpha", "8", "--target-modules", "all-linear", "--eval-samples", "0", "--eval-every", "0",
+                 "--seed", "0", "--output-dir", str(run)]) == 0
+    assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(run), "--out", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    pm = peft.PeftModel.from_pretrained(_base(tiny_llama_dir), str(run)).eval()
+    ids = _ids(pm.config.vocab_size)
+    reference = _logits(pm, ids)
+    merged = _base(tmp_path / "merged")
+    assert rel_err(_logits(merged, ids), reference) < 1e-4
+    assert rel_err(reference, _logits(_base(tiny_llama_dir), ids)) > 1e-4  # training moved the adapter

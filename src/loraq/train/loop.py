@@ -344,6 +344,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                                     write_extra=extra, keep=cfg.keep_checkpoints)
         last_ckpt_name = path.name
 
+    t_loop = time.perf_counter()  # loading, data and the base evaluation are behind us
     try:
         for step in range(start_step + 1, total_steps + 1):
             faults.point("step-start")
@@ -414,7 +415,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         progress.close()
 
     # final evaluation and files
-    train_seconds = time.perf_counter() - t_start
+    train_seconds = time.perf_counter() - t_loop
     # what each rank holds while training (weights, their shards under FSDP, optimizer state, caches)
     training_memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
     if val_batches is not None:
@@ -450,7 +451,8 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         "peak_memory_bytes_per_rank": runtime.gather(peak_memory_bytes(device)),
         "training_memory_bytes_per_rank": training_memory,
         "wall_seconds": wall,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds,  # the training loop alone
+        "setup_seconds": t_loop - t_start,  # loading, data, base evaluation
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": runtime.world_size,

@@ -1,0 +1,107 @@
+"""One epoch of variable-length chat data: loraq with packing against PEFT (+bitsandbytes) with HF-style padding.
+
+The data is loraq's bundled demo set (2000 short chat examples, an order note
+turned into a record). Both tools train one epoch of it with the same model,
+method, rank, dtype and batch of 8 rows:
+
+* loraq: ``loraq train --packing --seq-len 128`` (several examples per row,
+  attention kept inside each example), and ``loraq train`` without packing for
+  the share that packing alone contributes;
+* PEFT: each batch padded to its longest example with an attention mask (what
+  ``DataCollatorForSeq2Seq`` / TRL without packing do), ``bench/peft_run.py
+  --padding --epoch``.
+
+Reported: seconds of the training loop for the epoch (loading excluded, taken
+from each tool's own clock), the whole process's wall time, peak RSS, and the
+ratios against PEFT. The three processes run one after the other, once each
+per ``--repeats``, alternating, and the median is kept.
+
+    python bench/epoch.py [--method qlora|lora] [--repeats 1] [--model DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput import PY, RANK, ALPHA, run_timed  # noqa: E402
+
+BATCH, SEQ = 8, 128
+
+
+def loraq_cmd(method: str, model: Path, data: Path, out: Path, packing: bool) -> list[str]:
+    return [PY, "-m", "loraq", "train", "--model", str(model), "--data", str(data), "--method", method,
+            "--epochs", "1", "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
+            "--alpha", str(ALPHA), "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16",
+            *(["--packing"] if packing else []), "--eval-every", "0", "--save-every", "100000",
+            "--eval-samples", "0", "--val-fraction", "0", "--seed", "0", "--output-dir", str(out), "--overwrite"]
+
+
+def peft_cmd(method: str, model: Path, data: Path) -> list[str]:
+    return [PY, str(HERE / "peft_run.py"), "--method", method, "--epoch", "--padding", "--model", str(model),
+            "--data", str(data), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
+            "--alpha", str(ALPHA)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="qlora", choices=("qlora", "lora"))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from loraq.data.demo import DEMO_DIR
+    from loraq.models.default import ensure_default_model
+
+    model = Path(args.model) if args.model else ensure_default_model()
+    data = DEMO_DIR / "train.jsonl"
+    tmp = Path(tempfile.mkdtemp(prefix="loraq-epoch-"))
+    env = dict(os.environ, LORAQ_NO_HUB="1", HF_HUB_OFFLINE="1")
+
+    runs: dict[str, list[dict]] = {"loraq packed": [], "loraq padded": [], "peft padded": []}
+    for _ in range(args.repeats):
+        for name in runs:
+            if name.startswith("loraq"):
+                out = tmp / name.replace(" ", "-")
+                wall, rss, _ = run_timed(loraq_cmd(args.method, model, data, out, packing="packed" in name), env)
+                summary = json.loads((out / "summary.json").read_text())
+                train_s, steps, tokens = summary["train_seconds"], summary["steps"], summary["tokens"]
+            else:
+                wall, rss, out_line = run_timed(peft_cmd(args.method, model, data), env, capture_stdout=True)
+                res = json.loads(out_line.strip().splitlines()[-1])
+                train_s, steps, tokens = res["seconds"], res["steps"], res["tokens"]
+            runs[name].append({"train_seconds": train_s, "wall_seconds": wall, "peak_rss_bytes": rss,
+                               "steps": steps, "tokens": tokens})
+            print(f"  {name}: {steps} steps, {tokens} tokens, train {train_s:.1f} s, wall {wall:.1f} s, "
+                  f"peak RSS {rss / 2**30:.2f} GB", file=sys.stderr, flush=True)
+
+    rows = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    ref = rows["peft padded"]
+    print(f"\n# one epoch of the demo chat set -- {args.method} -- {dt.date.today()} -- "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{__import__('torch').__version__}")
+    print(f"model {model.name}, 2000 chat examples, batch {BATCH} rows, seq-len {SEQ}, bf16, r={RANK}, "
+          f"alpha={ALPHA}, all-linear; median of {args.repeats}\n")
+    print("| run | steps | epoch training time | speed vs PEFT | process wall | peak RSS | RSS vs PEFT |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        label = name + ("+bnb" if name.startswith("peft") and args.method == "qlora" else "")
+        print(f"| {label} | {r['steps']:.0f} | {r['train_seconds']:.1f} s | {ref['train_seconds'] / r['train_seconds']:.2f}x"
+              f" | {r['wall_seconds']:.1f} s | {r['peak_rss_bytes'] / 2**30:.2f} GB | "
+              f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "method": args.method, "rows": rows},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Generated (Inductor) kernels against their eager references, interleaved in one process.
+
+For each case the two paths alternate call by call (``--reps`` rounds, after a
+warm-up that also compiles), and the median time of each is printed with the
+ratio. Cases: NF4 + double-quant dequantization to bf16 of SmolLM2's weight
+shapes (576 x 576, 1536 x 576) and of 4096 x 4096.
+
+    python bench/kernels.py [--threads 2] [--reps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from loraq.kernels.dequant import dequantize_fused
+    from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
+
+    print(f"# generated vs eager kernels -- {dt.date.today()} -- {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
+    print("| NF4 + DQ dequantize -> bf16 | eager | generated | speed-up |")
+    print("|---|---|---|---|")
+    for shape in ((576, 576), (1536, 576), (4096, 4096)):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+        packed, state = quantize_4bit(w, 64, "nf4", double_quant=True)
+        fused = dequantize_fused(packed, state, torch.bfloat16)
+        assert fused is not None, "generated kernels unavailable (LORAQ_COMPILE=0 or no compiler)"
+        assert torch.equal(fused, dequantize_4bit_eager(packed, state, torch.bfloat16))
+        eager_t, fused_t = [], []
+        for _ in range(args.reps):
+            eager_t.append(timed(dequantize_4bit_eager, packed, state, torch.bfloat16))
+            fused_t.append(timed(dequantize_fused, packed, state, torch.bfloat16))
+        e, f = statistics.median(eager_t), statistics.median(fused_t)
+        print(f"| {shape[0]} x {shape[1]} | {e * 1e3:.2f} ms | {f * 1e3:.2f} ms | {e / f:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
