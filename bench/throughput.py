@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=13)
     ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="repeat the whole alternation; per-step times are the median over repeats")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="also run loraq with --grad-checkpointing (its speed and memory cost)")
     args = ap.parse_args()
@@ -129,27 +132,33 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         tools = ("loraq", "peft", *(["loraq+gc"] if args.grad_checkpointing else []))
-        res: dict[str, dict] = {tool: {} for tool in tools}
-        for steps in (args.short, args.long):  # alternate tools at each length
+        res: dict[str, list] = {tool: [] for tool in tools}
+        for _ in range(args.repeats):
+            walls: dict[str, dict] = {tool: {} for tool in tools}
+            for steps in (args.short, args.long):  # alternate tools at each length
+                for tool in tools:
+                    cmd = (peft_cmd(method, steps, model, data) if tool == "peft"
+                           else loraq_cmd(method, steps, model, data, tmp / f"run-{method}", gc=tool == "loraq+gc"))
+                    wall, rss, _ = run_timed(cmd, env)
+                    walls[tool][steps] = (wall, rss)
+                    print(f"  {method:5s} {tool:8s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
+                          file=sys.stderr, flush=True)
             for tool in tools:
-                cmd = (peft_cmd(method, steps, model, data) if tool == "peft"
-                       else loraq_cmd(method, steps, model, data, tmp / f"run-{method}", gc=tool == "loraq+gc"))
-                wall, rss, _ = run_timed(cmd, env)
-                res[tool][steps] = (wall, rss)
-                print(f"  {method:5s} {tool:5s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
-                      file=sys.stderr, flush=True)
+                (w_s, r_s), (w_l, r_l) = walls[tool][args.short], walls[tool][args.long]
+                res[tool].append(((w_l - w_s) / (args.long - args.short), max(r_s, r_l)))
         for tool in tools:
-            (w_s, r_s), (w_l, r_l) = res[tool][args.short], res[tool][args.long]
-            sec_per_step = (w_l - w_s) / (args.long - args.short)
+            sec_per_step = statistics.median(t for t, _ in res[tool])
             tps = tokens_per_step / sec_per_step
             rows.append({"method": method, "tool": tool, "seconds_per_step": sec_per_step, "tokens_per_second": tps,
-                         "peak_rss_bytes": max(r_s, r_l), "mfu": flops * tps / (peak * 1e9)})
+                         "seconds_per_step_each": [t for t, _ in res[tool]],
+                         "peak_rss_bytes": max(r for _, r in res[tool]), "mfu": flops * tps / (peak * 1e9)})
 
     print(f"\n# loraq vs PEFT{'+bitsandbytes' if 'qlora' in args.methods else ''} -- {dt.date.today()} -- "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{__import__('torch').__version__}")
     print(f"model {model.name}, batch {BATCH} x {SEQ} packed text, bf16, r={RANK}, alpha={ALPHA}, all-linear; "
-          f"bf16 matmul peak measured {peak:.0f} GFLOP/s; {flops / 1e9:.3f} GFLOP/token\n")
+          f"bf16 matmul peak measured {peak:.0f} GFLOP/s; {flops / 1e9:.3f} GFLOP/token; "
+          f"median of {args.repeats}\n")
     print("| method | tool | tokens/s | peak RSS | MFU | speed vs PEFT | RSS vs PEFT |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
