@@ -154,13 +154,10 @@ def test_a_trained_adapter_loaded_by_peft_equals_the_merged_folder(tiny_llama_di
     and its logits equal those of the folder `loraq merge` writes, loaded by plain transformers."""
     import peft
 
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-    from conftest import write_chat_jsonl
-
-    data = write_chat_jsonl(tmp_path / "chat.jsonl")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Join {i} and {i + 3}."},
+                                                     {"role": "assistant", "content": f"{i}-{i + 3}"}]}) + "\n"
+                            for i in range(24)))
     run = tmp_path / "run"
     assert main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--method", "lora", "--dtype", "fp32",
                  "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--rank", "4",
