@@ -33,13 +33,33 @@ def exception_line(exc: BaseException, limit: int = 200) -> str:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No progress bars from transformers (loading, GGUF conversion) while loraq calls it."""
+    """No progress bars from transformers (loading, GGUF conversion) while loraq calls it.
+
+    Its loading bars follow its logging switch; the GGUF conversion's bar is a bare ``tqdm`` in
+    ``transformers.modeling_gguf_pytorch_utils``, so that module's name is pointed at a pass-through
+    for the duration (and put back after).
+    """
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    gguf_utils, bar = None, None
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = _no_bar
+    except ImportError:  # no gguf package: that path raises its own error later
+        gguf_utils = None
     try:
         yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+        if gguf_utils is not None and bar is not None:
+            gguf_utils.tqdm = bar
+
+
+def _no_bar(iterable=None, *args, **kwargs):
+    return iterable

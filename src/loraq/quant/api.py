@@ -15,6 +15,7 @@ import torch
 from loraq.devices import dtype_name
 from loraq.errors import ConfigError, ModelError
 from loraq.models.hf_folder import SAFE_INDEX, SAFE_WEIGHTS
+from loraq.models.hf_calls import quiet_transformers
 from loraq.quant.bnb_format import is_bnb_4bit_config, save_quantized_folder
 from loraq.quant.codes import QUANT_TYPES
 from loraq.quant.functional import BLOCKSIZES
@@ -105,7 +106,8 @@ def _load(folder: Path):
     if is_bnb_4bit_config(config):
         raise ModelError(f"--model {folder}: this model is already 4-bit quantized")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", use_safetensors=True)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"--model {folder}: cannot load it as a causal LM ({str(exc).splitlines()[0]})") from None
     try:
