@@ -28,6 +28,19 @@ def test_quantize_on_cuda_is_byte_identical_to_bitsandbytes_cuda(quant_type, dty
     assert torch.equal(dequantize_4bit(packed, state, dtype).cpu(), bnbf.dequantize_4bit(ref_packed, ref).cpu())
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_generated_dequantization_on_cuda_equals_the_eager_path(double_quant):
+    from loraq.kernels.dequant import dequantize_fused
+    from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
+
+    w = (torch.randn(1536, 576, generator=torch.Generator().manual_seed(2)) * 0.02).cuda()
+    packed, state = quantize_4bit(w, 64, "nf4", double_quant=double_quant)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        fused = dequantize_fused(packed, state, dtype)
+        assert fused is not None and fused.is_cuda
+        assert torch.equal(fused, dequantize_4bit_eager(packed, state, dtype))
+
+
 def test_linear4bit_on_cuda_matches_a_float64_product():
     """Forward and input gradient in bf16 on CUDA against float64 on the CPU with the dequantized weight
     (the CPU dequantization is held bitwise to bitsandbytes by tests/quant)."""
