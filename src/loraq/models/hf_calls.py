@@ -43,21 +43,19 @@ def quiet_transformers() -> Iterator[None]:
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    gguf_utils, bar = None, None
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-        bar = getattr(gguf_utils, "tqdm", None)
-        if bar is not None:
-            gguf_utils.tqdm = _no_bar
-    except ImportError:  # no gguf package: that path raises its own error later
+    except ImportError:  # that path raises its own error when it is used
         gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = _no_bar
     try:
         yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-        if gguf_utils is not None and bar is not None:
+        if bar is not None:
             gguf_utils.tqdm = bar
 
 
