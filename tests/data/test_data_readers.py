@@ -86,3 +86,22 @@ def test_skipping_collects_bad_lines(tmp_path):
     assert [r.data["text"] for r in records] == ["a", "b"]
     assert len(skipped) == 2 and f"{path}:2" in skipped[0] and f"{path}:3" in skipped[1]
 
+
+
+def test_parquet_written_by_pyarrow_reads_back_every_record_and_trains_format(tmp_path):
+    """Parquet as `datasets.Dataset.to_parquet` writes it (nested list<struct> for chat), read through pyarrow."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from loraq.data.formats import detect_format
+
+    chats = [{"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"Say {i}."},
+                           {"role": "assistant", "content": str(i)}]} for i in range(5)]
+    alpaca = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(4)]
+    for name, rows, fmt in (("chat", chats, "chat"), ("alpaca", alpaca, "alpaca")):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        records = read_records(path)
+        assert [r.data for r in records] == rows
+        assert records[2].where == f"{path}: row 3"
+        assert detect_format(records) == fmt
