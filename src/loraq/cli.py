@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(command: str, sub: argparse.ArgumentParser, extra: list[str]) -> str:
+    """``unrecognized arguments: --lenght`` with the nearest flag of that command, if one is close."""
+    import difflib
+
+    flags = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    hint = ""
+    for arg in extra:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.7) if arg.startswith("--") else []
+        if close:
+            hint = f"; did you mean {close[0]}?"
+            break
+    return f"loraq {command}: unrecognized arguments: {' '.join(extra)}{hint} (see `loraq {command} --help`)"
+
+
 def _version() -> str:
     from loraq import __version__
 
@@ -68,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"loraq.commands.{command}")
         sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
         module.add_arguments(sub)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise LoraqError(_unrecognized(command, sub, extra))
         return int(module.run(args) or 0)
     except LoraqError as exc:
         print(f"loraq: error: {exc}", file=sys.stderr)
