@@ -30,6 +30,11 @@ def test_lora_run_writes_peft_adapter_that_peft_loads(tiny_llama_dir, chat_file,
     assert summary["steps"] == 4 and summary["method"] == "lora"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
+    # tokens/s is the training rate (steps 2..N, the first pays one-off costs), measured inside the loop:
+    # its tokens over its rate fit within the loop's own seconds, which exclude loading and final evaluation
+    after_first = summary["tokens"] - lines[0]["tokens"]
+    assert 0 < after_first / summary["tokens_per_second"] <= summary["train_seconds"]
+    assert summary["train_seconds"] + summary["setup_seconds"] <= summary["wall_seconds"]
 
     # PEFT, an independent implementation, reads the adapter and computes the same function as loraq's model
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
@@ -44,6 +49,30 @@ def test_lora_run_writes_peft_adapter_that_peft_loads(tiny_llama_dir, chat_file,
     # and training moved the adapter: B is no longer zero
     tensors = load_file(str(run / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+def test_tokens_per_second_is_the_loop_s_rate_not_diluted_by_the_final_evaluation(tiny_llama_dir, chat_file,
+                                                                                   tmp_path, monkeypatch):
+    """A slow exact-match evaluation after the loop (made 2 s slower here) does not lower the reported rate."""
+    import time
+
+    from loraq.train import loop
+
+    real_eval = loop.exact_match_eval
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(2.0)
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "exact_match_eval", slow_eval)
+    result = _train(tiny_llama_dir, chat_file, tmp_path / "run", max_steps=8, val_fraction=0.25, eval_samples=6)
+    summary = result.summary
+    last = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"][-1]
+    assert last["step"] == 8 and summary["final_accuracy"] is not None  # the evaluation did run after the loop
+    # the last step's logged rate and the summary's cover the same window, to within the loop's last moments;
+    # a rate taken after the 2 s evaluation would be a small fraction of it
+    assert summary["tokens_per_second"] >= 0.5 * last["tokens_per_second"] > 0
 
 
 def test_loss_decreases_on_a_learnable_task(tiny_llama_dir, chat_file, tmp_path):

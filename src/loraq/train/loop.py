@@ -416,6 +416,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
 
     # final evaluation and files
     train_seconds = time.perf_counter() - t_loop
+    tokens_per_second = throughput.tokens_per_second()  # the training rate, before the final evaluation
     # what each rank holds while training (weights, their shards under FSDP, optimizer state, caches)
     training_memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
     if val_batches is not None:
@@ -446,7 +447,7 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         "train_loss": last_loss,
         "eval_loss": None if last_eval is None else last_eval.loss,
         "eval_perplexity": None if last_eval is None else last_eval.perplexity,
-        "tokens_per_second": throughput.tokens_per_second(),
+        "tokens_per_second": tokens_per_second,
         "peak_memory_bytes": int(runtime.max(peak_memory_bytes(device))),  # the largest rank's
         "peak_memory_bytes_per_rank": runtime.gather(peak_memory_bytes(device)),
         "training_memory_bytes_per_rank": training_memory,
