@@ -32,23 +32,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import PY, RANK, ALPHA, run_timed  # noqa: E402
+from throughput import ALPHA, RANK, loraq_train_cmd, peft_train_cmd, run_timed  # noqa: E402
 
 BATCH, SEQ = 8, 128
 
 
 def loraq_cmd(method: str, model: Path, data: Path, out: Path, packing: bool) -> list[str]:
-    return [PY, "-m", "loraq", "train", "--model", str(model), "--data", str(data), "--method", method,
-            "--epochs", "1", "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
-            "--alpha", str(ALPHA), "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16",
-            *(["--packing"] if packing else []), "--eval-every", "0", "--save-every", "100000",
-            "--eval-samples", "0", "--val-fraction", "0", "--seed", "0", "--output-dir", str(out), "--overwrite"]
+    return loraq_train_cmd(method, model, data, out, "--epochs", "1", *(["--packing"] if packing else []),
+                           "--eval-every", "0", "--val-fraction", "0", batch=BATCH, seq=SEQ)
 
 
 def peft_cmd(method: str, model: Path, data: Path) -> list[str]:
-    return [PY, str(HERE / "peft_run.py"), "--method", method, "--epoch", "--padding", "--model", str(model),
-            "--data", str(data), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
-            "--alpha", str(ALPHA)]
+    return peft_train_cmd(method, model, data, "--epoch", "--padding", batch=BATCH, seq=SEQ)
 
 
 def main() -> None:

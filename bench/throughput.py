@@ -92,18 +92,29 @@ def run_timed(cmd: list[str], env: dict | None = None, capture_stdout: bool = Fa
     return wall, usage.ru_maxrss * 1024, out if capture_stdout else err[-500:]
 
 
-def loraq_cmd(method: str, steps: int, model: Path, data: Path, out: Path, gc: bool = False) -> list[str]:
+def loraq_train_cmd(method: str, model: Path, data: Path, out: Path, *extra: str, batch: int = BATCH,
+                    seq: int = SEQ) -> list[str]:
+    """``loraq train`` with the settings both tools share (r, alpha, dropout 0, all-linear, bf16, no saving)."""
     return [PY, "-m", "loraq", "train", "--model", str(model), "--data", str(data), "--method", method,
-            "--max-steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
-            "--alpha", str(ALPHA), "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16",
-            "--packing", "--eval-every", "100000", "--save-every", "100000", "--eval-samples", "0", "--seed", "0",
-            "--output-dir", str(out), "--overwrite", *(["--grad-checkpointing"] if gc else [])]
+            "--batch-size", str(batch), "--seq-len", str(seq), "--rank", str(RANK), "--alpha", str(ALPHA),
+            "--dropout", "0", "--target-modules", "all-linear", "--dtype", "bf16", "--save-every", "100000",
+            "--eval-samples", "0", "--seed", "0", "--output-dir", str(out), "--overwrite", *extra]
+
+
+def peft_train_cmd(method: str, model: Path, data: Path, *extra: str, batch: int = BATCH,
+                   seq: int = SEQ) -> list[str]:
+    """The same training through transformers + PEFT (+ bitsandbytes): ``bench/peft_run.py``."""
+    return [PY, str(HERE / "peft_run.py"), "--method", method, "--model", str(model), "--data", str(data),
+            "--batch-size", str(batch), "--seq-len", str(seq), "--rank", str(RANK), "--alpha", str(ALPHA), *extra]
+
+
+def loraq_cmd(method: str, steps: int, model: Path, data: Path, out: Path, gc: bool = False) -> list[str]:
+    return loraq_train_cmd(method, model, data, out, "--max-steps", str(steps), "--packing", "--eval-every", "100000",
+                           *(["--grad-checkpointing"] if gc else []))
 
 
 def peft_cmd(method: str, steps: int, model: Path, data: Path) -> list[str]:
-    return [PY, str(HERE / "peft_run.py"), "--method", method, "--steps", str(steps), "--model", str(model),
-            "--data", str(data), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--rank", str(RANK),
-            "--alpha", str(ALPHA)]
+    return peft_train_cmd(method, model, data, "--steps", str(steps))
 
 
 def main() -> None:
