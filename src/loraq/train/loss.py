@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loraq.kernels.cross_entropy import ce_grad_fused
+
 IGNORE_INDEX = -100
 
 
@@ -62,7 +64,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         rows = min(chunk_rows, n)
         vocab = weight.shape[0]
         logits_buf = _scratch("logits", (rows, vocab), hidden.dtype, hidden.device)
-        logp_buf = _scratch("logp", (rows, vocab), torch.float32, hidden.device)
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
@@ -72,22 +73,29 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=logits)
             else:
                 torch.addmm(bias, h, weight.t(), out=logits)
-            # log-softmax reads the compute-dtype logits once and writes fp32 (no separate upcast pass)
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:c])
-            total -= logp.gather(1, y[:, None]).sum()
-            if not (need_dh or need_dw or need_db):
-                continue
-            # dlogits = (softmax - onehot) / normalizer, in place over the chunk's log-probabilities
-            grad = logp.exp_()
-            grad.scatter_add_(1, y[:, None], torch.full((c, 1), -1.0, dtype=grad.dtype, device=grad.device))
-            grad.mul_(inv)
-            g = grad if hidden.dtype == torch.float32 else logits.copy_(grad)  # the logits are spent: reuse them
+            need_grad = need_dh or need_dw or need_db
+            chunk_loss = ce_grad_fused(logits, y, inv) if need_grad else None
+            if chunk_loss is not None:  # one generated pass: the logits now hold dlogits
+                total += chunk_loss
+                g = logits
+            else:
+                # log-softmax reads the compute-dtype logits once and writes fp32 (no separate upcast pass)
+                logp_buf = _scratch("logp", (rows, vocab), torch.float32, hidden.device)
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:c])
+                total -= logp.gather(1, y[:, None]).sum()
+                if not need_grad:
+                    continue
+                # dlogits = (softmax - onehot) / normalizer, in place over the chunk's log-probabilities
+                grad = logp.exp_()
+                grad.scatter_add_(1, y[:, None], torch.full((c, 1), -1.0, dtype=grad.dtype, device=grad.device))
+                grad.mul_(inv)
+                g = grad if hidden.dtype == torch.float32 else logits.copy_(grad)  # the logits are spent: reuse them
             if need_dh:
                 torch.mm(g, weight, out=dh[start:start + chunk_rows])
             if need_dw:
                 dw.add_(g.t() @ h)
             if need_db:
-                db.add_(grad.sum(0))
+                db.add_(g.sum(0, dtype=torch.float32))
         ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
         ctx.has = (need_dh, need_dw, need_db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
