@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loraq.kernels.attention import GroupedAttention, reference_attention
+from loraq.kernels.attention import GroupedAttention, causal_blocks, reference_attention
 
 
 def _inputs(dtype, b=2, h=6, hkv=2, t=24, d=16, seed=0):
@@ -20,12 +20,15 @@ def _packed_mask(b, t):
 
 
 @pytest.mark.parametrize("kind", ["causal", "packed", "none"])
-def test_forward_and_gradients_match_float64(kind):
+@pytest.mark.parametrize("block", [64, 7])
+def test_forward_and_gradients_match_float64(kind, block):
     q, k, v = _inputs(torch.float32)
     b, _, t, d = q.shape
     mask = {"causal": torch.ones(t, t, dtype=torch.bool).tril(), "packed": _packed_mask(b, t), "none": None}[kind]
+    blocks = causal_blocks(t, mask, kind != "none", block=block)
+    assert len(blocks) == (1 if block > t or kind == "none" else 4)
     scale = d ** -0.5
-    out = GroupedAttention.apply(q, k, v, mask, scale)
+    out = GroupedAttention.apply(q, k, v, mask, scale, blocks).transpose(1, 2)
     grad = torch.randn_like(out)
     out.backward(grad)
 
@@ -41,7 +44,7 @@ def test_bf16_close_to_float64():
     q, k, v = _inputs(torch.bfloat16, t=64, d=64)
     b, _, t, d = q.shape
     mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
-    out = GroupedAttention.apply(q, k, v, mask, d ** -0.5)
+    out = GroupedAttention.apply(q, k, v, mask, d ** -0.5, causal_blocks(t, mask, True, block=16)).transpose(1, 2)
     ref = reference_attention(q.detach(), k.detach(), v.detach(), None, True, d ** -0.5)
     assert (out.float() - ref.float()).abs().max() < 3e-2
 
@@ -65,3 +68,14 @@ def test_llama_with_loraq_attention_matches_sdpa(tiny_llama_dir):
     g_ref = ref.model.layers[0].self_attn.q_proj.weight.grad
     g = ours.model.layers[0].self_attn.q_proj.weight.grad
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_blocks_only_where_nothing_above_the_diagonal_is_allowed():
+    t = 12
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    assert causal_blocks(t, causal, True, block=4) == [(0, 4), (4, 8), (8, 12)]
+    assert causal_blocks(t, None, True, block=5) == [(0, 4), (4, 8), (8, 12)]
+    leaky = causal.clone()
+    leaky[0, 5] = True  # one future key allowed: skipping would drop it
+    assert causal_blocks(t, leaky, True, block=4) == [(0, t)]
+    assert causal_blocks(t, None, False, block=4) == [(0, t)]

@@ -11,9 +11,12 @@ and the gradients, with ``dO`` given::
     dV = P^T dO        dP = dO V^T        dS = P * (dP - rowsum(dP * P))
     dQ = scale * dS K  dK = scale * dS^T Q
 
-The G query heads of a group are stacked along the rows (a free view), so each
-key/value head is multiplied once -- no ``repeat_kv`` copies -- and forward
-saves only P (in the compute dtype). PyTorch's CPU flash kernel walks the
+The G query heads of a group are stacked along the rows (time-major, copied
+once together with the scale), so each key/value head is multiplied once --
+no ``repeat_kv`` copies -- and forward saves only P (in the compute dtype).
+Under a causal mask the rows go in blocks of ``BLOCK`` query times, each
+against the keys up to its last time only: the masked upper triangle is
+mostly never computed (:func:`causal_blocks`). PyTorch's CPU flash kernel walks the
 same T x T work in small tiles; for T up to ~1k the plain products run at
 matmul speed and win (``bench/NOTES.md``). Longer sequences, dropout, or
 other devices go to ``scaled_dot_product_attention`` unchanged.
@@ -26,6 +29,7 @@ import math
 import torch
 
 MAX_SAVED_BYTES = 32 << 20  # P saved for backward, per layer; past this the memory-lean SDPA kernel is better
+BLOCK = 64  # query times per block of the causal skip (bench/NOTES.md)
 
 
 def reference_attention(q, k, v, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
@@ -48,38 +52,78 @@ def _allowed(mask: torch.Tensor | None, causal: bool, t: int, device) -> torch.T
     return None
 
 
+def causal_blocks(t: int, allowed: torch.Tensor | None, causal: bool, block: int = BLOCK) -> list[tuple[int, int]]:
+    """Query row ranges ``[start, end)``; each is multiplied with keys ``[0, end)`` only.
+
+    Exact only when nothing above the diagonal is allowed (a causal model, and any mask that says so):
+    then keys past a block's last query are masked for all of its rows and skipping them changes
+    nothing. Otherwise one block spans everything.
+    """
+    if t <= block or not causal or (allowed is not None and allowed.triu(1).any()):
+        return [(0, t)]
+    n = -(-t // block)
+    edges = [round(i * t / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class GroupedAttention(torch.autograd.Function):
-    """Forward and backward of the module docstring, in the compute dtype (softmax accumulates in fp32)."""
+    """Forward and backward of the module docstring, in the compute dtype (softmax accumulates in fp32).
+
+    Takes Q [B, H, T, d] and returns O as [B, T, H, d] (the layout the output projection reads).
+    Rows are laid out time-major -- row ``t * G + j`` is query time t of the group's head j -- so a
+    block of query times is a contiguous row range, and with a causal mask each block multiplies
+    only the keys up to its end: with ``T / BLOCK`` blocks the products do ``(n + 1) / 2n`` of the
+    full square's work (5/8 at T = 256).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, allowed, scale: float):
+    def forward(ctx, q, k, v, allowed, scale: float, blocks):
         b, h, t, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        # the scale goes on Q (exact for the usual d = 64, 128: a power of two)
-        qs = (q * scale).reshape(b, hkv, g * t, d)  # heads kv*g .. kv*g+g-1 stacked along rows
-        s = torch.matmul(qs, k.transpose(-1, -2))  # [b, hkv, g*t, t]
-        if allowed is not None:  # [t, t] or [b or 1, t, t]
-            s.view(b, hkv, g, t, t).masked_fill_(~allowed.reshape(-1, 1, 1, t, t), float("-inf"))
-        p = torch.softmax(s, dim=-1)  # one kernel, fp32 inside
-        del s
-        out = torch.matmul(p, v)  # [b, hkv, g*t, d]
-        ctx.save_for_backward(qs, k, v, p)
-        ctx.scale = scale
-        return out.view(b, h, t, d)
+        # [b, hkv, t, g, d]: time-major rows; the scale goes on Q in the same pass (exact for d = 64, 128)
+        qs = torch.empty(b, hkv, t, g, d, dtype=q.dtype, device=q.device)
+        torch.mul(q.unflatten(1, (hkv, g)).transpose(2, 3), scale, out=qs)
+        qs = qs.view(b, hkv, t * g, d)
+        out = torch.empty(b, t, hkv, g, d, dtype=q.dtype, device=q.device)
+        probs = []
+        for t0, t1 in blocks:
+            s = torch.matmul(qs[:, :, t0 * g:t1 * g], k[:, :, :t1].transpose(-1, -2))  # [b, hkv, (t1-t0)*g, t1]
+            if allowed is not None:  # [t, t] or [b or 1, t, t]
+                blk = allowed.reshape(-1, t, t)[:, t0:t1, :t1]
+                s.view(b, hkv, t1 - t0, g, t1).masked_fill_(~blk.reshape(-1, 1, t1 - t0, 1, t1), float("-inf"))
+            p = torch.softmax(s, dim=-1)  # one kernel, fp32 inside
+            del s
+            o = torch.matmul(p, v[:, :, :t1])  # [b, hkv, (t1-t0)*g, d]
+            out[:, t0:t1].copy_(o.view(b, hkv, t1 - t0, g, d).transpose(1, 2))
+            probs.append(p)
+        ctx.save_for_backward(qs, k, v, *probs)
+        ctx.scale, ctx.blocks = scale, blocks
+        return out.view(b, t, h, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qs, k, v, p = ctx.saved_tensors
-        b, hkv, gt, d = qs.shape
-        do = grad_out.reshape(b, hkv, gt, d)
-        dv = torch.matmul(p.transpose(-1, -2), do)  # sums over the group's rows: the GQA reduction for free
-        dp = torch.matmul(do, v.transpose(-1, -2))
-        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # P * (dP - rowsum(dP * P))
-        del dp
-        dq = torch.matmul(ds, k).mul_(ctx.scale).view(b, hkv * (gt // grad_out.shape[2]), grad_out.shape[2], d)
-        dk = torch.matmul(ds.transpose(-1, -2), qs)
-        return dq, dk, dv, None, None
+        qs, k, v, *probs = ctx.saved_tensors
+        b, hkv, tg, d = qs.shape
+        t = k.shape[2]
+        g = tg // t
+        # dO in the rows' layout [b, hkv, t * g, d]
+        do = grad_out.reshape(b, t, hkv, g, d).transpose(1, 2).reshape(b, hkv, tg, d)
+        dq = torch.empty_like(qs)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for (t0, t1), p in zip(ctx.blocks, probs):
+            rows = slice(t0 * g, t1 * g)
+            do_b = do[:, :, rows]
+            dv[:, :, :t1] += torch.matmul(p.transpose(-1, -2), do_b)  # sums over the group's rows: GQA for free
+            dp = torch.matmul(do_b, v[:, :, :t1].transpose(-1, -2))
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # P * (dP - rowsum(dP * P))
+            del dp
+            dq[:, :, rows] = torch.matmul(ds, k[:, :, :t1])
+            dk[:, :, :t1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, rows])
+        # back to Q's layout [b, h, t, d] (a strided view; the scale applied in place)
+        dq = dq.mul_(ctx.scale).view(b, hkv, t, g, d).transpose(2, 3).reshape(b, hkv * g, t, d)
+        return dq, dk, dv, None, None, None
 
 
 def fast_path_applies(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
@@ -106,8 +150,8 @@ def loraq_attention_forward(module, query, key, value, attention_mask, dropout: 
         if allowed is None:  # a per-head mask: not this path's shape
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
-    out = GroupedAttention.apply(query, key, value, allowed, scale)
-    return out.transpose(1, 2).contiguous(), None
+    out = GroupedAttention.apply(query, key, value, allowed, scale, causal_blocks(query.shape[-2], allowed, causal))
+    return out, None
 
 
 NAME = "loraq_sdpa"
