@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loraq.lora.config import scaling as lora_scaling
+from loraq.lora.fused import lora_linear
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -99,6 +100,9 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
         y = self.base(x)
         if self.disabled:
             return y
@@ -106,6 +110,27 @@ class LoraLinear(nn.Module):
             if name not in self.merged_adapters:
                 y = self._add_update(y, x, name)
         return y
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The usual training case as one autograd node (:mod:`loraq.lora.fused`), or None for the generic path.
+
+        It applies to one active, unmerged adapter without dropout over a loraq 4-bit base or a plain
+        ``nn.Linear`` in the input's dtype; everything else (several adapters, dropout, merged, other
+        base types) takes the generic path below, which is the reference the fused node is tested against.
+        """
+        if self.disabled or self.merged_adapters or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if name in self.lora_dropout:
+            return None
+        base = self.base
+        a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if is_4bit(base):
+            y = lora_linear(x.to(base.compute_dtype), base.weight, base.quant_state, base.bias, a, b, s)
+            return y.to(x.dtype)
+        if type(base) is nn.Linear and base.weight.dtype == x.dtype:
+            return lora_linear(x, base.weight, None, base.bias, a, b, s)
+        return None
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight
