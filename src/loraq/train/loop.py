@@ -169,19 +169,65 @@ def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None) -> 
         runtime.shutdown()
 
 
+@dataclass
+class _Run:
+    """What a run holds between its setup, its steps and its finish (see :func:`_run`)."""
+    cfg: TrainConfig
+    runtime: Any
+    say: Callable[[str], None]
+    run_dir: Path
+    mode: str  # "new", "overwrite" or "resume"
+    run_lock: list
+    source: Any
+    t_start: float
+    data: Any
+    model: nn.Module
+    tokenizer: Any
+    compute_dtype: torch.dtype
+    lora_config: Any
+    loss_module: nn.Module
+    refs: list
+    trainable: int
+    total: int
+    batches: Any = None
+    total_steps: int = 0
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    start_step: int = 0
+    counters: dict = None
+    last_ckpt_name: str | None = None
+    metrics: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+
+@dataclass
+class _LoopResult:
+    train_seconds: float
+    setup_seconds: float
+    tokens_per_second: float
+    last_loss: float
+    last_eval: Any
+    training_memory: list
+
+
 def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
-    from loraq.data.dataset import build_data
-    from safetensors.torch import save_file
-
-    from loraq.distributed.runtime import RANK_RNG_FILE, check_run_settings
-    from loraq.models.load import load_model
-    from loraq.models.source import resolve_source
-
+    """setup (folder, data, model, adapters, optimizer, resume) -> the steps -> final evaluation and files."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_lock = []  # rank 0's hold on the run folder (rundir.lock_run_dir)
+    run = _setup(cfg, runtime, say)
+    loop = _train_steps(run)
+    return _finish(run, loop)
 
-    def claim_run_dir():
+
+def _claim_run_dir(cfg: TrainConfig, runtime, run_lock: list) -> tuple[Path, str]:
+    """Rank 0 decides the folder (a default name holds the time) and checks it; every rank gets its answer or error."""
+    from loraq.distributed.runtime import check_run_settings
+
+    def claim():
         run_dir = resolve_run_dir(cfg)
         mode = prepare_run_dir(run_dir, cfg)
         check_run_settings(cfg, runtime.world_size, run_dir, mode)
@@ -190,9 +236,19 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
             run_lock.append(lock_run_dir(run_dir))
         return str(run_dir), mode
 
-    # rank 0 decides (a default name holds the time) and checks; every rank gets its answer or its error
-    run_dir_str, mode = runtime.on_main(claim_run_dir)
-    run_dir = Path(run_dir_str)
+    run_dir_str, mode = runtime.on_main(claim)
+    return Path(run_dir_str), mode
+
+
+def _setup(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> _Run:
+    from loraq.data.dataset import build_data
+    from loraq.devices import resolve_dtype
+    from loraq.lora.model import count_parameters
+    from loraq.models.load import check_loadable, load_model, load_tokenizer
+    from loraq.models.source import resolve_source
+
+    run_lock: list = []  # rank 0's hold on the run folder (rundir.lock_run_dir)
+    run_dir, mode = _claim_run_dir(cfg, runtime, run_lock)
     # the one-time model fetch is not part of the run's time; rank 0 fetches, then the others find it cached
     runtime.on_main(lambda: resolve_source(cfg.model, allow_pickle=cfg.allow_pickle) and None)
     source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -200,8 +256,6 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
     seed_everything(cfg.seed)
     # every check before the first word is printed (a mistake is one line), the data before the model
     # (a malformed file is reported in seconds, not after minutes of loading weights)
-    from loraq.models.load import check_loadable, load_tokenizer
-
     check_loadable(source, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     data = build_data(cfg, load_tokenizer(source, trust_remote_code=cfg.trust_remote_code))
 
@@ -218,8 +272,6 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     model, tokenizer = loaded.model, loaded.tokenizer
     use_fast_kernels(model)
-    from loraq.devices import resolve_dtype
-
     compute_dtype = resolve_dtype(cfg.dtype, device)
     autocast_dtype = compute_dtype if full and compute_dtype != torch.float32 else None
     base_desc = dtype_name(compute_dtype)
@@ -238,22 +290,13 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         say(f"loraq: {runtime.world_size} processes ({'FSDP2' if fsdp else 'DDP'}, {dist_backend()}); global batch "
             f"{cfg.batch_size * cfg.grad_accum * runtime.world_size} = batch-size {cfg.batch_size} x grad-accum "
             f"{cfg.grad_accum} x {runtime.world_size}")
-
-    st = data.stats
-    say(f"loraq: data {st.path} ({st.format}): {st.train.examples} examples, {st.train.rows} rows, "
-        f"{st.train.trained_tokens} trained tokens"
-        + (f", {st.train.truncated} truncated" if st.train.truncated else "")
-        + (f", {st.train.dropped} dropped (no trained token left)" if st.train.dropped else "")
-        + f"; padding {100 * st.train.padding_fraction:.0f}% unpacked, {100 * st.train.padding_fraction_packed:.0f}% packed"
-        + (f"; validation {st.val.examples} examples" if st.val else ""))
+    _say_data(say, data.stats)
 
     # accuracy of the model we start from (before any adapter), on held-out references
     refs = data.references if cfg.eval_samples else []
     base_em = None
     if refs and mode != "resume" and not fsdp:  # under FSDP: once the model is sharded, below
-        say(f"loraq: base model exact match on {len(refs)} examples ...")
-        base_em = exact_match_eval(model, tokenizer, data, refs)
-        say(f"loraq: base accuracy {base_em.accuracy:.1%}")
+        base_em = _base_accuracy(say, model, tokenizer, data, refs)
 
     # adapters (or everything, for full fine-tuning)
     if full:
@@ -269,8 +312,6 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         inject_lora(model, lora_config, quant=quant)
         if loftq:
             _cast_frozen(model, compute_dtype)
-    from loraq.lora.model import count_parameters
-
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
@@ -285,36 +326,24 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         runtime.seed_rank_streams(cfg.seed)
     if refs and mode != "resume" and fsdp:
         # the model as initialised: the base itself for default/gaussian init (B = 0) and PiSSA (W_res + BA = W)
-        say(f"loraq: base model exact match on {len(refs)} examples ...")
-        base_em = exact_match_eval(model, tokenizer, data, refs, loss_module)
-        say(f"loraq: base accuracy {base_em.accuracy:.1%}")
+        base_em = _base_accuracy(say, model, tokenizer, data, refs, loss_module)
 
-    batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
-    total_steps = total_steps_for(cfg, batches.batches_per_epoch)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, total_steps, warmup_steps(cfg.warmup, total_steps), cfg.schedule)
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 and device.type == "cuda" else None
-
-    start_step, loaded_ckpt, counters = 0, None, {"tokens": 0, "skipped_steps": 0, "base_accuracy": None, "base_predictions": None}
+    run = _Run(cfg=cfg, runtime=runtime, say=say, run_dir=run_dir, mode=mode, run_lock=run_lock, source=source,
+               t_start=t_start, data=data, model=model, tokenizer=tokenizer, compute_dtype=compute_dtype,
+               lora_config=lora_config, loss_module=loss_module, refs=refs, trainable=trainable, total=total)
+    run.batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
+    run.total_steps = total_steps_for(cfg, run.batches.batches_per_epoch)
+    run.optimizer = make_optimizer(model, cfg)
+    run.scheduler = make_scheduler(run.optimizer, run.total_steps, warmup_steps(cfg.warmup, run.total_steps), cfg.schedule)
+    run.scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 and device.type == "cuda" else None
+    run.counters = {"tokens": 0, "skipped_steps": 0, "base_accuracy": None, "base_predictions": None}
     if base_em is not None:
-        counters["base_accuracy"] = base_em.accuracy
-        counters["base_predictions"] = base_em.predictions[:3]
+        run.counters["base_accuracy"] = base_em.accuracy
+        run.counters["base_predictions"] = base_em.predictions[:3]
     if mode == "new":  # the folder is made now: from here on it is this process's
         runtime.on_main(lambda: run_lock.append(lock_run_dir(run_dir)))
     if mode == "resume":
-        loaded_ckpt = ckpt.resume_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         data=batches, warn=lambda m: say(f"loraq: warning: {m}"))
-        if runtime.is_main:
-            ckpt.remove_stale_temporaries(run_dir)
-        if loaded_ckpt is None:
-            say(f"loraq: --resume: no complete checkpoint in {run_dir}; starting from step 0")
-        else:
-            start_step = loaded_ckpt.step
-            runtime.restore_rng_state(loaded_ckpt.path)
-            counters.update(loaded_ckpt.state.get("counters", {}))
-            if scaler is not None and loaded_ckpt.state.get("scaler"):
-                scaler.load_state_dict(loaded_ckpt.state["scaler"])
-            say(f"loraq: resumed from {loaded_ckpt.path.name} (step {start_step} of {total_steps})")
+        _resume(run)
     elif cfg.resume:
         say(f"loraq: --resume: nothing to resume in {run_dir} yet; starting a new run")
     with ckpt.writing(run_dir, "run.json and metrics.jsonl"):  # a full disk at the start: one line too
@@ -323,159 +352,216 @@ def _run(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> RunResult:
         if runtime.is_main and mode != "resume":
             write_run_file(run_dir, cfg, {"model": source.name, "model_path": str(source.path), "method": cfg.method,
                                           "dtype": dtype_name(compute_dtype), "world_size": runtime.world_size})
-        metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=runtime.is_main,
-                                truncate_after_step=start_step if mode == "resume" else None)
-    progress = Progress(total_steps, start_step, enabled=runtime.is_main, log_every=cfg.log_every)
-    params = trainable_parameters(model)
+        run.metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=runtime.is_main,
+                                    truncate_after_step=run.start_step if mode == "resume" else None)
+    return run
+
+
+def _say_data(say: Callable[[str], None], st) -> None:
+    say(f"loraq: data {st.path} ({st.format}): {st.train.examples} examples, {st.train.rows} rows, "
+        f"{st.train.trained_tokens} trained tokens"
+        + (f", {st.train.truncated} truncated" if st.train.truncated else "")
+        + (f", {st.train.dropped} dropped (no trained token left)" if st.train.dropped else "")
+        + f"; padding {100 * st.train.padding_fraction:.0f}% unpacked, {100 * st.train.padding_fraction_packed:.0f}% packed"
+        + (f"; validation {st.val.examples} examples" if st.val else ""))
+
+
+def _base_accuracy(say, model, tokenizer, data, refs, loss_module=None):
+    say(f"loraq: base model exact match on {len(refs)} examples ...")
+    base_em = exact_match_eval(model, tokenizer, data, refs, loss_module)
+    say(f"loraq: base accuracy {base_em.accuracy:.1%}")
+    return base_em
+
+
+def _resume(run: _Run) -> None:
+    """Model, optimizer, schedule, data position, counters and RNG streams from the newest complete checkpoint."""
+    say = run.say
+    loaded = ckpt.resume_latest(run.run_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                data=run.batches, warn=lambda m: say(f"loraq: warning: {m}"))
+    if run.runtime.is_main:
+        ckpt.remove_stale_temporaries(run.run_dir)
+    if loaded is None:
+        say(f"loraq: --resume: no complete checkpoint in {run.run_dir}; starting from step 0")
+        return
+    run.start_step = loaded.step
+    run.last_ckpt_name = loaded.path.name
+    run.runtime.restore_rng_state(loaded.path)
+    run.counters.update(loaded.state.get("counters", {}))
+    if run.scaler is not None and loaded.state.get("scaler"):
+        run.scaler.load_state_dict(loaded.state["scaler"])
+    say(f"loraq: resumed from {loaded.path.name} (step {run.start_step} of {run.total_steps})")
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    from safetensors.torch import save_file
+
+    from loraq.distributed.runtime import RANK_RNG_FILE
+
+    rank_rng = run.runtime.gather_rng_states()  # every rank's dropout stream, for an exact resume
+    if not run.runtime.is_main:
+        return
+    state = {"data": run.batches.state_dict(), "counters": run.counters,
+             "scaler": run.scaler.state_dict() if run.scaler is not None else None}
+    extra = None if rank_rng is None else (lambda tmp: save_file(rank_rng, str(tmp / RANK_RNG_FILE)))
+    path = ckpt.save_checkpoint(run.run_dir, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                state=state, write_extra=extra, keep=run.cfg.keep_checkpoints)
+    run.last_ckpt_name = path.name
+
+
+def _optimizer_step(run: _Run, step: int, params: list) -> tuple[float, float, bool, int]:
+    """One optimizer step over grad_accum micro-batches: (loss, grad norm, finite, tokens)."""
+    cfg, runtime, scaler, optimizer = run.cfg, run.runtime, run.scaler, run.optimizer
+    micro = [next(run.batches) for _ in range(cfg.grad_accum)]
+    normalizer = max(1, sum(b.global_trained_tokens for b in micro))
+    step_loss = 0.0
+    for i, batch in enumerate(micro):
+        batch = batch.to(run.device)
+        sync = (i == len(micro) - 1) or not runtime.distributed
+        with (contextlib.nullcontext() if sync else run.loss_module.no_sync()):
+            loss = faults.loss(step, batch_loss(run.loss_module, batch, normalizer))
+            # DDP averages gradients over ranks; the loss is already a global mean, so undo that
+            scaled = loss * runtime.world_size
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_loss += float(loss.detach())
+    step_loss = runtime.sum(step_loss)
+    faults.grads(step, params)
+    faults.point("after-backward")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+    finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
+    if not finite:
+        if cfg.nonfinite == "stop":
+            where = (f"last good checkpoint: {run.run_dir / 'checkpoints' / run.last_ckpt_name}" if run.last_ckpt_name
+                     else "no checkpoint was written yet")
+            raise TrainingDiverged(f"step {step}: the {'loss' if not math.isfinite(step_loss) else 'gradient'} "
+                                   f"is {step_loss if not math.isfinite(step_loss) else grad_norm} ({where}); "
+                                   "lower --lr, use --dtype fp32, or pass --nonfinite skip")
+        run.counters["skipped_steps"] += 1
+        optimizer.zero_grad(set_to_none=True)
+    elif scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    faults.point("after-optimizer-step")
+    step_tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
+    return step_loss, grad_norm, finite, step_tokens
+
+
+def _train_steps(run: _Run) -> _LoopResult:
+    """The steps from the start (or resumed) step to the last, with logging, evaluation and checkpoints."""
+    cfg, runtime, metrics, device = run.cfg, run.runtime, run.metrics, run.device
+    progress = Progress(run.total_steps, run.start_step, enabled=runtime.is_main, log_every=cfg.log_every)
+    params = trainable_parameters(run.model)
     throughput = Throughput()
     last_loss, last_eval = float("nan"), None
-    last_ckpt_name = loaded_ckpt.path.name if mode == "resume" and loaded_ckpt is not None else None
-    val_batches = (lambda: data.val_batches(cfg.batch_size)) if data.val else None
-
-    def save(step: int) -> None:
-        nonlocal last_ckpt_name
-        rank_rng = runtime.gather_rng_states()  # every rank's dropout stream, for an exact resume
-        if not runtime.is_main:
-            return
-        state = {"data": batches.state_dict(), "counters": counters,
-                 "scaler": scaler.state_dict() if scaler is not None else None}
-        extra = None if rank_rng is None else (lambda tmp: save_file(rank_rng, str(tmp / RANK_RNG_FILE)))
-        path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                                    write_extra=extra, keep=cfg.keep_checkpoints)
-        last_ckpt_name = path.name
-
+    val_batches = (lambda: run.data.val_batches(cfg.batch_size)) if run.data.val else None
     t_loop = time.perf_counter()  # loading, data and the base evaluation are behind us
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(run.start_step + 1, run.total_steps + 1):
             faults.point("step-start")
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            normalizer = max(1, sum(b.global_trained_tokens for b in micro))
-            step_loss = 0.0
-            for i, batch in enumerate(micro):
-                batch = batch.to(device)
-                sync = (i == len(micro) - 1) or not runtime.distributed
-                with (contextlib.nullcontext() if sync else loss_module.no_sync()):
-                    loss = faults.loss(step, batch_loss(loss_module, batch, normalizer))
-                    # DDP averages gradients over ranks; the loss is already a global mean, so undo that
-                    scaled = loss * runtime.world_size
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += float(loss.detach())
-            step_loss = runtime.sum(step_loss)
-            faults.grads(step, params)
-            faults.point("after-backward")
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler is not None)
-            if not finite:
-                if cfg.nonfinite == "stop":
-                    where = f"last good checkpoint: {run_dir / 'checkpoints' / last_ckpt_name}" if last_ckpt_name else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"step {step}: the {'loss' if not math.isfinite(step_loss) else 'gradient'} "
-                                           f"is {step_loss if not math.isfinite(step_loss) else grad_norm} ({where}); "
-                                           "lower --lr, use --dtype fp32, or pass --nonfinite skip")
-                counters["skipped_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            faults.point("after-optimizer-step")
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-
-            step_tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
-            counters["tokens"] += step_tokens
+            step_loss, grad_norm, finite, step_tokens = _optimizer_step(run, step, params)
+            lr = run.scheduler.get_last_lr()[0]
+            run.scheduler.step()
+            run.counters["tokens"] += step_tokens
             throughput.add(step_tokens)
             if finite:  # a skipped step's NaN is not the run's loss
                 last_loss = step_loss
             mem = peak_memory_bytes(device)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.log_every == 0 or step == run.total_steps:
                 metrics.write({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                               "tokens": counters["tokens"], "tokens_per_second": throughput.tokens_per_second(),
-                               "memory_bytes": mem, "elapsed": time.perf_counter() - t_start,
+                               "tokens": run.counters["tokens"], "tokens_per_second": throughput.tokens_per_second(),
+                               "memory_bytes": mem, "elapsed": time.perf_counter() - run.t_start,
                                **({"skipped": True} if not finite else {})})
             progress.update(step, step_loss, lr, throughput.tokens_per_second(), current_rss_bytes())
 
-            if val_batches is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
-                last_eval = _eval_loss(loss_module, val_batches, device, runtime)
+            if val_batches is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != run.total_steps:
+                last_eval = _eval_loss(run.loss_module, val_batches, device, runtime)
                 if last_eval is not None:
                     metrics.write({"kind": "eval", "step": step, "eval_loss": last_eval.loss,
                                    "perplexity": last_eval.perplexity})
                     progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} (ppl {last_eval.perplexity:.2f})")
-            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-                save(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step != run.total_steps:
+                _save_checkpoint(run, step)
     except OSError as exc:  # metrics.jsonl (a checkpoint's own failure is already an OutputError)
-        error = ckpt.output_error(exc, run_dir, "metrics.jsonl")
+        error = ckpt.output_error(exc, run.run_dir, "metrics.jsonl")
         if error is None:
             raise
         raise error from None
     finally:
         progress.close()
-
-    # final evaluation and files
     train_seconds = time.perf_counter() - t_loop
-    tokens_per_second = throughput.tokens_per_second()  # the training rate, before the final evaluation
     # what each rank holds while training (weights, their shards under FSDP, optimizer state, caches)
     training_memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
-    if val_batches is not None:
-        last_eval = _eval_loss(loss_module, val_batches, device, runtime)
+    return _LoopResult(train_seconds=train_seconds, setup_seconds=t_loop - run.t_start,
+                       tokens_per_second=throughput.tokens_per_second(),  # the training rate, before the final eval
+                       last_loss=last_loss, last_eval=last_eval, training_memory=training_memory)
+
+
+def _finish(run: _Run, loop: _LoopResult) -> RunResult:
+    """Final evaluation, the adapter (or model), summary.json and loss.png; then the run folder is released."""
+    cfg, runtime, say, data, source = run.cfg, run.runtime, run.say, run.data, run.source
+    last_eval = loop.last_eval
+    if data.val:
+        last_eval = _eval_loss(run.loss_module, lambda: data.val_batches(cfg.batch_size), run.device, runtime)
         if last_eval is not None:
-            metrics.write({"kind": "eval", "step": total_steps, "eval_loss": last_eval.loss,
-                           "perplexity": last_eval.perplexity})
+            run.metrics.write({"kind": "eval", "step": run.total_steps, "eval_loss": last_eval.loss,
+                               "perplexity": last_eval.perplexity})
             say(f"loraq: eval loss {last_eval.loss:.4f} (perplexity {last_eval.perplexity:.2f})")
     final_em = None
-    if refs:
-        say(f"loraq: tuned model exact match on {len(refs)} examples ...")
-        final_em = exact_match_eval(model, tokenizer, data, refs, loss_module)
+    if run.refs:
+        say(f"loraq: tuned model exact match on {len(run.refs)} examples ...")
+        final_em = exact_match_eval(run.model, run.tokenizer, data, run.refs, run.loss_module)
         say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
-    metrics.close()
+    run.metrics.close()
 
     if runtime.is_main:
-        with ckpt.writing(run_dir, "the final adapter" if lora_config is not None else "the final model"):
-            save_final(run_dir, model, tokenizer, cfg, lora_config, source, compute_dtype)
-    wall = time.perf_counter() - t_start
+        with ckpt.writing(run.run_dir, "the final adapter" if run.lora_config is not None else "the final model"):
+            save_final(run.run_dir, run.model, run.tokenizer, cfg, run.lora_config, source, run.compute_dtype)
+    wall = time.perf_counter() - run.t_start
+    counters = run.counters
     summary = {
         "method": cfg.method,
         "model": source.name,
         "data": data.stats.path,
         "format": data.stats.format,
-        "dtype": dtype_name(compute_dtype),
-        "steps": total_steps,
+        "dtype": dtype_name(run.compute_dtype),
+        "steps": run.total_steps,
         "tokens": counters["tokens"],
-        "train_loss": last_loss,
+        "train_loss": loop.last_loss,
         "eval_loss": None if last_eval is None else last_eval.loss,
         "eval_perplexity": None if last_eval is None else last_eval.perplexity,
-        "tokens_per_second": tokens_per_second,
-        "peak_memory_bytes": int(runtime.max(peak_memory_bytes(device))),  # the largest rank's
-        "peak_memory_bytes_per_rank": runtime.gather(peak_memory_bytes(device)),
-        "training_memory_bytes_per_rank": training_memory,
+        "tokens_per_second": loop.tokens_per_second,
+        "peak_memory_bytes": int(runtime.max(peak_memory_bytes(run.device))),  # the largest rank's
+        "peak_memory_bytes_per_rank": runtime.gather(peak_memory_bytes(run.device)),
+        "training_memory_bytes_per_rank": loop.training_memory,
         "wall_seconds": wall,
-        "train_seconds": train_seconds,  # the training loop alone
-        "setup_seconds": t_loop - t_start,  # loading, data, base evaluation
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "train_seconds": loop.train_seconds,  # the training loop alone
+        "setup_seconds": loop.setup_seconds,  # loading, data, base evaluation
+        "trainable_parameters": run.trainable,
+        "total_parameters": run.total,
         "world_size": runtime.world_size,
         "skipped_steps": counters["skipped_steps"],
         "base_accuracy": counters.get("base_accuracy"),
         "final_accuracy": None if final_em is None else final_em.accuracy,
-        "eval_examples": len(refs),
+        "eval_examples": len(run.refs),
     }
-    if refs and final_em is not None:
-        r0 = refs[0]
+    if run.refs and final_em is not None:
+        r0 = run.refs[0]
         summary["sample"] = {"prompt": r0.messages or r0.prompt, "reference": r0.answer,
                              "base": (counters.get("base_predictions") or [None])[0],
                              "tuned": final_em.predictions[0]}
     if runtime.is_main:
-        with ckpt.writing(run_dir, "summary.json and loss.png"):
-            write_summary(run_dir, summary)
-            plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png",
+        with ckpt.writing(run.run_dir, "summary.json and loss.png"):
+            write_summary(run.run_dir, summary)
+            plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png",
                       title=f"{cfg.method} · {source.name} · {Path(data.stats.path).name}")
     runtime.barrier()  # every rank returns once rank 0's files are there
-    for lock in run_lock:  # (a process that dies releases it too)
+    for lock in run.run_lock:  # (a process that dies releases it too)
         lock.close()
-    return RunResult(run_dir=run_dir, summary=summary)
+    return RunResult(run_dir=run.run_dir, summary=summary)
 
 
 def use_fast_kernels(model: nn.Module) -> None:
