@@ -83,3 +83,19 @@ def test_no_grad_mode_computes_loss_only():
     ref = F.cross_entropy(h.detach() @ w.detach().t(), y, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     assert not loss.requires_grad
+
+
+def test_frozen_head_changed_in_place_is_seen():
+    """The head's transposed copy (a speed-up for frozen heads) follows in-place changes of the weight."""
+    from loraq.train.loss import release_buffers
+
+    h, w, _, y = _case(torch.float32, n=20, d=8, v=50)
+    for _ in range(2):
+        x = h.detach().clone().requires_grad_()
+        fused_linear_cross_entropy(x, w.detach(), y).backward()
+        x64 = h.detach().double().requires_grad_()
+        F.cross_entropy(x64 @ w.detach().double().t(), y, ignore_index=IGNORE_INDEX).backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+        with torch.no_grad():
+            w.mul_(-2.0)  # same storage, new version: the next loss must use the new values
+    release_buffers()

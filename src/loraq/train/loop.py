@@ -29,7 +29,7 @@ from loraq.config import TrainConfig
 from loraq.devices import dtype_name
 from loraq.errors import LoraqError
 from loraq.train import checkpoint as ckpt
-from loraq.train.loss import fused_linear_cross_entropy, shift_targets
+from loraq.train.loss import fused_linear_cross_entropy, release_buffers, shift_targets
 from loraq.train.metrics import MetricsWriter, Throughput, current_rss_bytes, peak_memory_bytes
 from loraq.train.progress import Progress
 from loraq.train.report import plot_loss, write_summary
@@ -493,6 +493,7 @@ def _train_steps(run: _Run) -> _LoopResult:
     finally:
         progress.close()
     train_seconds = time.perf_counter() - t_loop
+    release_buffers()  # the loss's scratch and head copy: evaluation and generation do without them
     # what each rank holds while training (weights, their shards under FSDP, optimizer state, caches)
     training_memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
     return _LoopResult(train_seconds=train_seconds, setup_seconds=t_loop - run.t_start,
