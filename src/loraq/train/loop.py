@@ -450,6 +450,14 @@ def _optimizer_step(run: _Run, step: int, params: list) -> tuple[float, float, b
     return step_loss, grad_norm, finite, step_tokens
 
 
+def _evaluate(run: _Run, step: int):
+    """Validation loss over the held-out rows, written to metrics.jsonl as of ``step`` (None with no rows)."""
+    result = _eval_loss(run.loss_module, lambda: run.data.val_batches(run.cfg.batch_size), run.device, run.runtime)
+    if result is not None:
+        run.metrics.write({"kind": "eval", "step": step, "eval_loss": result.loss, "perplexity": result.perplexity})
+    return result
+
+
 def _train_steps(run: _Run) -> _LoopResult:
     """The steps from the start (or resumed) step to the last, with logging, evaluation and checkpoints."""
     cfg, runtime, metrics, device = run.cfg, run.runtime, run.metrics, run.device
@@ -457,7 +465,6 @@ def _train_steps(run: _Run) -> _LoopResult:
     params = trainable_parameters(run.model)
     throughput = Throughput()
     last_loss, last_eval = float("nan"), None
-    val_batches = (lambda: run.data.val_batches(cfg.batch_size)) if run.data.val else None
     t_loop = time.perf_counter()  # loading, data and the base evaluation are behind us
     try:
         for step in range(run.start_step + 1, run.total_steps + 1):
@@ -477,11 +484,9 @@ def _train_steps(run: _Run) -> _LoopResult:
                                **({"skipped": True} if not finite else {})})
             progress.update(step, step_loss, lr, throughput.tokens_per_second(), current_rss_bytes())
 
-            if val_batches is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != run.total_steps:
-                last_eval = _eval_loss(run.loss_module, val_batches, device, runtime)
+            if run.data.val and cfg.eval_every and step % cfg.eval_every == 0 and step != run.total_steps:
+                last_eval = _evaluate(run, step)
                 if last_eval is not None:
-                    metrics.write({"kind": "eval", "step": step, "eval_loss": last_eval.loss,
-                                   "perplexity": last_eval.perplexity})
                     progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} (ppl {last_eval.perplexity:.2f})")
             if cfg.save_every and step % cfg.save_every == 0 and step != run.total_steps:
                 _save_checkpoint(run, step)
@@ -506,10 +511,8 @@ def _finish(run: _Run, loop: _LoopResult) -> RunResult:
     cfg, runtime, say, data, source = run.cfg, run.runtime, run.say, run.data, run.source
     last_eval = loop.last_eval
     if data.val:
-        last_eval = _eval_loss(run.loss_module, lambda: data.val_batches(cfg.batch_size), run.device, runtime)
+        last_eval = _evaluate(run, run.total_steps)
         if last_eval is not None:
-            run.metrics.write({"kind": "eval", "step": run.total_steps, "eval_loss": last_eval.loss,
-                               "perplexity": last_eval.perplexity})
             say(f"loraq: eval loss {last_eval.loss:.4f} (perplexity {last_eval.perplexity:.2f})")
     final_em = None
     if run.refs:
