@@ -3,7 +3,8 @@
 For each case the two paths alternate call by call (``--reps`` rounds, after a
 warm-up that also compiles), and the median time of each is printed with the
 ratio. Cases: NF4 + double-quant dequantization to bf16 of SmolLM2's weight
-shapes (576 x 576, 1536 x 576) and of 4096 x 4096.
+shapes (576 x 576, 1536 x 576) and of 4096 x 4096, by the eager path, the
+Inductor-generated kernel and the C kernel (``loraq.kernels.native``).
 
     python bench/kernels.py [--threads 2] [--reps 30]
 """
@@ -33,25 +34,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from loraq.kernels.dequant import dequantize_fused
+    from loraq.kernels.native import dequantize_native
     from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
     print(f"# generated vs eager kernels -- {dt.date.today()} -- {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
-    print("| NF4 + DQ dequantize -> bf16 | eager | generated | speed-up |")
-    print("|---|---|---|---|")
+    print("| NF4 + DQ dequantize -> bf16 | eager | generated | C kernel | generated vs eager | C vs generated |")
+    print("|---|---|---|---|---|---|")
     for shape in ((576, 576), (1536, 576), (4096, 4096)):
         w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
         packed, state = quantize_4bit(w, 64, "nf4", double_quant=True)
-        fused = dequantize_fused(packed, state, torch.bfloat16)
-        assert fused is not None, "generated kernels unavailable (LORAQ_COMPILE=0 or no compiler)"
-        assert torch.equal(fused, dequantize_4bit_eager(packed, state, torch.bfloat16))
-        eager_t, fused_t = [], []
+        ref = dequantize_4bit_eager(packed, state, torch.bfloat16)
+        paths = [dequantize_4bit_eager, dequantize_fused, dequantize_native]
+        for path in paths[1:]:
+            out = path(packed, state, torch.bfloat16)
+            assert out is not None, f"{path.__name__} unavailable (LORAQ_COMPILE=0 or no compiler)"
+            assert torch.equal(out, ref)
+        times = [[] for _ in paths]
         for _ in range(args.reps):
-            eager_t.append(timed(dequantize_4bit_eager, packed, state, torch.bfloat16))
-            fused_t.append(timed(dequantize_fused, packed, state, torch.bfloat16))
-        e, f = statistics.median(eager_t), statistics.median(fused_t)
-        print(f"| {shape[0]} x {shape[1]} | {e * 1e3:.2f} ms | {f * 1e3:.2f} ms | {e / f:.2f}x |")
-
+            for t, path in zip(times, paths):
+                t.append(timed(path, packed, state, torch.bfloat16))
+        e, f, c = (statistics.median(t) for t in times)
+        print(f"| {shape[0]} x {shape[1]} | {e * 1e3:.3f} ms | {f * 1e3:.3f} ms | {c * 1e3:.3f} ms | {e / f:.2f}x "
+              f"| {f / c:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -241,7 +241,10 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
     ``code`` is the table of ``state.quant_type`` (a loaded ``quant_map`` is checked to be exactly that table).
 
-    Fast path: a table lookup turns each packed byte into its two float32
+    Fast paths, in order: the C kernel of :mod:`loraq.kernels.native` (CPU, float32 / bf16 output), the
+    generated one of :mod:`loraq.kernels.dequant`, then the eager path below, all bitwise equal.
+
+    Eager path: a table lookup turns each packed byte into its two float32
     code values in one gather; one multiply by the block scales writes them
     straight into ``dtype`` (float32 product, rounded once on store). On CPU
     this runs in chunks of whole blocks, so the float32 scratch stays in cache
@@ -249,10 +252,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """
     dtype = dtype or state.dtype
     from loraq.kernels.dequant import dequantize_fused
+    from loraq.kernels.native import dequantize_native
 
-    fused = dequantize_fused(packed, state, dtype)
-    if fused is not None:
-        return fused
+    fast = dequantize_native(packed, state, dtype)  # CPU: the C kernel
+    if fast is None:
+        fast = dequantize_fused(packed, state, dtype)  # CPU float16, CUDA: the generated one
+    if fast is not None:
+        return fast
     return dequantize_4bit_eager(packed, state, dtype)
 
 
