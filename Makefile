@@ -31,11 +31,12 @@ test-fast: $(VENV)/.test
 demo: $(VENV)/.runtime
 	$(BIN)/loraq train
 
-# Side-by-side benchmarks against PEFT(+bitsandbytes); ~45 minutes on 2 cores in all.
+# Side-by-side benchmarks against PEFT(+bitsandbytes); ~50 minutes on 2 cores in all.
 bench: $(VENV)/.test
 	$(BIN)/python bench/throughput.py --grad-checkpointing
+	$(BIN)/python bench/interleaved.py
 	$(BIN)/python bench/epoch.py
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/kernel_bench.py
 	$(BIN)/python bench/load_memory.py
 
 clean:

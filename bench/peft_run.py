@@ -34,40 +34,51 @@ def main() -> None:
     if not args.epoch and args.steps < 1:
         ap.error("give --steps N or --epoch")
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    if args.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=torch.bfloat16)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-
+    model, opt, tok = build(args.method, args.model, args.rank, args.alpha)
     batches = _batches(args, tok)
     n = len(batches) if args.epoch else args.steps
     t0 = time.perf_counter()
     tokens = 0
-    for step in range(n):
-        b = batches[step % len(batches)]
-        kwargs = {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "use_cache": False}
-        if b.attention_mask is not None:
-            kwargs["attention_mask"] = b.attention_mask
-        loss = model(**kwargs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    for step_index in range(n):
+        b = batches[step_index % len(batches)]
+        loss = step(model, opt, b)
         tokens += b.num_tokens
-    print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0, "tokens": tokens, "loss": float(loss)}))
+    print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0, "tokens": tokens, "loss": loss}))
+
+
+def build(method: str, model_dir: str, rank: int, alpha: int):
+    """(model in train mode, AdamW, tokenizer), as a PEFT user sets them up."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return model, opt, tok
+
+
+def step(model, opt, b) -> float:
+    """One optimizer step on loraq's batch ``b``: the model's own loss, backward, clipping at 1.0, AdamW."""
+    kwargs = {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "use_cache": False}
+    if b.attention_mask is not None:
+        kwargs["attention_mask"] = b.attention_mask
+    loss = model(**kwargs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def _batches(args, tok):

@@ -6,7 +6,7 @@ ratio. Cases: NF4 + double-quant dequantization to bf16 of SmolLM2's weight
 shapes (576 x 576, 1536 x 576) and of 4096 x 4096, by the eager path, the
 Inductor-generated kernel and the C kernel (``loraq.kernels.native``).
 
-    python bench/kernels.py [--threads 2] [--reps 30]
+    python bench/kernel_bench.py [--threads 2] [--reps 30]
 """
 from __future__ import annotations
 

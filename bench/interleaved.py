@@ -1,0 +1,129 @@
+"""Training speed of loraq and PEFT (+bitsandbytes) with their steps interleaved in ONE process.
+
+Why a second method beside ``bench/throughput.py``: that one times each tool
+in processes of its own (the issue's method: a 13-step run minus a 3-step
+run), and on this shared VM a slow spell of 10-20% lands on whichever
+process is running, so a single run's ratio moves by +-0.15. Here loraq's
+training loop runs as ``loraq train`` would, and just before each of its
+steps one PEFT step runs (``bench/peft_run.py``'s model, optimizer and step,
+on loraq's batch of the same position in the same packed data): a slow
+spell hits both tools alike. Reported: the median step time of each after
+``--warmup`` steps, their ratio, and the spread of the ratios of adjacent
+(PEFT, loraq) pairs.
+
+loraq's step is timed from the end of the PEFT step before it to the start of
+the next one: its forward, backward, optimizer step and logging. Memory is
+not measured here (both models live in this process; throughput.py measures
+each tool's peak RSS alone). Settings as throughput.py: text packed into
+4 x 256, bf16, r=16, alpha 32, dropout 0, all-linear, AdamW, seed 0.
+
+    python bench/interleaved.py [--methods qlora,lora] [--steps 20] [--warmup 3]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from throughput import ALPHA, BATCH, RANK, SEQ, docs_jsonl  # noqa: E402
+
+
+def measure(method: str, steps: int, model_dir: Path, data: Path, out: Path) -> dict[str, list[float]]:
+    """Step times of both tools, alternating: PEFT step n, then loraq step n, for n in 1..steps."""
+    import torch
+
+    import loraq.train.loop as loop
+    from loraq.train.api import train
+    from peft_run import _batches, build, step
+
+    torch.manual_seed(0)
+    model, opt, tok = build(method, str(model_dir), RANK, ALPHA)
+    batches = _batches(argparse.Namespace(data=str(data), seq_len=SEQ, padding=False, batch_size=BATCH), tok)
+    times: dict[str, list[float]] = {"peft": [], "loraq": []}
+    clock = {"n": 0, "peft_done": None}
+    original = loop.batch_loss
+
+    def peft_then_loraq(*args, **kwargs):
+        now = time.perf_counter()
+        if clock["peft_done"] is not None:
+            times["loraq"].append(now - clock["peft_done"])
+        start = time.perf_counter()
+        step(model, opt, batches[clock["n"] % len(batches)])
+        clock["peft_done"] = time.perf_counter()
+        times["peft"].append(clock["peft_done"] - start)
+        clock["n"] += 1
+        return original(*args, **kwargs)
+
+    loop.batch_loss = peft_then_loraq
+    try:
+        train(model=str(model_dir), data=str(data), method=method, max_steps=steps + 1, batch_size=BATCH,
+              seq_len=SEQ, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", dtype="bf16",
+              packing=True, eval_every=100000, save_every=100000, eval_samples=0, seed=0, output_dir=str(out),
+              overwrite=True)
+    finally:
+        loop.batch_loss = original
+    times["peft"] = times["peft"][:steps]  # the last PEFT step has no loraq step after it
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="qlora,lora")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per tool, after the warm-up")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps of each tool not counted")
+    ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LORAQ_NO_HUB", "1")
+
+    import torch
+
+    from loraq.models.default import ensure_default_model
+
+    model = Path(args.model) if args.model else ensure_default_model()
+    tmp = Path(tempfile.mkdtemp(prefix="loraq-interleaved-"))
+    data = docs_jsonl(tmp / "docs.jsonl")
+    results = []
+    for method in args.methods.split(","):
+        times = measure(method, args.warmup + args.steps, model, data, tmp / f"run-{method}")
+        peft, ours = times["peft"][args.warmup:], times["loraq"][args.warmup:]
+        pairs = sorted(p / q for p, q in zip(peft, ours))
+        results.append({"method": method, "peft_seconds": peft, "loraq_seconds": ours,
+                        "peft_median": statistics.median(peft), "loraq_median": statistics.median(ours),
+                        "speedup": statistics.median(peft) / statistics.median(ours),
+                        "pair_ratios": pairs})
+        print(f"  {method}: loraq {statistics.median(ours):.3f} s, PEFT {statistics.median(peft):.3f} s per step",
+              file=sys.stderr, flush=True)
+
+    print(f"\n# loraq vs PEFT(+bitsandbytes), steps interleaved in one process -- {dt.date.today()} -- "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"model {model.name}, batch {BATCH} x {SEQ} packed text, bf16, r={RANK}, alpha={ALPHA}, all-linear; "
+          f"median of {args.steps} steps per tool after {args.warmup} warm-up steps\n")
+    print("| method | loraq s/step | PEFT s/step | loraq tokens/s | PEFT tokens/s | speed vs PEFT "
+          "| adjacent pairs: 10th / 50th / 90th percentile |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        p = r["pair_ratios"]
+        pct = [p[min(len(p) - 1, int(q * len(p)))] for q in (0.1, 0.5, 0.9)]
+        peft_name = "PEFT+bnb" if r["method"] == "qlora" else "PEFT"
+        print(f"| {r['method']} | {r['loraq_median']:.3f} | {r['peft_median']:.3f} | "
+              f"{BATCH * SEQ / r['loraq_median']:.0f} | {BATCH * SEQ / r['peft_median']:.0f} | "
+              f"**{r['speedup']:.2f}x** | {pct[0]:.2f} / {pct[1]:.2f} / {pct[2]:.2f} ({peft_name} / loraq) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
