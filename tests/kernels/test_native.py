@@ -1,5 +1,6 @@
 """The C dequantization kernel: rounding edge cases and fallbacks (bitwise equality: test_dequant.py)."""
 import logging
+import platform
 
 import pytest
 import torch
@@ -54,3 +55,18 @@ def test_switched_off_by_environment(monkeypatch):
     packed, state = quantize_4bit(torch.randn(64, 64), 64, "nf4", True)
     monkeypatch.setenv("LORAQ_COMPILE", "0")
     assert dequantize_native(packed, state, torch.float32) is None
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the portable x86-64 variant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_build_without_avx512_equals_eager(dtype, monkeypatch, tmp_path):
+    """The plain C loop (what CPUs without AVX-512 run) against the eager path, bit for bit."""
+    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path))
+    lib = native._build(("-march=x86-64",))
+    for quant_type, double_quant in (("nf4", True), ("fp4", False)):
+        w = torch.randn(300, 256, generator=torch.Generator().manual_seed(5)) * 3
+        packed, state = quantize_4bit(w, 64, quant_type, double_quant)
+        out = dequantize_native(packed, state, dtype, lib=lib)
+        ref = dequantize_4bit_eager(packed, state, dtype)
+        assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -21,9 +21,9 @@ runs scalar (the compiler may vectorise it).
 Built with ``cc -O3 -march=native -ffp-contract=off`` (no fused multiply-add:
 the two scale operations must round separately, as PyTorch's do) into
 loraq's cache, keyed by the source, the compiler and the CPU's flags, and
-loaded with ctypes (a call costs ~2 us). Where no compiler works or
-``LORAQ_COMPILE=0``, :func:`library` is None and callers use the generated
-or eager path. Threads: blocks are split across ``torch.get_num_threads()``
+loaded with ctypes (a call costs ~2 us). Linux only for now; where no
+compiler works or ``LORAQ_COMPILE=0``, :func:`library` is None and callers
+use the generated or eager path. Threads: blocks are split across ``torch.get_num_threads()``
 OpenMP threads, linked against the same ``libgomp`` PyTorch loaded.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import threading
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+int omp_get_thread_num(void); /* declared here: some toolchains ship gcc without omp.h on the default path */
+int omp_get_num_threads(void);
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -133,9 +136,6 @@ void loraq_dequant4(const uint8_t *packed, const float *code, const float *absma
     }
 }
 """
-# omp_get_thread_num without including omp.h (some toolchains ship gcc without it on the default path)
-_SOURCE = "int omp_get_thread_num(void); int omp_get_num_threads(void);\n" + _SOURCE
-
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -153,22 +153,23 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build() -> ctypes.CDLL:
+def _build(flags: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL:
+    """Compile (once per source, compiler, flags and CPU) into loraq's cache and load the library."""
     from loraq.paths import cache_dir
 
-    compiler = os.environ.get("CC", "cc")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, version, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:24]
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE, *compiler, version, *flags, platform.machine(), _cpu_flags()]).encode())
     folder = cache_dir() / "native"
-    target = folder / f"dequant4-{key}.so"
+    target = folder / f"dequant4-{key.hexdigest()[:24]}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        source = folder / f"dequant4-{key}.{os.getpid()}.c"
-        partial = folder / f"dequant4-{key}.{os.getpid()}.so"
+        source = target.with_suffix(f".{os.getpid()}.c")
+        partial = target.with_suffix(f".{os.getpid()}.so")
         source.write_text(_SOURCE)
         try:
-            subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
-                            str(source), "-o", str(partial)], capture_output=True, text=True, timeout=300, check=True)
+            subprocess.run([*compiler, "-O3", *flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(source),
+                            "-o", str(partial)], capture_output=True, text=True, timeout=300, check=True)
             os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
         finally:
             source.unlink(missing_ok=True)
@@ -204,17 +205,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor | None:
+def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctypes.CDLL | None = None
+                      ) -> torch.Tensor | None:
     """``dequantize_4bit(packed, state, dtype)`` by the C kernel, or None where it does not apply.
 
-    Applies to CPU tensors, float32 / bfloat16 output, whole blocks of at least 32 values.
+    Applies to CPU tensors, float32 / bfloat16 output, whole blocks of at least 32 values. ``lib``: a
+    library from :func:`_build` (tests build one without AVX-512); default :func:`library`.
     """
     if packed.device.type != "cpu" or dtype not in _OUT_KIND:
         return None
     n, bs = state.numel, state.blocksize
     if n % bs or bs < 32 or bs % 32:
         return None
-    lib = library()
+    lib = lib or library()
     if lib is None:
         return None
     flat = packed.reshape(-1)
