@@ -1,6 +1,6 @@
-"""Generated (Inductor) kernels against their eager references, interleaved in one process.
+"""The C and the generated (Inductor) dequantization kernels against the eager path, interleaved in one process.
 
-For each case the two paths alternate call by call (``--reps`` rounds, after a
+For each case the three paths alternate call by call (``--reps`` rounds, after a
 warm-up that also compiles), and the median time of each is printed with the
 ratio. Cases: NF4 + double-quant dequantization to bf16 of SmolLM2's weight
 shapes (576 x 576, 1536 x 576) and of 4096 x 4096, by the eager path, the
@@ -37,7 +37,7 @@ def main() -> None:
     from loraq.kernels.native import dequantize_native
     from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
-    print(f"# generated vs eager kernels -- {dt.date.today()} -- {platform.processor() or platform.machine()}, "
+    print(f"# dequantization kernels vs the eager path -- {dt.date.today()} -- {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
     print("| NF4 + DQ dequantize -> bf16 | eager | generated | C kernel | generated vs eager | C vs generated |")
     print("|---|---|---|---|---|---|")
@@ -57,6 +57,7 @@ def main() -> None:
         e, f, c = (statistics.median(t) for t in times)
         print(f"| {shape[0]} x {shape[1]} | {e * 1e3:.3f} ms | {f * 1e3:.3f} ms | {c * 1e3:.3f} ms | {e / f:.2f}x "
               f"| {f / c:.2f}x |")
+
 
 if __name__ == "__main__":
     main()
