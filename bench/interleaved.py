@@ -44,11 +44,11 @@ def measure(method: str, steps: int, model_dir: Path, data: Path, out: Path) -> 
 
     import loraq.train.loop as loop
     from loraq.train.api import train
-    from peft_run import _batches, build, step
+    from peft_run import build, load_batches, step
 
     torch.manual_seed(0)
     model, opt, tok = build(method, str(model_dir), RANK, ALPHA)
-    batches = _batches(argparse.Namespace(data=str(data), seq_len=SEQ, padding=False, batch_size=BATCH), tok)
+    batches = load_batches(tok, str(data), SEQ, BATCH)
     times: dict[str, list[float]] = {"peft": [], "loraq": []}
     clock = {"n": 0, "peft_done": None}
     original = loop.batch_loss

@@ -36,7 +36,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, opt, tok = build(args.method, args.model, args.rank, args.alpha)
-    batches = _batches(args, tok)
+    batches = load_batches(tok, args.data, args.seq_len, args.batch_size, padding=args.padding)
     n = len(batches) if args.epoch else args.steps
     t0 = time.perf_counter()
     tokens = 0
@@ -81,15 +81,13 @@ def step(model, opt, b) -> float:
     return loss.item()
 
 
-def _batches(args, tok):
-    """loraq's own batching of the same file, so both tools see identical tokens."""
+def load_batches(tok, data: str, seq_len: int, batch_size: int, padding: bool = False) -> list:
+    """One epoch of loraq's own batches of ``data`` (packed unless ``padding``), so both tools see identical tokens."""
     from loraq.config import TrainConfig
     from loraq.data.dataset import build_data
 
-    cfg = TrainConfig(data=args.data, seq_len=args.seq_len, packing=not args.padding, batch_size=args.batch_size,
-                      eval_samples=0)
-    data = build_data(cfg, tok)
-    it = data.train_batches(args.batch_size, seed=0)
+    cfg = TrainConfig(data=data, seq_len=seq_len, packing=not padding, batch_size=batch_size, eval_samples=0)
+    it = build_data(cfg, tok).train_batches(batch_size, seed=0)
     return [next(it) for _ in range(it.batches_per_epoch)]
 
 

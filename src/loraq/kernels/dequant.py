@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from loraq.kernels.compile import compiled, enabled
+from loraq.quant.functional import packed_bytes
 
 
 def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -46,9 +47,7 @@ def dequantize_fused(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.T
     # CPU: a C++ loop; CUDA: a Triton kernel (held to the eager path by tests/gpu, which have not run yet)
     if not enabled() or packed.device.type not in ("cpu", "cuda") or n % bs or n % 2:
         return None
-    flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
+    flat = packed_bytes(packed)
     if state.double_quant:
         out = compiled("dequant_dq", _dequantize_dq)(flat, state.absmax, state.nested_absmax, state.nested_code,
                                                      state.offset, state.code, bs, state.nested_blocksize, dtype)

@@ -40,6 +40,7 @@ import threading
 import torch
 
 from loraq.kernels.compile import enabled
+from loraq.quant.functional import packed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,7 @@ def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctyp
     lib = lib or library()
     if lib is None:
         return None
-    flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
+    flat = packed_bytes(packed)
     code = state.code.to(torch.float32).contiguous()
     if code.numel() != 16:
         return None

@@ -236,6 +236,12 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     return absmax + state.offset
 
 
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed 4-bit codes as a flat uint8 tensor (a loaded checkpoint may store them as another 1-byte dtype)."""
+    flat = packed.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Tensor[state.shape] in ``dtype`` (default: the original weight's): ``code[nibble] * absmax`` in float32, then cast.
 
@@ -265,9 +271,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 def dequantize_4bit_eager(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """The eager path of :func:`dequantize_4bit` (also the one for partial blocks and non-CPU devices)."""
     absmax = dequantize_absmax(state)
-    flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
+    flat = packed_bytes(packed)
     n, bs = state.numel, state.blocksize
     out = torch.empty(n, dtype=dtype, device=flat.device)
     step = CPU_CHUNK_BYTES // (bs // 2) * (bs // 2) if flat.device.type == "cpu" else flat.numel()
@@ -296,9 +300,7 @@ def _scale_into(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, out:
 
 def lookup_code_values(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
     """float32 [2 * n_bytes]: the ``quant_type`` code of every nibble, high nibble first (one gather per byte)."""
-    flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
+    flat = packed_bytes(packed)
     return _byte_table(quant_type, flat.device).index_select(0, flat.to(torch.int32)).view(torch.float32)
 
 
