@@ -26,6 +26,8 @@ _LAZY = {
     "train": "loraq.train.api:train",
     "quantize": "loraq.quant.api:quantize",
     "merge": "loraq.lora.api:merge",
+    "evaluate": "loraq.api.evaluate:evaluate",
+    "load_adapted": "loraq.adapted:load_adapted",
     "load_model": "loraq.models.load:load_model",
     "LoraConfig": "loraq.lora.config:LoraConfig",
     "inject_lora": "loraq.lora.model:inject_lora",

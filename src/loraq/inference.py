@@ -1,54 +1,72 @@
 """Loading a model (and optionally an adapter) for generation and evaluation.
 
-Shared by ``loraq generate``, ``loraq chat`` and ``loraq eval``: the base in
-full precision by default, or in 4-bit (``quant="nf4"|"fp4"``, as QLoRA
-trains it); a pre-quantized folder stays 4-bit.
+Shared by ``loraq generate``, ``loraq chat`` and ``loraq eval``. With an
+adapter, the base is the one it was trained on (:mod:`loraq.adapted`): a
+QLoRA adapter gets its 4-bit base with the recorded settings; ``--quant none``
+asks for the full-precision base instead. Without one, the model in full
+precision by default, or in 4-bit with ``--quant nf4|fp4``; a pre-quantized
+folder stays 4-bit.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import Callable
+
+from loraq.models.load import LoadedModel
+
+QUANT_CHOICES = ("auto", "none", "nf4", "fp4")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="HF folder, hub id, .gguf file or pre-quantized folder (default: SmolLM2-135M-Instruct)")
+                        help="HF folder, hub id, .gguf file or pre-quantized folder (default: the adapter's base, "
+                             "else SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply to --model")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype")
-    parser.add_argument("--quant", default="none", choices=("none", "nf4", "fp4"),
-                        help="load the base model in 4-bit, as QLoRA trains it (default: full precision)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="compute dtype (auto: the adapter's training dtype, else bf16 where native)")
+    parser.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
+                        help="the base's weights: auto = as the adapter was trained (4-bit for a QLoRA adapter), "
+                             "else full precision; none = full precision; nf4/fp4 = quantize the base to 4-bit")
+    parser.add_argument("--ignore-base-fingerprint", action="store_true",
+                        help="apply the adapter even if --model's weights are not those it was trained on")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle weights (only files you trust)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code to run")
 
 
-def load_for_inference(args: argparse.Namespace) -> Any:
-    """``LoadedModel`` for the flags of :func:`add_model_arguments`, the adapter applied."""
+def load_for_inference(model: str | None = None, adapter: str | None = None, *, dtype: str = "auto",
+                       quant: str = "auto", ignore_base_fingerprint: bool = False, allow_pickle: bool = False,
+                       trust_remote_code: bool = False, say: Callable[[str], None] | None = None) -> LoadedModel:
+    """The model (and adapter) for generation or evaluation, in eval mode; see the module docstring."""
+    from loraq.errors import ConfigError
+
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(QUANT_CHOICES)}")
+    if adapter:
+        from loraq.adapted import load_adapted
+
+        return load_adapted(adapter, model, base="original" if quant == "none" else "auto",
+                            quant=quant if quant in ("nf4", "fp4") else None, dtype=dtype,
+                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            ignore_base_fingerprint=ignore_base_fingerprint, say=say or _say)
     from loraq.models.load import load_model
     from loraq.models.source import resolve_source
 
-    model_spec = args.model
-    if model_spec is None and args.adapter:
-        model_spec = adapter_base_model(args.adapter)
-    source = resolve_source(model_spec, allow_pickle=args.allow_pickle)
-    method = "qlora" if args.quant != "none" or source.quantized else "lora"
-    loaded = load_model(source, method=method, dtype=args.dtype, quant=args.quant if args.quant != "none" else "nf4",
-                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        from loraq.lora.files import load_adapter
-
-        load_adapter(loaded.model, args.adapter, allow_pickle=args.allow_pickle)
+    source = resolve_source(model, allow_pickle=allow_pickle)
+    four_bit = quant in ("nf4", "fp4")
+    loaded = load_model(source, method="qlora" if four_bit or source.quantized else "lora", dtype=dtype,
+                        quant=quant if four_bit else "nf4", allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
     loaded.model.eval()
     return loaded
 
 
-def adapter_base_model(adapter_dir: str) -> str | None:
-    """The base an adapter names (a local folder, or a hub id loraq can resolve); None = the default model."""
-    from pathlib import Path
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    """:func:`load_for_inference` with the flags of :func:`add_model_arguments`."""
+    return load_for_inference(args.model, args.adapter, dtype=args.dtype, quant=args.quant,
+                              ignore_base_fingerprint=args.ignore_base_fingerprint, allow_pickle=args.allow_pickle,
+                              trust_remote_code=args.trust_remote_code)
 
-    from loraq.lora.files import read_adapter_config
-    from loraq.models.default import DEFAULT_HUB_ID
 
-    base = read_adapter_config(adapter_dir).base_model_name_or_path
-    if not base or base == DEFAULT_HUB_ID:
-        return None
-    return base if Path(base).exists() or "/" in base else None
+def _say(message: str) -> None:
+    print(f"loraq: {message}", file=sys.stderr, flush=True)

@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.inference import load_for_inference
+    from loraq.inference import load_from_args
     from loraq.models.generation import check_options, generate_text
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)
-    loaded = load_for_inference(args)
+    loaded = load_from_args(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()

@@ -11,8 +11,12 @@ from loraq.inference import add_model_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.parquet file")
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="data format (auto-detected by default)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="cut longer examples to this many tokens")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="data format (default: the adapter's training run's, else detected)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="cut longer examples to this many tokens (default: the training run's, else 2048)")
+    parser.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=None,
+                        help="also score prompt tokens (default: as the adapter's training run did, else no)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--max-examples", type=int, default=200,
                         help="examples with reference answers scored by exact match (0: none)")
@@ -20,19 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.errors import ConfigError
-    from loraq.train.evaluate import evaluate_dataset
+    from loraq.api.evaluate import evaluate
 
-    for flag, value, lo in (("--seq-len", args.seq_len, 8), ("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 0)):
-        if value < lo:
-            raise ConfigError(f"{flag} must be at least {lo} (got {value})")
-    from loraq.inference import load_for_inference
-
-    loaded = load_for_inference(args)
-    result = evaluate_dataset(loaded.model, loaded.tokenizer, args.data, fmt=args.format, seq_len=args.seq_len,
-                              batch_size=args.batch_size, max_examples=args.max_examples)
-    result["model"] = loaded.source.name
-    result["adapter"] = args.adapter
+    result = evaluate(args.data, model=args.model, adapter=args.adapter, format=args.format, seq_len=args.seq_len,
+                      train_on_inputs=args.train_on_inputs, batch_size=args.batch_size,
+                      max_examples=args.max_examples, dtype=args.dtype, quant=args.quant,
+                      ignore_base_fingerprint=args.ignore_base_fingerprint, allow_pickle=args.allow_pickle,
+                      trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -23,11 +23,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.inference import load_for_inference
+    from loraq.inference import load_from_args
     from loraq.models.generation import check_options, generate_text
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)
-    loaded = load_for_inference(args)
+    loaded = load_from_args(args)
     generate_text(loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   chat_template=not args.no_chat_template, stream=sys.stdout)

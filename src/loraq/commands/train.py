@@ -51,7 +51,8 @@ def print_report(summary: dict, run_dir) -> None:
         if sample.get("base") is not None:
             lines.append(f"  before:    {_one_line(sample['base'])}")
         lines.append(f"  after:     {_one_line(sample['tuned'])}")
-    lines += [f"files in {run_dir}/: adapter_config.json, adapter_model.safetensors, metrics.jsonl, summary.json, loss.png"
+    lines += [f"files in {run_dir}/: adapter_config.json, adapter_model.safetensors, training_base.json, metrics.jsonl, "
+              "summary.json, loss.png"
               if s["method"] != "full" else f"files in {run_dir}/: model.safetensors, config.json, metrics.jsonl, summary.json, loss.png",
               f"next: loraq generate --adapter {run_dir} --prompt \"...\"   |   loraq merge --adapter {run_dir} --out merged/"]
     print("\n".join(lines), flush=True)

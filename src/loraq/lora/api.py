@@ -1,21 +1,30 @@
-"""``loraq merge`` as a function: base model + adapter -> one plain Hugging Face folder.
+"""``loraq merge`` as a function: base model + adapter -> one model folder.
 
 Each adapted layer becomes ``W0 + s B A`` (float32 sum, rounded once to the
-output dtype); a 4-bit base is dequantized, never re-quantized. The folder
-holds safetensors weights, config.json, generation_config.json and the
-tokenizer with its chat template: transformers loads it without loraq.
+output dtype). Which ``W0`` (``into``):
+
+* ``dequantized`` (the default for a QLoRA adapter): the 4-bit weights it was
+  trained on, dequantized -- the function that was trained, in 16 bits;
+* ``original`` (the default for any other adapter): the full-precision
+  weights, as PEFT's ``merge_and_unload`` on the original model does;
+* ``requantized``: the ``dequantized`` merge quantized again to 4-bit with the
+  base's settings, written in the bitsandbytes folder format, with the error
+  re-quantizing added reported (relative Frobenius norm).
+
+The folder holds safetensors weights, config.json, generation_config.json
+and the tokenizer with its chat template: transformers loads it without loraq.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from loraq.errors import ConfigError, LoraqError, ModelError
+from loraq.errors import ConfigError, LoraqError
 
 MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INTO = ("auto", "dequantized", "original", "requantized")
 
 
 def merge(
@@ -23,20 +32,21 @@ def merge(
     adapter: str | Path | None = None,
     out: str | Path | None = None,
     dtype: str = "bf16",
+    into: str = "auto",
     overwrite: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    ignore_base_fingerprint: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Merge ``adapter`` into ``model`` and write a plain HF folder at ``out``; returns a report.
+    """Merge ``adapter`` into its base and write the folder ``out``; returns a report (see the module docstring).
 
-    ``model`` None: the adapter's ``base_model_name_or_path`` when that is a
-    local folder, else the default model. An existing non-empty ``out`` is
-    replaced only with ``overwrite=True``; nothing is written on any error.
+    ``model`` None: the base the adapter was trained on (or names). An
+    existing non-empty ``out`` is replaced only with ``overwrite=True``;
+    nothing is written on any error.
     """
-    from loraq.lora.files import load_adapter, read_adapter_config
+    from loraq.adapted import load_adapted, plan_base
     from loraq.lora.model import merge_and_unload
-    from loraq.models.hf_folder import (tied_keys_to_drop, write_config, write_generation_config, write_state_dict,
-                                        write_tokenizer)
     from loraq.paths import atomic_dir
 
     if adapter is None:
@@ -45,64 +55,58 @@ def merge(
         raise ConfigError("--out is required: the folder to write the merged model to")
     if dtype not in MERGE_DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of: {', '.join(MERGE_DTYPES)}")
-    torch_dtype = MERGE_DTYPES[dtype]
-    out = Path(out)
-    config = read_adapter_config(adapter)  # a bad adapter folder fails before any model is loaded
-    base_spec = model if model is not None else base_model_for(config.base_model_name_or_path)
-    _check_out(out, overwrite, protect=[Path(adapter), Path(base_spec) if base_spec else None])
-
-    base, tokenizer, base_name = load_base_model(base_spec, torch_dtype, trust_remote_code)
-    load_adapter(base, adapter, allow_pickle=allow_pickle)
-    report = merge_and_unload(base, dtype=torch_dtype)
-    dequantize_remaining(base, torch_dtype)
-    base.to(torch_dtype)
-
-    state = base.state_dict()
-    for key in tied_keys_to_drop(state, base.config):
-        state.pop(key)
+    if into not in INTO:
+        raise ConfigError(f"--into {into!r} is not one of: {', '.join(INTO)}")
+    torch_dtype, out = MERGE_DTYPES[dtype], Path(out)
+    plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
+                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)  # a bad adapter or base fails before loading
+    into = resolve_into(into, plan.record)
+    _check_out(out, overwrite, protect=[Path(adapter), plan.source.path])
+    loaded = load_adapted(adapter, model, base="original" if into == "original" else "trained",
+                          dtype=dtype if into == "original" else "auto", device="cpu", allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code, ignore_base_fingerprint=ignore_base_fingerprint,
+                          say=say)
+    base = loaded.model
+    report = merge_and_unload(base, dtype=torch_dtype, requantize=into == "requantized")
     with atomic_dir(out, replace=True) as tmp:
-        files = write_state_dict(state, tmp)
-        write_config(base.config, tmp, dtype=torch_dtype)
-        write_generation_config(base, tmp)
-        write_tokenizer(tokenizer, tmp)
-    return {"out": str(out), "base": base_name, "adapter": str(adapter), "dtype": dtype,
-            "merged_layers": len(report.merged), "files": files}
+        files = _write(base, loaded.tokenizer, tmp, torch_dtype, into)
+    result = {"out": str(out), "base": loaded.source.origin or loaded.source.name, "adapter": str(adapter),
+              "dtype": dtype, "into": into, "merged_layers": len(report.merged), "files": files}
+    if report.requantized:
+        result["requantize_error"] = report.requantize_error_overall
+        result["requantize_error_worst"] = max(report.requantize_error.values())
+    return result
 
 
-def base_model_for(base_model_name_or_path: str | None) -> str | None:
-    """The base to merge into when ``--model`` is omitted (None: the default model).
-
-    The adapter's ``base_model_name_or_path`` when it is a local folder or file
-    or a hub id (``org/name``); the default model when the adapter names none or
-    names the default; an error when it names a path that is not there (merging
-    into some other model would be silently wrong).
-    """
-    from loraq.models.default import DEFAULT_HUB_ID, DEFAULT_MODEL_NAME
-
-    name = (base_model_name_or_path or "").strip()
-    if not name or name in (DEFAULT_HUB_ID, DEFAULT_MODEL_NAME):
-        return None
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not name.startswith((".", "~")):
-        return name
-    raise ModelError(f"the adapter was made for {name!r}, which does not exist here; pass --model with that model")
+def resolve_into(into: str, record: Any) -> str:
+    """``auto`` -> ``dequantized`` for an adapter trained on a 4-bit base, else ``original``."""
+    four_bit = record is not None and record.quant is not None
+    if into == "auto":
+        return "dequantized" if four_bit else "original"
+    if into in ("dequantized", "requantized") and record is not None and not four_bit:
+        raise ConfigError(f"--into {into}: this adapter was trained on a full-precision base ({record.compute_dtype}), "
+                          "not a 4-bit one; use --into original")
+    return into
 
 
-def load_base_model(spec: str | Path | None, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any, str]:
-    """``(model, tokenizer, name)`` for a merge, on the CPU; the one place a base model is loaded.
+def _write(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: torch.dtype, into: str) -> list[str]:
+    from loraq.models.hf_folder import write_model_folder
 
-    Full precision in ``dtype`` (float32 for a float32 output, so nothing is
-    rounded before the merge), or the 4-bit layers as they are for a
-    pre-quantized (bitsandbytes) folder; :func:`merge_and_unload` dequantizes those.
-    """
-    from loraq.models.load import load_model
-    from loraq.models.source import resolve_source
+    if into == "requantized":
+        from loraq.quant.bnb_format import save_quantized_folder
 
-    source = resolve_source(None if spec is None else str(spec))
-    method = "qlora" if source.kind == "bnb4bit" else "lora"
-    loaded = load_model(source, method=method, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    return loaded.model, loaded.tokenizer, source.origin or source.name
+        _cast_dense(model, dtype)
+        save_quantized_folder(model, tokenizer, folder, overwrite=True)
+        return sorted(p.name for p in folder.glob("*.safetensors*"))
+    dequantize_remaining(model, dtype)
+    return write_model_folder(model, tokenizer, folder, dtype)
+
+
+def _cast_dense(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Everything but the packed 4-bit codes to ``dtype`` (embeddings, norms, head, biases)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def dequantize_remaining(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:

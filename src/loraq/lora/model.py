@@ -165,6 +165,16 @@ def rebuilt_base(base: nn.Module, weight: torch.Tensor) -> nn.Module:
     return base
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """After LoftQ (which loads in float32): the remaining frozen weights (embeddings, norms, head) to ``dtype``."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != dtype and "inv_freq" not in name:
+            buf.data = buf.data.to(dtype)
+
+
 # -- parameters --------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameters; a 4-bit weight counts as its ``out * in`` values, a tied weight once."""

@@ -87,3 +87,15 @@ def write_generation_config(model: Any, folder: Path) -> None:
             gen.save_pretrained(str(folder))
         except Exception:  # a generation config that fails its own validation is not worth failing a save
             pass
+
+
+def write_model_folder(model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype) -> list[str]:
+    """A plain Hugging Face folder: weights (``dtype``, tied copies dropped), config, generation config, tokenizer."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    for key in tied_keys_to_drop(state, model.config):
+        state.pop(key)
+    files = write_state_dict(state, folder)
+    write_config(model.config, folder, dtype=dtype)
+    write_generation_config(model, folder)
+    write_tokenizer(tokenizer, folder)
+    return files

@@ -92,13 +92,14 @@ def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int
 
 
 def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len: int = 2048, batch_size: int = 8,
-                     max_examples: int = 200) -> dict[str, Any]:
+                     max_examples: int = 200, train_on_inputs: bool = False) -> dict[str, Any]:
     """Loss/perplexity over every example of ``path`` and exact match on up to ``max_examples`` references."""
     from loraq.config import TrainConfig
     from loraq.data.dataset import build_data
     from loraq.train.loop import CausalLMLoss, batch_loss
 
-    cfg = TrainConfig(data=str(path), format=fmt, seq_len=seq_len, batch_size=batch_size, eval_samples=max_examples)
+    cfg = TrainConfig(data=str(path), format=fmt, seq_len=seq_len, batch_size=batch_size, eval_samples=max_examples,
+                      train_on_inputs=train_on_inputs)
     data = build_data(cfg, tokenizer)
     loss_module = CausalLMLoss(model)
     device = next(model.parameters()).device

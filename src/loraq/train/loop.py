@@ -185,6 +185,7 @@ class _Run:
     tokenizer: Any
     compute_dtype: torch.dtype
     lora_config: Any
+    training_base: Any  # lora.record.TrainingBase, written beside the adapter (None for --method full)
     loss_module: nn.Module
     refs: list
     trainable: int
@@ -277,12 +278,13 @@ def _setup(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> _Run:
     base_desc = dtype_name(compute_dtype)
     if cfg.method == "qlora":
         base_desc += f", {len(loaded.quantized_modules)} layers in {cfg.quant}{'+DQ' if cfg.double_quant else ''}"
-    lora_config = None
+    lora_config = training_base = None
     if not full:
         from loraq.lora.config import LoraConfig
         from loraq.lora.targeting import find_targets, resolve_modules_to_save
 
         lora_config = LoraConfig.from_train_config(cfg).replace(base_model_name_or_path=adapter_base_name(source))
+        training_base = training_base_record(cfg, source, model, compute_dtype)
         find_targets(model, lora_config)  # --target-modules that match no layer: an error now, not after the base eval
         resolve_modules_to_save(model, lora_config.modules_to_save)
     say(f"loraq: {cfg.method} on {source.name} ({base_desc})")
@@ -303,7 +305,7 @@ def _setup(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> _Run:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from loraq.lora.model import inject_lora
+        from loraq.lora.model import cast_frozen, inject_lora
 
         quant = None
         if loftq:
@@ -311,7 +313,7 @@ def _setup(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> _Run:
                      "compute_dtype": compute_dtype}
         inject_lora(model, lora_config, quant=quant)
         if loftq:
-            _cast_frozen(model, compute_dtype)
+            cast_frozen(model, compute_dtype)
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
@@ -330,7 +332,7 @@ def _setup(cfg: TrainConfig, runtime, say: Callable[[str], None]) -> _Run:
 
     run = _Run(cfg=cfg, runtime=runtime, say=say, run_dir=run_dir, mode=mode, run_lock=run_lock, source=source,
                t_start=t_start, data=data, model=model, tokenizer=tokenizer, compute_dtype=compute_dtype,
-               lora_config=lora_config, loss_module=loss_module, refs=refs, trainable=trainable, total=total)
+               lora_config=lora_config, training_base=training_base, loss_module=loss_module, refs=refs, trainable=trainable, total=total)
     run.batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
     run.total_steps = total_steps_for(cfg, run.batches.batches_per_epoch)
     run.optimizer = make_optimizer(model, cfg)
@@ -523,7 +525,7 @@ def _finish(run: _Run, loop: _LoopResult) -> RunResult:
 
     if runtime.is_main:
         with ckpt.writing(run.run_dir, "the final adapter" if run.lora_config is not None else "the final model"):
-            save_final(run.run_dir, run.model, run.tokenizer, cfg, run.lora_config, source, run.compute_dtype)
+            save_final(run.run_dir, run.model, run.tokenizer, cfg, run.lora_config, run.training_base, run.compute_dtype)
     wall = time.perf_counter() - run.t_start
     counters = run.counters
     summary = {
@@ -581,14 +583,20 @@ def use_fast_kernels(model: nn.Module) -> None:
     model.set_attn_implementation(register())
 
 
-def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """After LoftQ: the remaining full-precision frozen weights (embeddings, norms, head) to the compute dtype."""
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    for name, buf in model.named_buffers():
-        if buf.is_floating_point() and buf.dtype != dtype and "inv_freq" not in name:
-            buf.data = buf.data.to(dtype)
+def training_base_record(cfg: TrainConfig, source, model: nn.Module, compute_dtype: torch.dtype):
+    """What the adapter is trained against (:mod:`loraq.lora.record`): method, 4-bit settings, init, base identity."""
+    from loraq.adapted import source_fingerprint
+    from loraq.lora.record import BASE_CHANGING_INITS, BaseModelId, QuantSettings, TrainingBase
+
+    quant = None
+    if cfg.method == "qlora":
+        state = next((m.quant_state for m in model.modules() if hasattr(m, "quant_state")), None)
+        quant = (QuantSettings(state.quant_type, state.double_quant, state.blocksize) if state is not None
+                 else QuantSettings(cfg.quant, cfg.double_quant, cfg.blocksize))  # LoftQ quantizes later
+    return TrainingBase(method=cfg.method, compute_dtype=dtype_name(compute_dtype), quant=quant, init=cfg.init,
+                        base_model=BaseModelId(adapter_base_name(source), source.kind, source_fingerprint(source)),
+                        loftq_iters=cfg.loftq_iters if cfg.init == "loftq" else None,
+                        initial_factors_appended=cfg.init in BASE_CHANGING_INITS)
 
 
 def adapter_base_name(source) -> str:
@@ -648,7 +656,7 @@ def dist_backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "single process"
 
 
-def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, source, compute_dtype) -> None:
+def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, training_base, compute_dtype) -> None:
     """The adapter (PEFT format) at the top of the run folder; for full fine-tuning, the whole model."""
     import shutil
     import tempfile
@@ -658,20 +666,16 @@ def save_final(run_dir: Path, model, tokenizer, cfg: TrainConfig, lora_config, s
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
     try:
         if lora_config is None:
-            from loraq.models.hf_folder import (tied_keys_to_drop, write_config, write_generation_config,
-                                                write_state_dict, write_tokenizer)
+            from loraq.models.hf_folder import write_model_folder
 
-            state = {k: v.to(compute_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-            for key in tied_keys_to_drop(state, model.config):
-                state.pop(key)
-            write_state_dict(state, tmp)
-            write_config(model.config, tmp, dtype=compute_dtype)
-            write_generation_config(model, tmp)
-            write_tokenizer(tokenizer, tmp)
+            write_model_folder(model, tokenizer, tmp, compute_dtype)
         else:
             from loraq.lora.files import save_adapter
 
+            from loraq.lora.record import write_training_base
+
             save_adapter(model, tmp / "adapter", base_model_name_or_path=lora_config.base_model_name_or_path)
+            write_training_base(tmp / "adapter", training_base)
             for f in (tmp / "adapter").iterdir():
                 os.replace(f, tmp / f.name)
             (tmp / "adapter").rmdir()
