@@ -29,7 +29,7 @@ MB = 1e6
 
 def baseline_rss_bytes() -> int:
     code = ("import torch, torch.distributed, transformers, transformers.models.llama.modeling_llama, "
-            "loraq.train.loop; from loraq.train.metrics import current_rss_bytes; print(current_rss_bytes())")
+            "loraq.training.loop; from loraq.training.metrics import current_rss_bytes; print(current_rss_bytes())")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -92,8 +92,8 @@ def main() -> int:
             print(f"{method}: frozen {counted['frozen'] / MB:.1f} MB, 4-bit stats {counted['quant_stats'] / MB:.1f} MB, "
                   f"adapters+grads+AdamW {counted['adapter_with_grads_and_adam'] / MB:.1f} MB, "
                   f"buffers {counted['buffers'] / MB:.1f} MB")
-    print(f"\n| method | run | peak RSS / rank | minus baseline | RSS while training / rank | minus baseline "
-          f"| weights+optimizer / rank (counted) |")
+    print("\n| method | run | peak RSS / rank | minus baseline | RSS while training / rank | minus baseline "
+          "| weights+optimizer / rank (counted) |")
     print("|---|---|---|---|---|---|---|")
     for method, label, peak, peak_net, held, held_net, weights in rows:
         print(f"| {method} | {label} | {peak:.0f} MB | {peak_net:.0f} MB | {held:.0f} MB | {held_net:.0f} MB "

@@ -11,8 +11,9 @@ spell hits both tools alike. Reported: the median step time of each after
 ``--warmup`` steps, their ratio, and the spread of the ratios of adjacent
 (PEFT, loraq) pairs.
 
-loraq's step is timed from the end of the PEFT step before it to the start of
-the next one: its forward, backward, optimizer step and logging. Memory is
+loraq's step is timed from the end of the PEFT step before it to the end of
+its own (a training callback, ``loraq.training.hooks``): its forward,
+backward, optimizer step and logging. Memory is
 not measured here (both models live in this process; throughput.py measures
 each tool's peak RSS alone). Settings as throughput.py: text packed into
 4 x 256, bf16, r=16, alpha 32, dropout 0, all-linear, AdamW, seed 0.
@@ -42,37 +43,31 @@ def measure(method: str, steps: int, model_dir: Path, data: Path, out: Path) -> 
     """Step times of both tools, alternating: PEFT step n, then loraq step n, for n in 1..steps."""
     import torch
 
-    import loraq.train.loop as loop
-    from loraq.train.api import train
+    from loraq.api.train import train
+    from loraq.training.hooks import Callback
     from peft_run import build, load_batches, step
 
     torch.manual_seed(0)
     model, opt, tok = build(method, str(model_dir), RANK, ALPHA)
     batches = load_batches(tok, str(data), SEQ, BATCH)
     times: dict[str, list[float]] = {"peft": [], "loraq": []}
-    clock = {"n": 0, "peft_done": None}
-    original = loop.batch_loss
 
-    def peft_then_loraq(*args, **kwargs):
-        now = time.perf_counter()
-        if clock["peft_done"] is not None:
-            times["loraq"].append(now - clock["peft_done"])
-        start = time.perf_counter()
-        step(model, opt, batches[clock["n"] % len(batches)])
-        clock["peft_done"] = time.perf_counter()
-        times["peft"].append(clock["peft_done"] - start)
-        clock["n"] += 1
-        return original(*args, **kwargs)
+    class PeftFirst(Callback):
+        """Before each loraq step, one PEFT step; loraq's step is timed from there to its end."""
 
-    loop.batch_loss = peft_then_loraq
-    try:
-        train(model=str(model_dir), data=str(data), method=method, max_steps=steps + 1, batch_size=BATCH,
-              seq_len=SEQ, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", dtype="bf16",
-              packing=True, eval_every=100000, save_every=100000, eval_samples=0, seed=0, output_dir=str(out),
-              overwrite=True)
-    finally:
-        loop.batch_loss = original
-    times["peft"] = times["peft"][:steps]  # the last PEFT step has no loraq step after it
+        def on_step_start(self, n: int) -> None:
+            start = time.perf_counter()
+            step(model, opt, batches[(n - 1) % len(batches)])
+            self.peft_done = time.perf_counter()
+            times["peft"].append(self.peft_done - start)
+
+        def on_step_end(self, n: int, result) -> None:
+            times["loraq"].append(time.perf_counter() - self.peft_done)
+
+    train(model=str(model_dir), data=str(data), method=method, max_steps=steps, batch_size=BATCH,
+          seq_len=SEQ, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", dtype="bf16",
+          packing=True, eval_every=100000, save_every=100000, eval_samples=0, seed=0, output_dir=str(out),
+          overwrite=True, callbacks=[PeftFirst()])
     return times
 
 

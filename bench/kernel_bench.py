@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from loraq.kernels.dequant import dequantize_fused
+    from loraq.kernels.dequant import dequantize_generated
     from loraq.kernels.native import dequantize_native
     from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
@@ -45,7 +45,7 @@ def main() -> None:
         w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
         packed, state = quantize_4bit(w, 64, "nf4", double_quant=True)
         ref = dequantize_4bit_eager(packed, state, torch.bfloat16)
-        paths = [dequantize_4bit_eager, dequantize_fused, dequantize_native]
+        paths = [dequantize_4bit_eager, dequantize_generated, dequantize_native]
         for path in paths[1:]:
             out = path(packed, state, torch.bfloat16)
             assert out is not None, f"{path.__name__} unavailable (LORAQ_COMPILE=0 or no compiler)"

@@ -105,3 +105,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    # as loading a model does: the 4-bit fast paths registered, so every test that dequantizes runs them
+    import loraq.kernels
+
+    loraq.kernels.install()

@@ -23,11 +23,11 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 # public name -> "module:attribute"; resolved on first use
 _LAZY = {
     "TrainConfig": "loraq.config:TrainConfig",
-    "train": "loraq.train.api:train",
-    "quantize": "loraq.quant.api:quantize",
-    "merge": "loraq.lora.api:merge",
+    "train": "loraq.api.train:train",
+    "quantize": "loraq.api.quantize:quantize",
+    "merge": "loraq.api.merge:merge",
     "evaluate": "loraq.api.evaluate:evaluate",
-    "load_adapted": "loraq.adapted:load_adapted",
+    "load_adapted": "loraq.lora.adapted:load_adapted",
     "load_model": "loraq.models.load:load_model",
     "LoraConfig": "loraq.lora.config:LoraConfig",
     "inject_lora": "loraq.lora.model:inject_lora",

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoraqError as exc:
         print(f"loraq: error: {exc}", file=sys.stderr)
         if os.environ.get("LORAQ_ERROR_FILE"):
-            from loraq.distributed.launch import record_error_for_launcher
+            from loraq.training.launch import record_error_for_launcher
 
             record_error_for_launcher(str(exc))
         return exc.exit_code

@@ -98,7 +98,6 @@ class TrainConfig:
     # --- scale-out and speed ---------------------------------------------
     nproc: int = opt(1, "processes to launch through torchrun (DDP)", lo=1, hi=1024)
     fsdp: bool = opt(False, "shard the frozen base across ranks with FSDP2 (fully_shard)")
-    compile: bool = opt(False, "torch.compile the model")
     threads: int = opt(0, "CPU threads (0: PyTorch's default)", lo=0, hi=1024)
 
     # fields the user set explicitly (flags or recipe); drives contradiction checks

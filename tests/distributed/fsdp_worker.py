@@ -24,7 +24,7 @@ from loraq.lora.config import LoraConfig
 from loraq.lora.model import inject_lora
 from loraq.models.load import load_model
 from loraq.quant.linear import Linear4bit
-from loraq.train.loop import CausalLMLoss
+from loraq.training.objective import CausalLMLoss
 
 
 def main(model_dir: str, out: str) -> None:

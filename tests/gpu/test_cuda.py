@@ -30,13 +30,13 @@ def test_quantize_on_cuda_is_byte_identical_to_bitsandbytes_cuda(quant_type, dty
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_generated_dequantization_on_cuda_equals_the_eager_path(double_quant):
-    from loraq.kernels.dequant import dequantize_fused
+    from loraq.kernels.dequant import dequantize_generated
     from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
     w = (torch.randn(1536, 576, generator=torch.Generator().manual_seed(2)) * 0.02).cuda()
     packed, state = quantize_4bit(w, 64, "nf4", double_quant=double_quant)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        fused = dequantize_fused(packed, state, dtype)
+        fused = dequantize_generated(packed, state, dtype)
         assert fused is not None and fused.is_cuda
         assert torch.equal(fused, dequantize_4bit_eager(packed, state, dtype))
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from loraq.kernels.cross_entropy import ce_grad_fused
-from loraq.train.loss import fused_linear_cross_entropy
+from loraq.training.loss import fused_linear_cross_entropy
 
 
 def _logits(dtype, rows=9, vocab=1000, seed=0):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loraq.kernels.dequant import dequantize_fused
+from loraq.kernels.dequant import dequantize_generated
 from loraq.kernels.native import dequantize_native
 from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
@@ -20,8 +20,8 @@ def threads():
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("kernel,dtype", [(dequantize_fused, torch.float32), (dequantize_fused, torch.bfloat16),
-                                          (dequantize_fused, torch.float16), (dequantize_native, torch.float32),
+@pytest.mark.parametrize("kernel,dtype", [(dequantize_generated, torch.float32), (dequantize_generated, torch.bfloat16),
+                                          (dequantize_generated, torch.float16), (dequantize_native, torch.float32),
                                           (dequantize_native, torch.bfloat16)], ids=lambda v: getattr(v, "__name__", v))
 @pytest.mark.parametrize("shape,blocksize", [((96, 64), 64), ((300, 256), 128), ((7, 4096), 4096), ((33, 32), 32),
                                              ((1536, 576), 64)])
@@ -38,7 +38,7 @@ def test_kernel_equals_eager_bitwise(quant_type, double_quant, kernel, dtype, sh
     assert torch.equal(_bits(out), _bits(dequantize_4bit_eager(packed, state, dtype)))
 
 
-@pytest.mark.parametrize("kernel", [dequantize_fused, dequantize_native], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kernel", [dequantize_generated, dequantize_native], ids=lambda f: f.__name__)
 def test_kernel_equals_bitsandbytes(kernel):
     import bitsandbytes.functional as bnbf
 
@@ -52,7 +52,7 @@ def test_kernel_equals_bitsandbytes(kernel):
 
 def test_partial_blocks_fall_back():
     packed, state = quantize_4bit(torch.randn(5, 13), 64, "nf4", True)
-    assert dequantize_fused(packed, state, torch.float32) is None
+    assert dequantize_generated(packed, state, torch.float32) is None
 
 
 def test_switched_off_by_environment(monkeypatch):
@@ -60,5 +60,5 @@ def test_switched_off_by_environment(monkeypatch):
 
     packed, state = quantize_4bit(torch.randn(64, 64), 64, "nf4", True)
     monkeypatch.setenv("LORAQ_COMPILE", "0")
-    assert dequantize_fused(packed, state, torch.float32) is None
+    assert dequantize_generated(packed, state, torch.float32) is None
     assert torch.equal(dequantize_4bit(packed, state, torch.float32), dequantize_4bit_eager(packed, state, torch.float32))

@@ -143,11 +143,15 @@ def test_a_base_changed_by_the_init_is_rebuilt_exactly(init, tiny_llama_dir, fil
     assert original["loss"] != got["loss"]
 
 
-def test_another_model_or_a_missing_base_is_one_line(qlora_run, tmp_path, capsys, tiny_tokenizer):
-    from conftest import make_tiny_llama
+def test_another_model_or_a_missing_base_is_one_line(qlora_run, tiny_llama_dir, tmp_path, capsys, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
 
-    other = tmp_path / "other"
-    make_tiny_llama(len(tiny_tokenizer), seed=7).save_pretrained(str(other))
+    other = tmp_path / "other"  # the same architecture, other weights
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    model.save_pretrained(str(other))
     tiny_tokenizer.save_pretrained(str(other))
     run = str(qlora_run.run_dir)
     capsys.readouterr()

@@ -206,7 +206,7 @@ def test_bnb_folder_with_a_broken_layer(bnb_folder, tmp_path):
 
 
 def test_loraq_quantize_output_round_trips(tiny_llama_dir, tiny_tokenizer, tmp_path, probe_ids):
-    from loraq.quant.bnb_format import save_quantized_folder
+    from loraq.models.bnb_folder import save_quantized_folder
 
     reference, _ = _reference(tiny_llama_dir)
     folder = save_quantized_folder(reference, tiny_tokenizer, tmp_path / "q")

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from loraq.cli import main
 from loraq.errors import ConfigError, ModelError
-from loraq.quant.api import quantize
+from loraq.api.quantize import quantize
 
 
 def _expected_bits_per_param(numels: list[int], blocksize: int = 64) -> float:

@@ -9,7 +9,8 @@ import torch
 from quant_helpers import tiny_llama
 from safetensors import safe_open
 
-from loraq.quant.bnb_format import load_quantized_folder, save_quantized_folder
+from loraq.models.bnb_folder import save_quantized_folder
+from loraq.models.load import load_model
 from loraq.quant.linear import Linear4bit
 from loraq.quant.model import quantize_model_
 
@@ -87,10 +88,11 @@ def test_transformers_loads_loraq_folders_with_the_same_logits(tmp_path, quant_t
     assert torch.equal(_logits(loaded, 300), _logits(model.eval(), 300))
 
 
-def test_loraq_loads_folders_written_by_transformers(tiny_llama_dir, tmp_path):
+def test_loraq_loads_folders_written_by_transformers(tiny_llama_dir, tiny_tokenizer, tmp_path):
     reference = _transformers_4bit(tiny_llama_dir, compute_dtype=torch.float32)
     reference.save_pretrained(str(tmp_path / "theirs"))
-    ours = load_quantized_folder(tmp_path / "theirs")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "theirs"))
+    ours = load_model(str(tmp_path / "theirs"), method="qlora", dtype="fp32", device="cpu").model
     names = [n for n, m in reference.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert names and all(isinstance(ours.get_submodule(n), Linear4bit) for n in names)
     assert ours.get_submodule(names[0]).compute_dtype == torch.float32
@@ -100,7 +102,7 @@ def test_loraq_loads_folders_written_by_transformers(tiny_llama_dir, tmp_path):
 
 
 def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
-    import loraq.quant.bnb_format as bnb_format
+    import loraq.models.bnb_folder as bnb_folder
 
     model = tiny_llama(100)
     quantize_model_(model)
@@ -108,7 +110,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bnb_format, "write_generation_config", broken)
+    monkeypatch.setattr(bnb_folder, "write_generation_config", broken)
     with pytest.raises(OSError):
         save_quantized_folder(model, None, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []

@@ -62,7 +62,8 @@ def test_every_layer_is_byte_identical_to_bitsandbytes_at_4127_bits(smollm_dir, 
 def test_transformers_loads_it_as_its_own_quantization(smollm_quantized, transformers_own):
     transformers = pytest.importorskip("transformers")
     bnb = pytest.importorskip("bitsandbytes")
-    from loraq.quant.bnb_format import load_quantized_folder
+    from loraq.models.load import load_model
+    from loraq.quant.linear import Linear4bit
 
     ours_in_transformers = transformers.AutoModelForCausalLM.from_pretrained(str(smollm_quantized)).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm_quantized))
@@ -76,5 +77,10 @@ def test_transformers_loads_it_as_its_own_quantization(smollm_quantized, transfo
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
         plain = plain_model(ids).logits
-        assert torch.equal(load_quantized_folder(smollm_quantized)(ids).logits, plain)  # no bitsandbytes inside
+        # loraq's loader (no bitsandbytes inside), with transformers' mix: fp32 outside the 4-bit layers, bf16 in them
+        ours = load_model(str(smollm_quantized), method="qlora", dtype="fp32", device="cpu").model
+        for module in ours.modules():
+            if isinstance(module, Linear4bit):
+                module.compute_dtype = torch.bfloat16
+        assert torch.equal(ours(ids).logits, plain)
     assert tokenizer.decode(plain[0, -1].argmax()) == " Rome"

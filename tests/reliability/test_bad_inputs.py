@@ -211,7 +211,7 @@ def _overwrite_deletes_data(ctx: Ctx) -> list[str]:
 
 def _run_in_use(ctx: Ctx) -> list[str]:
     """Another loraq process holds the run folder (its flock, taken here as that process would)."""
-    from loraq.train.rundir import lock_run_dir
+    from loraq.training.rundir import lock_run_dir
 
     run = ctx.run_folder()
     ctx.held.append(lock_run_dir(run))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from loraq import faults
 from loraq.errors import OutputError
-from loraq.train import checkpoint as ckpt
+from loraq.training import checkpoint as ckpt
 
 
 class Run:
@@ -31,8 +31,9 @@ class Run:
         from loraq.lora.config import LoraConfig
         from loraq.lora.model import inject_lora
         from loraq.models.load import load_model
-        from loraq.train.loop import CausalLMLoss, make_optimizer
-        from loraq.train.schedule import make_scheduler
+        from loraq.training.objective import CausalLMLoss
+        from loraq.training.setup import make_optimizer
+        from loraq.training.schedule import make_scheduler
 
         torch.manual_seed(seed)
         self.cfg = TrainConfig(model=str(model_dir), data=str(data), method="lora", dtype="fp32", seq_len=64,
@@ -48,7 +49,7 @@ class Run:
         self.step = 0
 
     def train(self, steps: int = 1) -> None:
-        from loraq.train.loop import batch_loss
+        from loraq.training.objective import batch_loss
 
         for _ in range(steps):
             batch = next(self.batches)
@@ -290,7 +291,7 @@ def test_the_first_checkpoint_failing_says_none_was_written(run, tmp_path, no_fa
 
 def test_a_write_the_disk_cut_short_is_caught(run, tmp_path, monkeypatch):
     """safetensors can lose the tail of a small file on a full disk without an error: the read-back catches it."""
-    import loraq.train.checkpoint as module
+    import loraq.training.checkpoint as module
 
     real_save_file = module.save_file
 
@@ -309,7 +310,7 @@ def test_a_write_the_disk_cut_short_is_caught(run, tmp_path, monkeypatch):
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    from loraq.train.metrics import MetricsWriter
+    from loraq.training.metrics import MetricsWriter
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 6)) + '{"kind": "tr')

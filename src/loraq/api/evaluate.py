@@ -20,10 +20,10 @@ def evaluate(data: str | Path, *, model: str | None = None, adapter: str | Path 
     With an adapter that is a loraq run folder, the data settings a user did not
     give (``format``, ``seq_len``, ``train_on_inputs``: which tokens are scored)
     are the run's own, so the loss is comparable with the run's ``eval_loss``;
-    the base is the one the adapter was trained on (:mod:`loraq.adapted`).
+    the base is the one the adapter was trained on (:mod:`loraq.lora.adapted`).
     """
-    from loraq.inference import load_for_inference
-    from loraq.train.evaluate import evaluate_dataset
+    from loraq.api.loading import load_for_inference
+    from loraq.training.evaluate import evaluate_dataset
 
     settings = data_settings(adapter, {"format": format, "seq_len": seq_len, "train_on_inputs": train_on_inputs})
     for flag, value, lo in (("--seq-len", settings["seq_len"], 8), ("--batch-size", batch_size, 1),

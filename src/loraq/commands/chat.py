@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loraq.inference import add_model_arguments
+from loraq.api.loading import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.inference import load_from_args
+    from loraq.api.loading import load_from_args
     from loraq.models.generation import check_options, generate_text
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from loraq.config import FORMATS
-from loraq.inference import add_model_arguments
+from loraq.api.loading import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from loraq.inference import add_model_arguments
+    from loraq.api.loading import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the user message")
@@ -23,7 +23,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.inference import load_from_args
+    from loraq.api.loading import load_from_args
     from loraq.models.generation import check_options, generate_text
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)

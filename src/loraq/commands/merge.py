@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.lora.api import merge
+    from loraq.api.merge import merge
 
     report = merge(model=args.model, adapter=args.adapter, out=args.out, dtype=args.dtype, into=args.into,
                    overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,

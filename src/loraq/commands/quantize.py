@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.quant.api import quantize
+    from loraq.api.quantize import quantize
 
     report = quantize(model=args.model, out=args.out, quant=args.quant, double_quant=args.double_quant,
                       blocksize=args.blocksize, compute_dtype=args.compute_dtype, overwrite=args.overwrite)

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.train.api import apply_demo_defaults, train
+    from loraq.api.train import apply_demo_defaults, train
 
     cfg = config_from_args(args)
     demo = cfg.data is None
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
 def reports_here() -> bool:
     """One process speaks for the run: not the ranks `loraq train --nproc` started, and only rank 0 under torchrun."""
-    from loraq.distributed.launch import LAUNCHED_ENV
+    from loraq.training.launch import LAUNCHED_ENV
 
     return os.environ.get(LAUNCHED_ENV) != "1" and os.environ.get("RANK", "0") == "0"
 

@@ -31,7 +31,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loraq.config import TrainConfig
-from loraq.errors import ConfigError
 
 
 def wrap_for_distributed(loss_module: nn.Module, cfg: TrainConfig, runtime) -> nn.Module:
@@ -44,12 +43,6 @@ def wrap_for_distributed(loss_module: nn.Module, cfg: TrainConfig, runtime) -> n
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # every buffer is ignored above (rotary tables, nothing rank-local): no buffer sync in forward
     return DistributedDataParallel(loss_module, device_ids=device_ids, forward_sync_buffers=False)
-
-
-def check_fsdp_supported(cfg: TrainConfig) -> None:
-    if cfg.fsdp and cfg.method == "full":
-        raise ConfigError("--fsdp shards the frozen base of --method lora/qlora; --method full trains every "
-                          "weight and runs with DDP here: drop --fsdp")
 
 
 def shard_with_fsdp2(loss_module: nn.Module, runtime) -> nn.Module:

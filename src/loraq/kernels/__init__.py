@@ -1,1 +1,45 @@
-"""Fast paths for training on the hardware at hand, each beside the plain reference it must equal."""
+"""Fast paths for training on the hardware at hand, each beside the plain reference it must equal.
+
+Two ways in, both explicit:
+
+* :func:`install` registers the 4-bit dequantization kernels into the
+  format's registry (:mod:`loraq.quant.backends`): the C kernel
+  (:mod:`~loraq.kernels.native`), then the generated one
+  (:mod:`~loraq.kernels.dequant`). With ``LORAQ_COMPILE=0`` it registers
+  nothing and the eager reference runs. Model loading calls it.
+* :func:`apply_fast_paths` swaps the matmul attention
+  (:mod:`~loraq.kernels.attention`) and the lean RMSNorm / SiLU-gate autograd
+  (:mod:`~loraq.kernels.norm_gate`) into a model for training.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+
+def install() -> bool:
+    """Register the dequantization fast paths (idempotent); False when kernels are switched off."""
+    from loraq.quant.backends import register_dequantizer
+
+    if os.environ.get("LORAQ_COMPILE", "1").lower() in {"0", "false", "no", "off"}:
+        return False
+    from loraq.kernels.dequant import dequantize_generated
+    from loraq.kernels.native import dequantize_native
+
+    register_dequantizer("native", dequantize_native)  # CPU, float32 / bf16 output
+    register_dequantizer("generated", dequantize_generated)  # CPU float16, CUDA
+    return True
+
+
+def apply_fast_paths(model: nn.Module) -> None:
+    """loraq's matmul attention for short CPU sequences (it hands everything else to SDPA), and the lean
+    RMSNorm / SiLU-gate autograd on known architectures."""
+    from loraq.kernels.norm_gate import apply_norm_gate_modules
+
+    apply_norm_gate_modules(model)
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
+        return
+    from loraq.kernels.attention import register
+
+    model.set_attn_implementation(register())

@@ -7,7 +7,7 @@ For logits ``z`` [c, V] (any float dtype), targets ``y`` [c] and a factor ``k``
     loss = sum_i (lse_i - z_i,y_i)
     z_ij <- k * (exp(z_ij - m_i) / s_i - [j == y_i])      (written back in z's dtype)
 
-The eager path in :mod:`loraq.train.loss` spends five passes over the chunk on
+The eager path in :mod:`loraq.training.loss` spends five passes over the chunk on
 this (an fp32 copy inside ``log_softmax``, the softmax, ``exp_``, the scale,
 and the copy back to bf16); the generated loop reads the bf16 logits a few
 times while they sit in cache and writes the gradient once (8.7 -> 3.5 ms for

@@ -41,7 +41,7 @@ def _dequantize_dq(packed: torch.Tensor, qabsmax: torch.Tensor, nested_absmax: t
     return _dequantize(packed, absmax, code, blocksize, dtype)
 
 
-def dequantize_fused(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor | None:
+def dequantize_generated(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor | None:
     """``dequantize_4bit(packed, state, dtype)`` as one generated kernel, or None where that does not apply."""
     n, bs = state.numel, state.blocksize
     # CPU: a C++ loop; CUDA: a Triton kernel (held to the eager path by tests/gpu, which have not run yet)

@@ -8,5 +8,5 @@ Public entry points (see docs/DESIGN.md, "lora/"):
   :func:`~loraq.lora.model.add_weighted_adapter`, :func:`~loraq.lora.model.lora_state_dict`
 * :func:`loraq.lora.files.save_adapter`, :func:`~loraq.lora.files.load_adapter`,
   :func:`~loraq.lora.files.read_adapter_config`
-* :func:`loraq.lora.api.merge` (``loraq merge``)
+* :func:`loraq.api.merge.merge` (``loraq merge``)
 """

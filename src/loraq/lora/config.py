@@ -84,10 +84,6 @@ class LoraConfig:
         key = _pattern_key(self.alpha_pattern, module_name)
         return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
 
-    def scaling_for(self, module_name: str) -> float:
-        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, for this module."""
-        return scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
-
     # ------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` fields.

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loraq.lora.config import scaling as lora_scaling
-from loraq.lora.fused import lora_linear
+from loraq.lora.node import lora_linear
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -112,7 +112,7 @@ class LoraLinear(nn.Module):
         return y
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The usual training case as one autograd node (:mod:`loraq.lora.fused`), or None for the generic path.
+        """The usual training case as one autograd node (:mod:`loraq.lora.node`), or None for the generic path.
 
         It applies to one active, unmerged adapter without dropout over a loraq 4-bit base or a plain
         ``nn.Linear`` in the input's dtype; everything else (several adapters, dropout, merged, other

@@ -18,7 +18,7 @@ needed to rebuild the base it trained against::
 start (PiSSA, LoftQ: see :mod:`loraq.lora.files`), so the file holds the
 update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank 2r; the
 trained factors are the first r of each. PiSSA and LoftQ also changed the
-frozen base itself, which :mod:`loraq.adapted` rebuilds by replaying the
+frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying the
 initialisation. An adapter made elsewhere has no record; a record that cannot
 be read is reported and ignored (the adapter is then treated as one from
 elsewhere), never a crash.

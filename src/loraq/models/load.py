@@ -25,6 +25,7 @@ import torch
 
 from loraq.devices import default_device, resolve_dtype
 from loraq.errors import ConfigError, ModelError
+from loraq.kernels import install as install_kernels
 from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.models.safety import WeightFiles, check_remote_code, weight_files
 from loraq.models.skeleton import missing_tensors_error
@@ -65,6 +66,7 @@ def load_model(
 ) -> LoadedModel:
     """Load ``spec`` (None: the default model) for ``method``; see the module docstring."""
     _check_options(method, quant, blocksize)
+    install_kernels()  # the 4-bit fast paths, before any layer dequantizes
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec, allow_pickle=allow_pickle)
     label = source.origin or source.name
     files = check_loadable(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -10,7 +10,7 @@ Modules, bottom up:
 * :mod:`~loraq.quant.linear` -- ``Linear4bit``, the frozen 4-bit layer.
 * :mod:`~loraq.quant.model` -- ``quantize_model_``, ``output_head_name``.
 * :mod:`~loraq.quant.bnb_format` -- bitsandbytes pre-quantized HF folders, both ways.
-* :mod:`~loraq.quant.api` -- ``quantize(...)`` (``loraq quantize``).
+* :mod:`~loraq.api.quantize` -- ``quantize(...)`` (``loraq quantize``).
 
 bitsandbytes is never imported here; it is a test-only reference.
 """

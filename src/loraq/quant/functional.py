@@ -30,6 +30,7 @@ import functools
 
 import torch
 
+from loraq.quant.backends import dequantizers
 from loraq.quant.blockwise8 import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from loraq.quant.codes import QUANT_TYPES, code_for, dynamic_map_signed, midpoints, sorted_order
 from loraq.quant.errors import QuantizationError
@@ -247,8 +248,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
     ``code`` is the table of ``state.quant_type`` (a loaded ``quant_map`` is checked to be exactly that table).
 
-    Fast paths, in order: the C kernel of :mod:`loraq.kernels.native` (CPU, float32 / bf16 output), the
-    generated one of :mod:`loraq.kernels.dequant`, then the eager path below, all bitwise equal.
+    Fast paths registered in :mod:`loraq.quant.backends` run first, in order (``loraq.kernels.install()``
+    registers the C kernel, CPU float32 / bf16 output, then the generated one); where none applies, the
+    eager path below. All are bitwise equal.
 
     Eager path: a table lookup turns each packed byte into its two float32
     code values in one gather; one multiply by the block scales writes them
@@ -257,14 +259,10 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     and is reused instead of a fresh weight-sized float32 tensor per call.
     """
     dtype = dtype or state.dtype
-    from loraq.kernels.dequant import dequantize_fused
-    from loraq.kernels.native import dequantize_native
-
-    fast = dequantize_native(packed, state, dtype)  # CPU: the C kernel
-    if fast is None:
-        fast = dequantize_fused(packed, state, dtype)  # CPU float16, CUDA: the generated one
-    if fast is not None:
-        return fast
+    for _name, fast_path in dequantizers():
+        out = fast_path(packed, state, dtype)
+        if out is not None:
+            return out
     return dequantize_4bit_eager(packed, state, dtype)
 
 
@@ -296,12 +294,6 @@ def _scale_into(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, out:
     torch.mul(values[:full].view(-1, blocksize), absmax[: full // blocksize, None], out=out[:full].view(-1, blocksize))
     if full < count:
         torch.mul(values[full:], absmax[full // blocksize], out=out[full:])
-
-
-def lookup_code_values(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """float32 [2 * n_bytes]: the ``quant_type`` code of every nibble, high nibble first (one gather per byte)."""
-    flat = packed_bytes(packed)
-    return _byte_table(quant_type, flat.device).index_select(0, flat.to(torch.int32)).view(torch.float32)
 
 
 @functools.lru_cache(maxsize=16)

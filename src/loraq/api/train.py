@@ -11,9 +11,11 @@ settings as ``loraq train`` with no arguments).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from loraq.config import TrainConfig, load_recipe
+from loraq.training.hooks import Callback
+from loraq.training.result import RunResult
 
 
 def demo_overrides() -> dict[str, Any]:
@@ -43,13 +45,18 @@ def apply_demo_defaults(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def train(config: TrainConfig | None = None, *, recipe: str | None = None, **overrides: Any):
-    """Run training; returns :class:`loraq.train.loop.RunResult` (``run_dir``, ``summary``)."""
+def train(config: TrainConfig | None = None, *, recipe: str | None = None,
+          callbacks: Sequence[Callback] = (), **overrides: Any) -> RunResult:
+    """Run training; returns a :class:`~loraq.training.result.RunResult` (``run_dir``, ``summary``).
+
+    ``callbacks``: :class:`~loraq.training.hooks.Callback` objects told of each step and evaluation (Python
+    only; under ``nproc > 1`` the ranks run in other processes and no callback is called here).
+    """
     cfg = build_config(config, recipe, **overrides)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from loraq.distributed.launch import launch_torchrun
+        from loraq.training.launch import launch_torchrun
 
         return launch_torchrun(cfg)
-    from loraq.train.loop import run_training
+    from loraq.training.run import run_training
 
-    return run_training(cfg)
+    return run_training(cfg, callbacks=callbacks)

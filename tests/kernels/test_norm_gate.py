@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraq.kernels.fused import RMSNormFunction, SiluMulFunction, apply_fused_modules
+from loraq.kernels.norm_gate import RMSNormFunction, SiluMulFunction, apply_norm_gate_modules
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,7 +60,7 @@ def test_patched_llama_gives_transformers_logits_and_grads(tiny_llama_dir):
 
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     ours = copy.deepcopy(ref)
-    assert apply_fused_modules(ours) == 2 * 2 + 1 + 2  # 2 norms + 1 MLP per layer, the final norm
+    assert apply_norm_gate_modules(ours) == 2 * 2 + 1 + 2  # 2 norms + 1 MLP per layer, the final norm
     ids = torch.randint(3, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits
     assert torch.equal(a, b)

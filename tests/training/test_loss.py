@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraq.train.loss import IGNORE_INDEX, fused_linear_cross_entropy, shift_targets
+from loraq.training.loss import IGNORE_INDEX, fused_linear_cross_entropy, shift_targets
 
 
 def _case(dtype, n=37, d=16, v=101, seed=0, train_head=False, bias=False):
@@ -87,15 +87,15 @@ def test_no_grad_mode_computes_loss_only():
 
 def test_frozen_head_changed_in_place_is_seen():
     """The head's transposed copy (a speed-up for frozen heads) follows in-place changes of the weight."""
-    from loraq.train.loss import release_buffers
+    from loraq.training.loss import LossBuffers
 
+    buffers = LossBuffers()  # kept across calls, as a run's loss module keeps them
     h, w, _, y = _case(torch.float32, n=20, d=8, v=50)
     for _ in range(2):
         x = h.detach().clone().requires_grad_()
-        fused_linear_cross_entropy(x, w.detach(), y).backward()
+        fused_linear_cross_entropy(x, w.detach(), y, buffers=buffers).backward()
         x64 = h.detach().double().requires_grad_()
         F.cross_entropy(x64 @ w.detach().double().t(), y, ignore_index=IGNORE_INDEX).backward()
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
         with torch.no_grad():
             w.mul_(-2.0)  # same storage, new version: the next loss must use the new values
-    release_buffers()

@@ -16,13 +16,12 @@ rows at a time, and keeps only ``dh`` ([N, d]) (and ``dW`` when the head is
 trained) for backward: no [N, V] tensor outlives its chunk, and the head's
 matmul runs once instead of twice. Rows whose label is ignored (prompt
 tokens, padding, the last position) are dropped before the head, so they cost
-no head FLOPs at all. :func:`reference_loss` is the plain formula the tests
-hold it equal to.
+no head FLOPs at all. The tests hold it to the plain formula (full logits,
+``F.cross_entropy``) in float64.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loraq.kernels.cross_entropy import ce_grad_fused
 
@@ -36,21 +35,12 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Full logits in fp32, then cross-entropy summed over trained positions / normalizer."""
-    logits = F.linear(hidden, weight, bias).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    n = (targets != IGNORE_INDEX).sum().clamp(min=1) if normalizer is None else normalizer
-    return loss / n
-
-
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """loss = CE(h @ W^T (+ b), y).sum() / normalizer, gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int, grad_enabled: bool,
+                buffers: "LossBuffers"):
         n, _ = hidden.shape
         # needs_input_grad stays True under torch.no_grad(), so the caller says whether grads are wanted
         need_dh, need_dw, need_db = (grad_enabled and bool(x) for x in ctx.needs_input_grad[:3])
@@ -63,8 +53,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # page faults than the softmax itself
         rows = min(chunk_rows, n)
         vocab = weight.shape[0]
-        logits_buf = _scratch("logits", (rows, vocab), hidden.dtype, hidden.device)
-        head_t = _frozen_head_transposed(weight) if need_dh and not need_dw else None
+        logits_buf = buffers.scratch("logits", (rows, vocab), hidden.dtype, hidden.device)
+        head_t = buffers.head_transposed(weight) if need_dh and not need_dw else None
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
@@ -81,7 +71,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 g = logits
             else:
                 # log-softmax reads the compute-dtype logits once and writes fp32 (no separate upcast pass)
-                logp_buf = _scratch("logp", (rows, vocab), torch.float32, hidden.device)
+                logp_buf = buffers.scratch("logp", (rows, vocab), torch.float32, hidden.device)
                 logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:c])
                 total -= logp.gather(1, y[:, None]).sum()
                 if not need_grad:
@@ -115,54 +105,58 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dh = scaled(saved.pop(0), ctx.hidden_dtype) if need_dh else None
         dw = scaled(saved.pop(0), ctx.dtypes[0]) if need_dw else None
         db = scaled(saved.pop(0), ctx.dtypes[1]) if need_db else None
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
-_SCRATCH: dict[str, torch.Tensor] = {}
+class LossBuffers:
+    """Memory the loss reuses from call to call, owned by whoever computes the loss (a run's loss module).
 
+    * chunk scratch: a fresh 100+ MB tensor per step costs more in page
+      faults than the softmax itself, so one buffer per name is kept and
+      regrown when a larger one is needed;
+    * a frozen head's transposed copy ``weight.t()`` [d, V] for ``dh =
+      dlogits @ weight``: from it the product runs at the matmul's full speed
+      on the CPU (bench/NOTES.md, items 5-9), for one more copy of the head.
+      Only for frozen heads; rebuilt whenever the weight's storage or version
+      changes.
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable buffer of at least ``shape``; one per name, regrown when a larger one is needed."""
-    buf = _SCRATCH.get(name)
-    numel = shape[0] * shape[1]
-    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH[name] = buf
-    return buf[:numel].view(shape)
-
-
-_HEAD_T: dict[str, object] = {}
-
-
-def _frozen_head_transposed(weight: torch.Tensor) -> torch.Tensor | None:
-    """A contiguous ``weight.t()`` [d, V] for ``dh = dlogits @ weight``, kept while the head stays unchanged.
-
-    The product reads ``weight`` [V, d] down its rows; from the transposed copy it runs at the
-    matmul's full speed on the CPU (311 -> 379 GFLOP/s for 128 x 49152 x 576 in bf16, ~-30 ms per
-    4 x 256 step of SmolLM2; ``bench/NOTES.md``) for one more copy of the head (57 MB there).
-    Only for frozen heads: the copy is rebuilt whenever the weight's storage or version changes.
+    :meth:`release` frees both (they also go with the owner).
     """
-    if weight.device.type != "cpu" or weight.requires_grad:
-        return None
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    if _HEAD_T.get("key") != key:
-        _HEAD_T.clear()  # drop the old copy before making the new one
-        _HEAD_T["key"], _HEAD_T["t"] = key, weight.detach().t().contiguous()
-    return _HEAD_T["t"]
 
+    def __init__(self):
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._head_key: tuple | None = None
+        self._head_t: torch.Tensor | None = None
 
-def release_buffers() -> None:
-    """Free the chunk scratch and the head's transposed copy (at the end of a run)."""
-    _SCRATCH.clear()
-    _HEAD_T.clear()
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._scratch.get(name)
+        numel = shape[0] * shape[1]
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch[name] = buf
+        return buf[:numel].view(shape)
+
+    def head_transposed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if weight.device.type != "cpu" or weight.requires_grad:
+            return None
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+        if self._head_key != key:
+            self._head_t = None  # drop the old copy before making the new one
+            self._head_key, self._head_t = key, weight.detach().t().contiguous()
+        return self._head_t
+
+    def release(self) -> None:
+        self._scratch.clear()
+        self._head_key = self._head_t = None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                normalizer: float | None = None, bias: torch.Tensor | None = None,
-                               chunk_rows: int = 128) -> torch.Tensor:
+                               chunk_rows: int = 128, buffers: LossBuffers | None = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained rows / normalizer (default: their count).
 
-    ``hidden`` is [..., d] and ``targets`` [...] (already shifted, -100 = ignored).
+    ``hidden`` is [..., d] and ``targets`` [...] (already shifted, -100 = ignored). ``buffers``: memory
+    kept for the next call (default: none kept).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -171,4 +165,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         normalizer = max(int(keep.sum()), 1)
     idx = keep.nonzero().squeeze(1)
     return FusedLinearCrossEntropy.apply(hidden.index_select(0, idx), weight, bias, targets.index_select(0, idx),
-                                         float(normalizer), chunk_rows, torch.is_grad_enabled())
+                                         float(normalizer), chunk_rows, torch.is_grad_enabled(),
+                                         buffers if buffers is not None else LossBuffers())

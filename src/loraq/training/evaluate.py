@@ -1,9 +1,12 @@
 """Evaluation: loss / perplexity over a dataset, and exact-match accuracy.
 
-Exact match: the prompt (chat messages without the final answer, or a
-completion prompt) is rendered as in training, the model continues it
-greedily, and the prediction counts when ``prediction.strip() ==
-reference.strip()``. Generation is batched with left padding.
+* :func:`validation_loss`: the token-mean loss over held-out batches, split
+  across ranks, without disturbing the training run's random stream.
+* :func:`exact_match`: the prompt (chat messages without the final answer,
+  or a completion prompt) is rendered as in training, the model continues it
+  greedily, and the prediction counts when ``prediction.strip() ==
+  reference.strip()``. Generation is batched with left padding.
+* :func:`evaluate_dataset`: both, for a data file (``loraq eval``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch import nn
+
+from loraq.distributed.runtime import Runtime
+from loraq.training.objective import CausalLMLoss, batch_loss
 
 
 @dataclass
@@ -96,7 +103,6 @@ def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len:
     """Loss/perplexity over every example of ``path`` and exact match on up to ``max_examples`` references."""
     from loraq.config import TrainConfig
     from loraq.data.dataset import build_data
-    from loraq.train.loop import CausalLMLoss, batch_loss
 
     cfg = TrainConfig(data=str(path), format=fmt, seq_len=seq_len, batch_size=batch_size, eval_samples=max_examples,
                       train_on_inputs=train_on_inputs)
@@ -117,3 +123,43 @@ def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len:
             "perplexity": None if result is None else result.perplexity,
             "exact_match": None if em is None else em.accuracy,
             "exact_match_examples": 0 if em is None else em.n}
+
+
+def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Any]], device: torch.device,
+                    runtime: Runtime) -> EvalLoss | None:
+    """Token-mean loss over ``batches()``; rank r takes batches r, r + N, ... (every rank runs the same number
+    of forwards, as FSDP gathers weights in each: the ones past the end repeat the last batch and count nothing)."""
+    was = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    rng = torch.get_rng_state()  # evaluation must not shift the training run's random stream
+    all_batches = list(batches())
+    rounds = math.ceil(len(all_batches) / runtime.world_size)
+    try:
+        with torch.no_grad():
+            for k in range(rounds):
+                index = k * runtime.world_size + runtime.rank
+                batch = all_batches[min(index, len(all_batches) - 1)].to(device)
+                loss = float(batch_loss(loss_module, batch, 1.0))
+                if index < len(all_batches):
+                    total += loss
+                    count += batch.num_trained_tokens
+    finally:
+        torch.set_rng_state(rng)
+        loss_module.train(was)
+    total, count = runtime.sum(total), runtime.sum(count)
+    return EvalLoss(loss=total / count, tokens=int(count)) if count else None
+
+
+def exact_match_during_training(model: nn.Module, tokenizer: Any, references: Sequence[Any], max_new_tokens: int,
+                                stop_token_ids: Sequence[int], loss_module: nn.Module | None = None) -> ExactMatch:
+    """:func:`exact_match` inside a run: the RNG stream untouched, FSDP's shards gathered so ranks generate in step."""
+    from loraq.distributed.wrap import gathered_for_inference
+
+    rng = torch.get_rng_state()
+    try:
+        with gathered_for_inference(loss_module):
+            return exact_match(model, tokenizer, references, max_new_tokens=max_new_tokens,
+                               stop_token_ids=stop_token_ids)
+    finally:
+        torch.set_rng_state(rng)

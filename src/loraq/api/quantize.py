@@ -16,7 +16,8 @@ from loraq.devices import dtype_name
 from loraq.errors import ConfigError, ModelError
 from loraq.models.hf_folder import SAFE_INDEX, SAFE_WEIGHTS
 from loraq.models.hf_calls import quiet_transformers
-from loraq.quant.bnb_format import is_bnb_4bit_config, save_quantized_folder
+from loraq.models.bnb_folder import save_quantized_folder
+from loraq.quant.bnb_format import is_bnb_4bit_config
 from loraq.quant.codes import QUANT_TYPES
 from loraq.quant.functional import BLOCKSIZES
 from loraq.quant.model import quantize_model_

@@ -45,7 +45,7 @@ def merge(
     existing non-empty ``out`` is replaced only with ``overwrite=True``;
     nothing is written on any error.
     """
-    from loraq.adapted import load_adapted, plan_base
+    from loraq.lora.adapted import load_adapted, plan_base
     from loraq.lora.model import merge_and_unload
     from loraq.paths import atomic_dir
 
@@ -93,7 +93,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: torch.dt
     from loraq.models.hf_folder import write_model_folder
 
     if into == "requantized":
-        from loraq.quant.bnb_format import save_quantized_folder
+        from loraq.models.bnb_folder import save_quantized_folder
 
         _cast_dense(model, dtype)
         save_quantized_folder(model, tokenizer, folder, overwrite=True)

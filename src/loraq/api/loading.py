@@ -1,7 +1,7 @@
 """Loading a model (and optionally an adapter) for generation and evaluation.
 
 Shared by ``loraq generate``, ``loraq chat`` and ``loraq eval``. With an
-adapter, the base is the one it was trained on (:mod:`loraq.adapted`): a
+adapter, the base is the one it was trained on (:mod:`loraq.lora.adapted`): a
 QLoRA adapter gets its 4-bit base with the recorded settings; ``--quant none``
 asks for the full-precision base instead. Without one, the model in full
 precision by default, or in 4-bit with ``--quant nf4|fp4``; a pre-quantized
@@ -43,7 +43,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, *, 
     if quant not in QUANT_CHOICES:
         raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(QUANT_CHOICES)}")
     if adapter:
-        from loraq.adapted import load_adapted
+        from loraq.lora.adapted import load_adapted
 
         return load_adapted(adapter, model, base="original" if quant == "none" else "auto",
                             quant=quant if quant in ("nf4", "fp4") else None, dtype=dtype,

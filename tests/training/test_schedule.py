@@ -4,7 +4,7 @@ import torch
 from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
                           get_linear_schedule_with_warmup)
 
-from loraq.train.schedule import make_scheduler, warmup_steps
+from loraq.training.schedule import make_scheduler, warmup_steps
 
 HF = {
     "cosine": lambda opt, w, t: get_cosine_schedule_with_warmup(opt, w, t),

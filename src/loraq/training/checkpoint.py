@@ -7,8 +7,7 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000042/`` holding
   moments and step counts keyed by parameter name, and its param groups;
 * ``rng.safetensors`` -- torch CPU (and CUDA) generator states;
 * ``state.json`` -- step, data position, scheduler, Python RNG, counters, and
-  ``"complete": true`` written last;
-* optionally an ``adapter/`` folder in PEFT format, for users.
+  ``"complete": true`` written last.
 
 No pickle anywhere. The folder is written under a temporary name, each
 safetensors file read back, everything fsynced, then renamed
@@ -231,22 +230,15 @@ class LoadedCheckpoint:
     state: dict[str, Any]
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    data: Any = None) -> LoadedCheckpoint:
-    """Read and check everything first, then apply: a bad checkpoint changes nothing.
+def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    data: Any = None) -> Callable[[], LoadedCheckpoint]:
+    """Read and check everything first; returns the function that applies it (a bad checkpoint changes nothing).
 
     ``data`` (optional) is the batch iterator, whose position is restored too.
     Anything unreadable or inconsistent raises (ValueError, OSError, ...)
     before the first value is applied; a LoraqError (the data position belongs
     to other settings) is the user's to fix and is not a damaged file.
     """
-    apply = read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
-    return apply()
-
-
-def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    data: Any = None) -> Callable[[], LoadedCheckpoint]:
-    """Phase 1 of :func:`load_checkpoint`: read and check; returns the function that applies it."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     if not isinstance(state, dict) or state.get("complete") is not True:

@@ -15,7 +15,7 @@
 
 The forwards run the very same operations as transformers' modules, so outputs
 are bit-identical; the backwards are the float32 formulas (tests hold them to
-float64). :func:`apply_fused_modules` swaps them into the modules of known
+float64). :func:`apply_norm_gate_modules` swaps them into the modules of known
 architectures only (an allowlist of classes whose code is exactly this math).
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _gated_mlp_forward(self, x):
     return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
 
-def apply_fused_modules(model: nn.Module) -> int:
+def apply_norm_gate_modules(model: nn.Module) -> int:
     """Swap in the lean forwards on allowlisted modules (SiLU-gated MLPs only); returns how many."""
     count = 0
     for module in model.modules():

@@ -50,8 +50,8 @@ def threads_per_rank(cfg: TrainConfig) -> int:
 
 
 def launch_torchrun(cfg: TrainConfig):
-    from loraq.train.loop import RunResult
-    from loraq.train.rundir import prepare_run_dir, resolve_run_dir
+    from loraq.training.result import RunResult
+    from loraq.training.rundir import prepare_run_dir, resolve_run_dir
 
     from loraq.distributed.runtime import check_run_settings
 

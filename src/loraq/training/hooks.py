@@ -1,0 +1,42 @@
+"""Observing a run from outside: callbacks called at fixed points of the loop.
+
+    class Timer(loraq.training.hooks.Callback):
+        def on_step_start(self, step): ...
+        def on_step_end(self, step, result): ...     # result: StepResult (loss, grad norm, lr, tokens)
+        def on_eval(self, step, result): ...         # result: EvalLoss (loss, perplexity, tokens)
+
+    loraq.train(..., callbacks=[Timer()])
+
+Callbacks run on every rank, between steps: they may measure, log or run
+other work (``bench/interleaved.py`` runs a PEFT step in ``on_step_start``),
+but must not change the model, the optimizer or the data, or the run stops
+being reproducible. An exception in a callback stops the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the global mean loss, the gradient norm before clipping, the learning rate used,
+    the tokens processed (all ranks) and whether the step was applied (False: skipped as non-finite)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    finite: bool
+
+
+class Callback:
+    """No-op base: override the points you need."""
+
+    def on_step_start(self, step: int) -> None:
+        """Before step ``step`` (1-based) takes its first micro-batch."""
+
+    def on_step_end(self, step: int, result: StepResult) -> None:
+        """After the optimizer step and its metrics line."""
+
+    def on_eval(self, step: int, result) -> None:
+        """After a validation pass (periodic or final) whose loss is ``result`` (an EvalLoss)."""

@@ -1,0 +1,188 @@
+"""The steps of a run, from the first (or resumed) step to the last.
+
+    for step in start+1 .. total:
+        callbacks.on_step_start(step)
+        grad_accum micro-batches: forward, backward    (the loss is a token mean over the whole global batch)
+        clip, optimizer step (or skip a non-finite one), schedule
+        metrics line, progress bar, callbacks.on_step_end(step, result)
+        every --eval-every: validation loss, callbacks.on_eval(step, result)
+        every --save-every: checkpoint
+
+The loss of a step is the token-level mean over the whole global batch (all
+micro-batches of all ranks): each micro-batch's summed loss is divided by the
+global number of trained tokens, so N ranks, or one rank accumulating N
+micro-batches, produce the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from loraq import faults
+from loraq.errors import LoraqError
+from loraq.training import checkpoint as ckpt
+from loraq.training.evaluate import EvalLoss, validation_loss
+from loraq.training.hooks import Callback, StepResult
+from loraq.training.metrics import Throughput, current_rss_bytes, peak_memory_bytes
+from loraq.training.objective import batch_loss, unwrapped
+from loraq.training.progress import Progress
+from loraq.training.setup import Run
+
+
+class TrainingDiverged(LoraqError):
+    """A NaN/inf loss or gradient under ``--nonfinite stop``."""
+
+
+@dataclass
+class LoopResult:
+    train_seconds: float  # the loop alone
+    setup_seconds: float  # loading, data, the base evaluation
+    tokens_per_second: float  # the training rate, taken before the final evaluation
+    last_loss: float
+    last_eval: EvalLoss | None
+    training_memory: list[int]  # per rank, while training
+
+
+def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
+    """Every step of the run, with logging, evaluation and checkpoints (see the module docstring)."""
+    cfg, runtime = run.cfg, run.runtime
+    progress = Progress(run.optim.total_steps, run.start_step, enabled=runtime.is_main, log_every=cfg.log_every)
+    params = [p for p in run.trained.model.parameters() if p.requires_grad]
+    throughput = Throughput()
+    last_loss, last_eval = float("nan"), None
+    t_loop = time.perf_counter()
+    try:
+        for step in range(run.start_step + 1, run.optim.total_steps + 1):
+            faults.point("step-start")
+            for callback in callbacks:
+                callback.on_step_start(step)
+            result = optimizer_step(run, step, params)
+            throughput.add(result.tokens)
+            if result.finite:  # a skipped step's NaN is not the run's loss
+                last_loss = result.loss
+            _log_step(run, step, result, throughput, progress)
+            for callback in callbacks:
+                callback.on_step_end(step, result)
+            if _due(cfg.eval_every, step, run) and run.data.val:
+                last_eval = evaluate(run, step, callbacks) or last_eval
+                if last_eval is not None:
+                    progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} "
+                                     f"(ppl {last_eval.perplexity:.2f})")
+            if _due(cfg.save_every, step, run):
+                save_checkpoint(run, step)
+    except OSError as exc:  # metrics.jsonl (a checkpoint's own failure is already an OutputError)
+        error = ckpt.output_error(exc, run.folder.path, "metrics.jsonl")
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        progress.close()
+    train_seconds = time.perf_counter() - t_loop
+    unwrapped(run.trained.loss_module).release_buffers()  # evaluation and generation do without them
+    device = run.device
+    memory = runtime.gather(torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes())
+    return LoopResult(train_seconds=train_seconds, setup_seconds=t_loop - run.t_start,
+                      tokens_per_second=throughput.tokens_per_second(), last_loss=last_loss, last_eval=last_eval,
+                      training_memory=memory)
+
+
+def _due(every: int, step: int, run: Run) -> bool:
+    """A periodic action at ``step`` (never at the last step: the finish does that one)."""
+    return bool(every) and step % every == 0 and step != run.optim.total_steps
+
+
+def _log_step(run: Run, step: int, result: StepResult, throughput: Throughput, progress: Progress) -> None:
+    run.counters.tokens += result.tokens
+    if step % run.cfg.log_every == 0 or step == run.optim.total_steps:
+        run.metrics.write({"kind": "train", "step": step, "loss": result.loss, "lr": result.lr,
+                           "grad_norm": result.grad_norm, "tokens": run.counters.tokens,
+                           "tokens_per_second": throughput.tokens_per_second(),
+                           "memory_bytes": peak_memory_bytes(run.device),
+                           "elapsed": time.perf_counter() - run.t_start,
+                           **({"skipped": True} if not result.finite else {})})
+    progress.update(step, result.loss, result.lr, throughput.tokens_per_second(), current_rss_bytes())
+
+
+def optimizer_step(run: Run, step: int, params: list[nn.Parameter]) -> StepResult:
+    """One optimizer step over grad_accum micro-batches (the schedule advances too)."""
+    cfg, runtime, optim = run.cfg, run.runtime, run.optim
+    micro = [next(run.batches) for _ in range(cfg.grad_accum)]
+    normalizer = max(1, sum(b.global_trained_tokens for b in micro))
+    step_loss = 0.0
+    for i, batch in enumerate(micro):
+        batch = batch.to(run.device)
+        sync = (i == len(micro) - 1) or not runtime.distributed
+        with (contextlib.nullcontext() if sync else run.trained.loss_module.no_sync()):
+            loss = faults.loss(step, batch_loss(run.trained.loss_module, batch, normalizer))
+            # DDP averages gradients over ranks; the loss is already a global mean, so undo that
+            scaled = loss * runtime.world_size
+            (optim.scaler.scale(scaled) if optim.scaler is not None else scaled).backward()
+        step_loss += float(loss.detach())
+    step_loss = runtime.sum(step_loss)
+    faults.grads(step, params)
+    faults.point("after-backward")
+    if optim.scaler is not None:
+        optim.scaler.unscale_(optim.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+    finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or optim.scaler is not None)
+    _apply_or_skip(run, step, finite, step_loss, grad_norm)
+    faults.point("after-optimizer-step")
+    lr = optim.scheduler.get_last_lr()[0]
+    optim.scheduler.step()
+    tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
+    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, tokens=tokens, finite=finite)
+
+
+def _apply_or_skip(run: Run, step: int, finite: bool, loss: float, grad_norm: float) -> None:
+    """The optimizer step; a non-finite one stops the run (``--nonfinite stop``) or is skipped and counted."""
+    optim = run.optim
+    if not finite:
+        if run.cfg.nonfinite == "stop":
+            where = (f"last good checkpoint: {run.folder.path / 'checkpoints' / run.last_checkpoint}"
+                     if run.last_checkpoint else "no checkpoint was written yet")
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient", grad_norm)
+            raise TrainingDiverged(f"step {step}: the {what} is {value} ({where}); "
+                                   "lower --lr, use --dtype fp32, or pass --nonfinite skip")
+        run.counters.skipped_steps += 1
+    elif optim.scaler is not None:
+        optim.scaler.step(optim.optimizer)
+        optim.scaler.update()
+    else:
+        optim.optimizer.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate(run: Run, step: int, callbacks: Sequence[Callback] = ()) -> EvalLoss | None:
+    """Validation loss over the held-out rows, written to metrics.jsonl as of ``step`` (None with no rows)."""
+    result = validation_loss(run.trained.loss_module, lambda: run.data.val_batches(run.cfg.batch_size), run.device,
+                             run.runtime)
+    if result is not None:
+        run.metrics.write({"kind": "eval", "step": step, "eval_loss": result.loss, "perplexity": result.perplexity})
+        for callback in callbacks:
+            callback.on_eval(step, result)
+    return result
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Everything an exact resume needs, written by rank 0 (every rank's dropout stream gathered first)."""
+    from safetensors.torch import save_file
+
+    from loraq.distributed.runtime import RANK_RNG_FILE
+
+    rank_rng = run.runtime.gather_rng_states()
+    if not run.runtime.is_main:
+        return
+    optim = run.optim
+    state = {"data": run.batches.state_dict(), "counters": run.counters.to_dict(),
+             "scaler": optim.scaler.state_dict() if optim.scaler is not None else None}
+    extra = None if rank_rng is None else (lambda tmp: save_file(rank_rng, str(tmp / RANK_RNG_FILE)))
+    path = ckpt.save_checkpoint(run.folder.path, step, model=run.trained.model, optimizer=optim.optimizer,
+                                scheduler=optim.scheduler, state=state, write_extra=extra,
+                                keep=run.cfg.keep_checkpoints)
+    run.last_checkpoint = path.name

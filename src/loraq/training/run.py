@@ -1,0 +1,33 @@
+"""A training run from its config: setup -> steps -> finish (``loraq train`` and :func:`loraq.train` run this)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+from loraq.config import TrainConfig
+from loraq.training.finish import finish_run
+from loraq.training.hooks import Callback
+from loraq.training.loop import train_steps
+from loraq.training.result import RunResult
+from loraq.training.setup import setup_run
+
+
+def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None,
+                 callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train as ``cfg`` says; ``out`` receives the progress lines (default: stderr, rank 0 only)."""
+    from loraq.distributed.runtime import init_runtime
+
+    cfg.validate()
+    runtime = init_runtime()
+    say = out or (lambda s: print(s, file=sys.stderr, flush=True))
+    say_main = say if runtime.is_main else (lambda s: None)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        run = setup_run(cfg, runtime, say_main)
+        loop = train_steps(run, callbacks)
+        return finish_run(run, loop, callbacks)
+    finally:
+        runtime.shutdown()
