@@ -31,7 +31,7 @@ import time
 import torch
 
 from loraq.quant.functional import dequantize_4bit, quantize_4bit
-from loraq.quant.model import linear_layer_names, quantize_model_
+from loraq.quant.model import quantizable_layer_names, quantize_model_
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -92,7 +92,7 @@ def _row(label: str, mine: tuple[float, float], theirs: tuple[float, float]) -> 
 def fake_int4_(model: torch.nn.Module, blocksize: int = 64) -> None:
     """Plain int4: each block of ``blocksize`` weights scaled by its absmax to 15 levels, ``round(7 w / a) a / 7``."""
     with torch.no_grad():
-        for name in linear_layer_names(model):
+        for name in quantizable_layer_names(model):
             weight = model.get_submodule(name).weight
             blocks = weight.view(-1, blocksize)
             absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
@@ -101,6 +101,7 @@ def fake_int4_(model: torch.nn.Module, blocksize: int = 64) -> None:
 
 def perplexity(model_dir: str, sequences: int, seq_len: int) -> None:
     from pydoc_data.topics import topics
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

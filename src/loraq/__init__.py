@@ -20,19 +20,26 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_cache_dir() / "inductor")
 
-# public name -> "module:attribute"; resolved on first use
+# public name -> "module:attribute"; resolved on first use. One function per command (keyword arguments
+# named as its flags; loraq.api.COMMAND_API says which), and the building blocks beside them.
 _LAZY = {
-    "TrainConfig": "loraq.config:TrainConfig",
     "train": "loraq.api.train:train",
-    "quantize": "loraq.api.quantize:quantize",
-    "merge": "loraq.api.merge:merge",
+    "generate": "loraq.api.generate:generate",
+    "chat": "loraq.api.generate:chat",
     "evaluate": "loraq.api.evaluate:evaluate",
-    "load_adapted": "loraq.lora.adapted:load_adapted",
+    "inspect_data": "loraq.api.data:inspect_data",
+    "merge": "loraq.api.merge:merge",
+    "quantize": "loraq.api.quantize:quantize",
+    "cached_models": "loraq.models.cache:cached_models",
     "load_model": "loraq.models.load:load_model",
-    "LoraConfig": "loraq.lora.config:LoraConfig",
-    "inject_lora": "loraq.lora.model:inject_lora",
-    "save_adapter": "loraq.lora.files:save_adapter",
+    "load_for_inference": "loraq.api.loading:load_for_inference",
+    "load_adapted": "loraq.lora.adapted:load_adapted",
     "load_adapter": "loraq.lora.files:load_adapter",
+    "save_adapter": "loraq.lora.files:save_adapter",
+    "inject_lora": "loraq.lora.model:inject_lora",
+    "TrainConfig": "loraq.config:TrainConfig",
+    "LoraConfig": "loraq.lora.config:LoraConfig",
+    "Callback": "loraq.training.hooks:Callback",
 }
 
 __all__ = ["LoraqError", "DataError", "ModelError", "AdapterError", "ConfigError", *_LAZY]

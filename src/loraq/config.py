@@ -15,15 +15,16 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from loraq.choices import (
+    COMPUTE_DTYPES,
+    FORMATS,
+    INITS,
+    METHODS,
+    NONFINITE,
+    QUANT_TYPES,
+    SCHEDULES,
+)
 from loraq.errors import ConfigError
-
-METHODS = ("qlora", "lora", "full")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-QUANTS = ("nf4", "fp4")
-SCHEDULES = ("cosine", "linear", "constant")
-INITS = ("default", "gaussian", "pissa", "loftq")
-FORMATS = ("auto", "chat", "sharegpt", "alpaca", "completion", "text")
-NONFINITE = ("stop", "skip")
 
 
 def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = None, lo: float | None = None,
@@ -42,8 +43,8 @@ class TrainConfig:
     # --- model -----------------------------------------------------------
     model: str | None = opt(None, "HF folder, hub id, .gguf file or pre-quantized folder (default: SmolLM2-135M-Instruct)")
     method: str = opt("qlora", "qlora: 4-bit frozen base + LoRA; lora: LoRA on a 16/32-bit base; full: every weight", choices=METHODS)
-    dtype: str = opt("auto", "compute dtype; auto = bf16 where the hardware computes it natively, else fp32", choices=DTYPES)
-    quant: str = opt("nf4", "4-bit code for --method qlora", choices=QUANTS)
+    dtype: str = opt("auto", "compute dtype; auto = bf16 where the hardware computes it natively, else fp32", choices=COMPUTE_DTYPES)
+    quant: str = opt("nf4", "4-bit code for --method qlora", choices=QUANT_TYPES)
     double_quant: bool = opt(True, "quantize the 4-bit scales again (QLoRA's double quantization)")
     blocksize: int = opt(64, "4-bit quantization block size (power of two, 32..4096)", lo=32, hi=4096)
     allow_pickle: bool = opt(False, "allow loading .bin/.pt pickle weight files (runs code from the file: only for files you trust)")

@@ -15,8 +15,9 @@ from data_helpers import ALPACA, CHAT, SHAREGPT, trained_runs
 
 from loraq.data.dataset import tokenize_samples
 from loraq.data.formats import Sample, to_samples
+from loraq.data.prompts import prompt_ids, stop_token_ids
 from loraq.data.readers import Record
-from loraq.data.tokenize import prompt_ids, render_chat, stop_token_ids, tokenize_documents, tokenize_sample
+from loraq.data.tokenize import render_chat, tokenize_documents, tokenize_sample
 
 GENERATION_TAGGED_CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"

@@ -11,8 +11,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from dist_helpers import (assert_same_weights, base_args, loraq_cli, max_relative_difference, train_in_process,
-                          train_lines, weights)
+from dist_helpers import (
+    assert_same_weights,
+    base_args,
+    loraq_cli,
+    max_relative_difference,
+    train_in_process,
+    train_lines,
+    weights,
+)
 
 
 def test_issue_check_nproc_2_equals_grad_accum_2(tiny_llama_dir, chat_data, tmp_path):

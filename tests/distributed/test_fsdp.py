@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import assert_same_weights, base_args, loraq_cli, torchrun, train_in_process, weights
+from dist_helpers import (
+    assert_same_weights,
+    base_args,
+    loraq_cli,
+    torchrun,
+    train_in_process,
+    weights,
+)
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 

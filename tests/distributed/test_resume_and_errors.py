@@ -7,9 +7,9 @@ import pytest
 from dist_helpers import base_args, loraq_cli, torchrun, train_lines, weights
 
 from loraq.config import TrainConfig
-from loraq.training.launch import StderrFilter
 from loraq.distributed.runtime import check_run_settings
 from loraq.errors import ConfigError
+from loraq.training.launch import StderrFilter
 
 
 @pytest.mark.slow

@@ -5,7 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraq.kernels.norm_gate import RMSNormFunction, SiluMulFunction, apply_norm_gate_modules
+from loraq.kernels.norm_gate import (
+    RMSNormFunction,
+    SiluMulFunction,
+    apply_norm_gate_modules,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,13 +10,27 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from lora_helpers import (
+    copy_ours_to_peft,
+    logits,
+    peft_model,
+    randomize_lora,
+    rel_err,
+    tiny_model,
+    token_ids,
+)
 
-from lora_helpers import copy_ours_to_peft, logits, peft_model, randomize_lora, rel_err, tiny_model, token_ids
 from loraq.errors import ConfigError
 from loraq.lora.config import LoraConfig
 from loraq.lora.layer import LoraLinear
-from loraq.lora.model import (count_parameters, disable_adapters, inject_lora, lora_layers, merge_and_unload,
-                              set_submodule)
+from loraq.lora.model import (
+    count_parameters,
+    disable_adapters,
+    inject_lora,
+    lora_layers,
+    merge_and_unload,
+    set_submodule,
+)
 from loraq.lora.targeting import iter_modules, linear_layer_names
 
 Linear4bit = pytest.importorskip("loraq.quant.linear").Linear4bit
@@ -206,7 +220,13 @@ def test_loftq_recovers_a_quarter_of_the_nf4_perplexity_gap_on_the_default_model
     """REFERENCE.md's LoftQ effect on SmolLM2 (NF4 + DQ, r=16, 5 iterations, every linear layer but the head),
     on 4 x 256 tokens of pydoc_data.topics: perplexity at initialisation at least 25% of the way back from
     NF4 to full precision (about 37% measured; the 16 x 512 table is in docs/loftq.md). About 50 s on 2 cores."""
-    from loftq_table import load_default, loftq_model, nf4_model, perplexity, pydoc_token_blocks
+    from loftq_table import (
+        load_default,
+        loftq_model,
+        nf4_model,
+        perplexity,
+        pydoc_token_blocks,
+    )
 
     model, tokenizer = load_default()
     blocks = pydoc_token_blocks(tokenizer, n_seq=4, seq_len=256)

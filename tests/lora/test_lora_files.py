@@ -6,9 +6,17 @@ import shutil
 
 import pytest
 import torch
+from lora_helpers import (
+    assert_one_line,
+    logits,
+    peft_model,
+    randomize_lora,
+    rel_err,
+    tiny_model,
+    token_ids,
+)
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import assert_one_line, logits, peft_model, randomize_lora, rel_err, tiny_model, token_ids
 from loraq.errors import AdapterError
 from loraq.lora.config import LoraConfig
 from loraq.lora.files import load_adapter, read_adapter_config, save_adapter

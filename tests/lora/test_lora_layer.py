@@ -6,8 +6,16 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from lora_helpers import (
+    copy_ours_to_peft,
+    logits,
+    peft_model,
+    randomize_lora,
+    rel_err,
+    tiny_model,
+    token_ids,
+)
 
-from lora_helpers import copy_ours_to_peft, logits, peft_model, randomize_lora, rel_err, tiny_model, token_ids
 from loraq.lora.config import LoraConfig
 from loraq.lora.layer import LoraLinear
 from loraq.lora.model import inject_lora, lora_layers

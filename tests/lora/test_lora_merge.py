@@ -6,12 +6,26 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from lora_helpers import (
+    copy_ours_to_peft,
+    logits,
+    peft_model,
+    randomize_lora,
+    rel_err,
+    tiny_model,
+    token_ids,
+)
 
-from lora_helpers import copy_ours_to_peft, logits, peft_model, randomize_lora, rel_err, tiny_model, token_ids
 from loraq.errors import ConfigError
 from loraq.lora.config import LoraConfig
-from loraq.lora.model import (add_weighted_adapter, disable_adapters, inject_lora, lora_layers, merge_and_unload,
-                              set_adapter)
+from loraq.lora.model import (
+    add_weighted_adapter,
+    disable_adapters,
+    inject_lora,
+    lora_layers,
+    merge_and_unload,
+    set_adapter,
+)
 
 
 def _adapted(seed=0, **cfg):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from lora_helpers import assert_one_line, randomize_lora, rel_err
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import assert_one_line, randomize_lora, rel_err
 from loraq.cli import main
 
 
@@ -132,9 +132,16 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys, ca
     assert_one_line(capsys.readouterr().err, "loraq: error:", needle)
     if case == "out-not-empty":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
-        assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--out", str(out),
-                     "--overwrite"]) == 0
-        assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+        # --overwrite replaces only what loraq made: not the user's folder, but a merge it wrote before
+        merge = ["merge", "--model", str(tiny_llama_dir), "--adapter", str(adapter)]
+        assert main([*merge, "--out", str(out), "--overwrite"]) == 2
+        assert_one_line(capsys.readouterr().err, "loraq: error:", "not made by loraq")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        again = tmp_path / "again"
+        assert main([*merge, "--out", str(again)]) == 0
+        (again / "extra.txt").write_text("from the last merge")
+        assert main([*merge, "--out", str(again), "--overwrite"]) == 0
+        assert (again / "config.json").is_file() and not (again / "extra.txt").exists()
     else:
         assert not out.exists()
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lora_helpers import assert_one_line, peft_lora_layers, peft_model, tiny_model
+
 from loraq.errors import ConfigError
 from loraq.lora.config import LoraConfig
-from loraq.lora.model import count_parameters, inject_lora, lora_layers, trainable_summary
+from loraq.lora.model import (
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    trainable_summary,
+)
 
 
 def _ours(config: LoraConfig, **kw):

@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
+from lora_helpers import assert_one_line, rel_err
 
 import loraq
-from lora_helpers import assert_one_line, rel_err
 from loraq.cli import main
 
 pytestmark = pytest.mark.slow
@@ -80,8 +80,8 @@ def test_the_run_records_its_4bit_base_and_peft_still_loads_the_folder(qlora_run
     # PEFT loads the run folder as before (the record is one more file it ignores): same as loraq's --into original
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(qlora_run.run_dir)).eval()
-    assert main(["merge", "--adapter", str(qlora_run.run_dir), "--out", str(tmp_path / "orig"), "--into", "original",
-                 "--dtype", "fp32"]) == 0
+    report = loraq.merge(adapter=str(qlora_run.run_dir), out=str(tmp_path / "orig"), into="original", dtype="fp32")
+    assert report["into"] == "original" and report["merged_layers"] == 14
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "orig"), dtype=torch.float32).eval()
     ids = torch.randint(3, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

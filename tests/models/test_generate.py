@@ -102,3 +102,31 @@ def test_cli_with_an_adapter_matches_peft(tiny_llama_dir, tiny_tokenizer, tmp_pa
     rc = main(["generate", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--prompt", "hello there",
                "--max-new-tokens", "8", "--dtype", "fp32"])
     assert rc == 0 and capsys.readouterr().out == reference + "\n"
+
+
+def test_generate_starts_and_stops_where_training_s_exact_match_does(tiny_reference, tiny_tokenizer):
+    """One rule for prompts, stop tokens and padding: `loraq generate` and exact match during training agree."""
+    import copy
+
+    from loraq.data.formats import Sample
+    from loraq.data.references import eval_references
+    from loraq.models.generation import build_prompt_ids
+    from loraq.training.evaluate import exact_match
+
+    user = "Join red and sun."
+    sample = Sample("chat", "f:1", messages=[{"role": "user", "content": user},
+                                           {"role": "assistant", "content": "red-sun"}])
+    reference = eval_references([sample], tiny_tokenizer, 1)[0]
+    assert reference.prompt_ids == build_prompt_ids(tiny_tokenizer, user)[0].tolist()
+    assert reference.prompt_ids == _chat_ids(tiny_tokenizer, user)  # what transformers' template renders
+    # a stop token taken from the model's own greedy output, declared only in its generation config: both stop there
+    free = _argmax_loop(tiny_reference, tiny_tokenizer, reference.prompt_ids, 8, set())
+    stop = tiny_tokenizer(free, add_special_tokens=False)["input_ids"][3]
+    model = copy.deepcopy(tiny_reference)
+    model.generation_config.eos_token_id = [stop]
+    expected = _argmax_loop(model, tiny_tokenizer, reference.prompt_ids, 8, {stop, tiny_tokenizer.eos_token_id})
+    generated = generate_text(model, tiny_tokenizer, user, max_new_tokens=8)
+    predicted = exact_match(model, tiny_tokenizer, [reference], max_new_tokens=8).predictions[0]
+    assert generated == predicted
+    assert len(tiny_tokenizer(generated, add_special_tokens=False)["input_ids"]) < 8
+    assert expected.startswith(generated) and generated != free

@@ -6,9 +6,9 @@ import math
 import pytest
 from safetensors import safe_open
 
+from loraq.api.quantize import quantize
 from loraq.cli import main
 from loraq.errors import ConfigError, ModelError
-from loraq.api.quantize import quantize
 
 
 def _expected_bits_per_param(numels: list[int], blocksize: int = 64) -> float:
@@ -54,9 +54,15 @@ def test_cli_refuses_a_non_empty_out_without_overwrite(tiny_llama_dir, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--overwrite" in err and str(out) in err
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert main(["quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folders left
+    # --overwrite replaces only a folder loraq made: not this one, but a quantized folder it wrote before
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--overwrite"]) == 2
+    assert "not made by loraq" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--out", str(ours)]) == 0
+    (ours / "stale.txt").write_text("left from before")
+    assert main(["quantize", "--model", str(tiny_llama_dir), "--out", str(ours), "--overwrite"]) == 0
+    assert (ours / "model.safetensors").is_file() and not (ours / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "q"]  # no temporary folders left
 
 
 def test_an_empty_out_folder_is_fine(tiny_llama_dir, tmp_path):

@@ -8,7 +8,12 @@ from quant_helpers import bits, bnb_cpu_dequant_is_right
 from loraq.errors import LoraqError
 from loraq.quant import blockwise8, codes, reference
 from loraq.quant.errors import QuantizationError
-from loraq.quant.functional import BLOCKSIZES, dequantize_4bit, dequantize_absmax, quantize_4bit
+from loraq.quant.functional import (
+    BLOCKSIZES,
+    dequantize_4bit,
+    dequantize_absmax,
+    quantize_4bit,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # odd numel, a partial tail block, 1-D, single elements, exact multiples of every blocksize

@@ -14,7 +14,12 @@ from typing import Callable
 
 import pytest
 import torch
-from reliability_lib import assert_one_line_error, run_loraq, snapshot_diff, tree_snapshot
+from reliability_lib import (
+    assert_one_line_error,
+    run_loraq,
+    snapshot_diff,
+    tree_snapshot,
+)
 
 from loraq.cli import main
 
@@ -318,12 +323,17 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], tuple[str, ...]]] = [
     ("adapter-targets-another-architecture", _adapter_foreign_target, ("query_key_value", "does not fit")),
     ("adapter-config-not-json", _garbled_adapter_config, ("adapter_config.json", "JSON")),
     ("merge-out-not-empty", _merge_out_not_empty, ("merged", "--overwrite")),
+    ("merge-overwrite-a-folder-loraq-did-not-make", lambda c: _merge_out_not_empty(c) + ["--overwrite"],
+     ("merged", "not made by loraq", "loraq_output.json")),
+    ("quantize-overwrite-a-folder-loraq-did-not-make",
+     lambda c: ["quantize", "--model", str(c.model), "--out", str(Path(c.file("theirs/notes.txt", "x")).parent),
+                "--overwrite"], ("theirs", "not made by loraq")),
     ("merge-out-is-the-adapter", lambda c: ["merge", "--model", str(c.model), "--adapter", str(c.adapter),
-                                            "--out", str(c.adapter), "--overwrite"], ("input of this merge",)),
+                                            "--out", str(c.adapter), "--overwrite"], ("input of this command",)),
     # --- output folders -----------------------------------------------------------------------------
     ("out-not-empty", lambda c: c.train(out=str(c.run_folder())), ("old-run", "--resume", "--overwrite")),
     ("out-overwrite-not-a-run", lambda c: c.train("--overwrite", out=str(Path(c.file("mine/a.txt", "x")).parent)),
-     ("mine", "not a loraq run")),
+     ("mine", "not made by loraq")),
     ("out-is-a-file", lambda c: c.train(out=c.file("out.txt", "x")), ("out.txt", "file")),
     ("out-below-a-file", lambda c: c.train(out=str(Path(c.file("f.txt", "x")) / "run")), ("f.txt", "not writable")),
     ("out-resume-not-a-run", _resume_not_a_run, ("my-stuff", "no loraq run")),

@@ -32,8 +32,8 @@ class Run:
         from loraq.lora.model import inject_lora
         from loraq.models.load import load_model
         from loraq.training.objective import CausalLMLoss
-        from loraq.training.setup import make_optimizer
         from loraq.training.schedule import make_scheduler
+        from loraq.training.setup import make_optimizer
 
         torch.manual_seed(seed)
         self.cfg = TrainConfig(model=str(model_dir), data=str(data), method="lora", dtype="fp32", seq_len=64,

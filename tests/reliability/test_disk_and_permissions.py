@@ -14,8 +14,17 @@ import shutil
 import subprocess
 
 import pytest
-from reliability_lib import (adapter, assert_one_line_error, loraq_cmd, loraq_env, max_abs_difference, run_loraq,
-                             snapshot_diff, tree_snapshot)
+from reliability_lib import (
+    adapter,
+    assert_one_line_error,
+    loraq_cmd,
+    loraq_env,
+    max_abs_difference,
+    run_loraq,
+    snapshot_diff,
+    tree_snapshot,
+)
+
 
 @functools.lru_cache(maxsize=1)
 def mount_namespaces() -> bool:

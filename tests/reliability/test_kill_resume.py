@@ -16,8 +16,18 @@ import json
 import time
 
 import pytest
-from reliability_lib import (adapter, kill_when_step_logged, killed_by_sigkill, loraq_env, max_abs_difference,
-                             run_loraq, snapshot_diff, start_loraq, train_steps_logged, tree_snapshot)
+from reliability_lib import (
+    adapter,
+    kill_when_step_logged,
+    killed_by_sigkill,
+    loraq_env,
+    max_abs_difference,
+    run_loraq,
+    snapshot_diff,
+    start_loraq,
+    train_steps_logged,
+    tree_snapshot,
+)
 
 
 def checkpoints(run):

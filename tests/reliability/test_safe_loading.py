@@ -12,7 +12,13 @@ import shutil
 
 import pytest
 import torch
-from reliability_lib import assert_one_line_error, loraq_env, run_loraq, snapshot_diff, tree_snapshot
+from reliability_lib import (
+    assert_one_line_error,
+    loraq_env,
+    run_loraq,
+    snapshot_diff,
+    tree_snapshot,
+)
 from safetensors.torch import load_file
 
 from loraq.cli import main

@@ -1,8 +1,11 @@
 """Our schedule against transformers' own warmup schedules."""
 import pytest
 import torch
-from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                          get_linear_schedule_with_warmup)
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from loraq.training.schedule import make_scheduler, warmup_steps
 

@@ -13,9 +13,8 @@ import argparse
 import sys
 from typing import Callable
 
+from loraq.choices import COMPUTE_DTYPES, INFERENCE_QUANT
 from loraq.models.load import LoadedModel
-
-QUANT_CHOICES = ("auto", "none", "nf4", "fp4")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +22,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HF folder, hub id, .gguf file or pre-quantized folder (default: the adapter's base, "
                              "else SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply to --model")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    parser.add_argument("--dtype", default="auto", choices=COMPUTE_DTYPES,
                         help="compute dtype (auto: the adapter's training dtype, else bf16 where native)")
-    parser.add_argument("--quant", default="auto", choices=QUANT_CHOICES,
+    parser.add_argument("--quant", default="auto", choices=INFERENCE_QUANT,
                         help="the base's weights: auto = as the adapter was trained (4-bit for a QLoRA adapter), "
                              "else full precision; none = full precision; nf4/fp4 = quantize the base to 4-bit")
     parser.add_argument("--ignore-base-fingerprint", action="store_true",
@@ -40,8 +39,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, *, 
     """The model (and adapter) for generation or evaluation, in eval mode; see the module docstring."""
     from loraq.errors import ConfigError
 
-    if quant not in QUANT_CHOICES:
-        raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(QUANT_CHOICES)}")
+    if quant not in INFERENCE_QUANT:
+        raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(INFERENCE_QUANT)}")
     if adapter:
         from loraq.lora.adapted import load_adapted
 
@@ -61,11 +60,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, *, 
     return loaded
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    """:func:`load_for_inference` with the flags of :func:`add_model_arguments`."""
-    return load_for_inference(args.model, args.adapter, dtype=args.dtype, quant=args.quant,
-                              ignore_base_fingerprint=args.ignore_base_fingerprint, allow_pickle=args.allow_pickle,
-                              trust_remote_code=args.trust_remote_code)
+def model_keywords(args: argparse.Namespace) -> dict:
+    """The API keyword arguments of the flags :func:`add_model_arguments` added."""
+    return {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "quant": args.quant,
+            "ignore_base_fingerprint": args.ignore_base_fingerprint, "allow_pickle": args.allow_pickle,
+            "trust_remote_code": args.trust_remote_code}
 
 
 def _say(message: str) -> None:

@@ -21,10 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from loraq.errors import ConfigError, LoraqError
-
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-INTO = ("auto", "dequantized", "original", "requantized")
+from loraq.choices import MERGE_INTO, WEIGHT_DTYPES
+from loraq.errors import ConfigError
+from loraq.outputs import check_output_folder, write_marker
 
 
 def merge(
@@ -53,15 +52,15 @@ def merge(
         raise ConfigError("--adapter is required: the adapter folder to merge")
     if out is None:
         raise ConfigError("--out is required: the folder to write the merged model to")
-    if dtype not in MERGE_DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not one of: {', '.join(MERGE_DTYPES)}")
-    if into not in INTO:
-        raise ConfigError(f"--into {into!r} is not one of: {', '.join(INTO)}")
-    torch_dtype, out = MERGE_DTYPES[dtype], Path(out)
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of: {', '.join(WEIGHT_DTYPES)}")
+    if into not in MERGE_INTO:
+        raise ConfigError(f"--into {into!r} is not one of: {', '.join(MERGE_INTO)}")
+    torch_dtype, out = WEIGHT_DTYPES[dtype], Path(out)
     plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
                      ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)  # a bad adapter or base fails before loading
     into = resolve_into(into, plan.record)
-    _check_out(out, overwrite, protect=[Path(adapter), plan.source.path])
+    check_output_folder(out, overwrite, inputs=[Path(adapter), plan.source.path])
     loaded = load_adapted(adapter, model, base="original" if into == "original" else "trained",
                           dtype=dtype if into == "original" else "auto", device="cpu", allow_pickle=allow_pickle,
                           trust_remote_code=trust_remote_code, ignore_base_fingerprint=ignore_base_fingerprint,
@@ -70,6 +69,7 @@ def merge(
     report = merge_and_unload(base, dtype=torch_dtype, requantize=into == "requantized")
     with atomic_dir(out, replace=True) as tmp:
         files = _write(base, loaded.tokenizer, tmp, torch_dtype, into)
+        write_marker(tmp, "merge")
     result = {"out": str(out), "base": loaded.source.origin or loaded.source.name, "adapter": str(adapter),
               "dtype": dtype, "into": into, "merged_layers": len(report.merged), "files": files}
     if report.requantized:
@@ -93,10 +93,10 @@ def _write(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: torch.dt
     from loraq.models.hf_folder import write_model_folder
 
     if into == "requantized":
-        from loraq.models.bnb_folder import save_quantized_folder
+        from loraq.models.bnb_folder import write_quantized_folder
 
         _cast_dense(model, dtype)
-        save_quantized_folder(model, tokenizer, folder, overwrite=True)
+        write_quantized_folder(model, tokenizer, folder)
         return sorted(p.name for p in folder.glob("*.safetensors*"))
     dequantize_remaining(model, dtype)
     return write_model_folder(model, tokenizer, folder, dtype)
@@ -119,13 +119,3 @@ def dequantize_remaining(model: torch.nn.Module, dtype: torch.dtype) -> list[str
         layer = model.get_submodule(name)
         set_submodule(model, name, dense_linear(layer.dequantize(dtype), layer.bias, dtype))
     return names
-
-
-def _check_out(out: Path, overwrite: bool, protect: list[Path | None]) -> None:
-    if out.exists() and not out.is_dir():
-        raise LoraqError(f"--out {out} is a file; give a folder")
-    for p in protect:
-        if p is not None and p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise LoraqError(f"--out {out} is an input of this merge; write the merged model to another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LoraqError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another folder")

@@ -10,19 +10,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
+from loraq.choices import QUANT_TYPES, WEIGHT_DTYPES
 from loraq.devices import dtype_name
 from loraq.errors import ConfigError, ModelError
-from loraq.models.hf_folder import SAFE_INDEX, SAFE_WEIGHTS
-from loraq.models.hf_calls import quiet_transformers
 from loraq.models.bnb_folder import save_quantized_folder
+from loraq.models.hf_calls import quiet_transformers
+from loraq.models.hf_folder import SAFE_INDEX, SAFE_WEIGHTS
+from loraq.outputs import check_output_folder
 from loraq.quant.bnb_format import is_bnb_4bit_config
-from loraq.quant.codes import QUANT_TYPES
 from loraq.quant.functional import BLOCKSIZES
 from loraq.quant.model import quantize_model_
-
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def quantize(model: str | Path | None = None, out: str | Path | None = None, quant: str = "nf4",
@@ -35,14 +32,13 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qua
     32/(64*256) = 4.127`` for NF4 with double quantization at blocksize 64).
     """
     started = time.perf_counter()
-    out = _check_arguments(out, quant, blocksize, compute_dtype, overwrite)
+    out = _check_arguments(out, quant, blocksize, compute_dtype)
     source = _source_folder(model)
-    if out.resolve() == source.resolve():
-        raise ConfigError(f"--out {out} is the model folder itself; choose another folder")
+    check_output_folder(out, overwrite, inputs=[source])
     hf_model, tokenizer = _load(source)
-    names = quantize_model_(hf_model, quant, double_quant, blocksize, COMPUTE_DTYPES[compute_dtype])
+    names = quantize_model_(hf_model, quant, double_quant, blocksize, WEIGHT_DTYPES[compute_dtype])
     layers = [hf_model.get_submodule(n) for n in names]
-    save_quantized_folder(hf_model, tokenizer, out, overwrite=out.exists())
+    save_quantized_folder(hf_model, tokenizer, out, overwrite=out.exists(), command="quantize")
     params = sum(layer.quant_state.numel for layer in layers)
     stored_bits = sum(layer.weight.numel() * 8 + layer.quant_state.scale_bits for layer in layers)
     return {
@@ -64,21 +60,16 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qua
     }
 
 
-def _check_arguments(out, quant: str, blocksize: int, compute_dtype: str, overwrite: bool) -> Path:
+def _check_arguments(out, quant: str, blocksize: int, compute_dtype: str) -> Path:
     if out is None:
         raise ConfigError("--out is required: the folder to write the quantized model to")
     if quant not in QUANT_TYPES:
         raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(QUANT_TYPES)}")
     if blocksize not in BLOCKSIZES:
         raise ConfigError(f"--blocksize {blocksize} is not supported; use a power of two from 32 to 4096 (default 64)")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"--compute-dtype {compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}")
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another folder")
-    return out
+    if compute_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--compute-dtype {compute_dtype!r} is not one of: {', '.join(WEIGHT_DTYPES)}")
+    return Path(out).expanduser()
 
 
 def _source_folder(model) -> Path:

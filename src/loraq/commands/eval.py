@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from loraq.config import FORMATS
-from loraq.api.loading import add_model_arguments
+from loraq.api.loading import add_model_arguments, model_keywords
+from loraq.choices import FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from loraq.api.evaluate import evaluate
 
-    result = evaluate(args.data, model=args.model, adapter=args.adapter, format=args.format, seq_len=args.seq_len,
-                      train_on_inputs=args.train_on_inputs, batch_size=args.batch_size,
-                      max_examples=args.max_examples, dtype=args.dtype, quant=args.quant,
-                      ignore_base_fingerprint=args.ignore_base_fingerprint, allow_pickle=args.allow_pickle,
-                      trust_remote_code=args.trust_remote_code)
+    result = evaluate(args.data, format=args.format, seq_len=args.seq_len, train_on_inputs=args.train_on_inputs,
+                      batch_size=args.batch_size, max_examples=args.max_examples, **model_keywords(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

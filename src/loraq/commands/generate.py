@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loraq.api.loading import add_model_arguments, model_keywords
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from loraq.api.loading import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the user message")
     add_decoding_arguments(parser)
@@ -23,12 +23,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraq.api.loading import load_from_args
-    from loraq.models.generation import check_options, generate_text
+    from loraq.api.generate import generate
 
-    check_options(args.max_new_tokens, args.temperature, args.top_p)
-    loaded = load_from_args(args)
-    generate_text(loaded.model, loaded.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                  chat_template=not args.no_chat_template, stream=sys.stdout)
+    generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+             seed=args.seed, no_chat_template=args.no_chat_template, stream=sys.stdout, **model_keywords(args))
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from loraq.choices import MERGE_INTO, WEIGHT_DTYPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -10,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the base the adapter was trained on, else the one it names)")
     parser.add_argument("--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--out", required=True, help="folder to write the merged model to")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the merged weights")
-    parser.add_argument("--into", default="auto", choices=("auto", "dequantized", "original", "requantized"),
+    parser.add_argument("--dtype", default="bf16", choices=tuple(WEIGHT_DTYPES), help="dtype of the merged weights")
+    parser.add_argument("--into", default="auto", choices=MERGE_INTO,
                         help="the weights merged into: dequantized = the 4-bit base a QLoRA adapter was trained on "
                              "(the default for one), original = the full-precision weights (the default otherwise), "
                              "requantized = dequantized, then 4-bit again (a bitsandbytes folder)")

@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from loraq.choices import QUANT_TYPES, WEIGHT_DTYPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a Hugging Face model folder with safetensors (default: the default model, SmolLM2-135M-Instruct)")
     parser.add_argument("--out", required=True, help="folder to write; refused if it exists and is not empty, unless --overwrite")
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
+    parser.add_argument("--quant", default="nf4", choices=QUANT_TYPES, help="4-bit data type (default nf4)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="store the per-block scales in float32 instead of 8 bits (4.5 instead of 4.127 bits/param)")
     parser.add_argument("--blocksize", type=int, default=64, help="elements per scale: 32..4096, a power of two (default 64)")
-    parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+    parser.add_argument("--compute-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES),
                         help="dtype the 4-bit layers compute in once loaded (default bf16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -23,9 +23,10 @@ from typing import Any, Iterator, Sequence
 from loraq.data.batches import BatchIterator, epoch_order, ordered_batches
 from loraq.data.formats import Sample, to_samples
 from loraq.data.packing import Batch, Row, pack, padding_fraction
+from loraq.data.prompts import pad_token_id
 from loraq.data.readers import read_records
 from loraq.data.references import EvalReference, eval_references, max_answer_tokens
-from loraq.data.tokenize import Example, stop_token_ids, tokenize_documents, tokenize_sample, truncate
+from loraq.data.tokenize import Example, tokenize_documents, tokenize_sample, truncate
 from loraq.errors import DataError
 
 
@@ -74,7 +75,6 @@ class DataBundle:
     pad_id: int
     packed: bool
     seq_len: int
-    stop_token_ids: list[int]
     max_answer_tokens: int
 
     def train_batches(self, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchIterator:
@@ -181,10 +181,9 @@ def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None) -> DataBu
                       seq_len=cfg.seq_len, packing=cfg.packing, skipped=len(skipped or []),
                       skipped_messages=list(skipped or [])[:20], train=train_stats,
                       val=val_stats if val_samples else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return DataBundle(format=fmt, train=train_rows, val=val_rows, train_examples=train_examples, references=references,
-                      stats=stats, pad_id=int(pad_id), packed=bool(cfg.packing), seq_len=cfg.seq_len,
-                      stop_token_ids=stop_token_ids(tokenizer), max_answer_tokens=max_answer_tokens(references, tokenizer))
+                      stats=stats, pad_id=pad_token_id(tokenizer), packed=bool(cfg.packing), seq_len=cfg.seq_len,
+                      max_answer_tokens=max_answer_tokens(references, tokenizer))
 
 
 def _rows(examples: list[Example], seq_len: int, packing: bool) -> list[Row]:

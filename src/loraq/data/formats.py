@@ -23,10 +23,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from loraq.choices import DATA_FORMATS
 from loraq.data.readers import Record
 from loraq.errors import DataError
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -108,8 +108,8 @@ def to_samples(records: Sequence[Record], fmt: str = "auto",
         # when skipping, the format is that of the first record that has one
         first = next((r for r in records if guess_format(r.data)), records[0]) if skipped is not None else records[0]
         fmt = _format_of_first(first)
-    elif fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    elif fmt not in DATA_FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(DATA_FORMATS)}")
     samples = []
     for record in records:
         try:
@@ -151,7 +151,7 @@ def to_sample(record: Record, fmt: str) -> Sample:
         return Sample("completion", where, prompt=prompt, completion=completion)
     if fmt == "text":
         return Sample("text", where, text=_text_field(data, "text", where, fmt))
-    raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(DATA_FORMATS)}")
 
 
 def _keys(data: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from loraq.data.formats import Sample
-from loraq.data.tokenize import prompt_ids
+from loraq.data.prompts import prompt_ids
 
 
 @dataclass

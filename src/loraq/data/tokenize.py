@@ -222,28 +222,3 @@ def tokenize_documents(samples: Sequence[Sample], tokenizer: Any, seq_len: int) 
         if len(ids) > 1:
             chunks.append(Example(ids, list(ids), f"{samples[0].where.rsplit(':', 1)[0]}: tokens {start}..{start + len(ids)}"))
     return chunks
-
-
-def prompt_ids(tokenizer: Any, messages: Sequence[dict] | None = None, prompt: str | None = None) -> list[int]:
-    """Token ids a generator starts from: chat messages + the generation prompt, or a plain completion prompt."""
-    if messages is not None:
-        text = render_chat(tokenizer, messages, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt or "", add_special_tokens=True)["input_ids"])
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that end an answer: EOS and the template's end-of-turn token (if it is a single token)."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    try:
-        text, spans = chat_spans(tokenizer, probe)
-    except DataError:
-        return ids
-    start, end = spans[0]
-    marker = text[start + 1:end].strip()
-    if marker:
-        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if len(marker_ids) == 1 and marker_ids[0] not in ids:
-            ids.append(int(marker_ids[0]))
-    return ids

@@ -196,9 +196,9 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None, *, base: 
 def _apply_trained_half(loaded: LoadedModel, adapter: str | Path, plan: BasePlan, allow_pickle: bool,
                         warn: Callable[[str], None]) -> None:
     """The file's ``[B, -B0] [A; A0]``: replay the init that made ``A0, B0`` (when it changed the base), keep ``B, A``."""
+    from loraq.devices import resolve_dtype
     from loraq.lora.files import load_adapter
     from loraq.lora.model import cast_frozen, delete_adapter, inject_lora, set_adapter
-    from loraq.devices import resolve_dtype
 
     model, record = loaded.model, plan.record
     file_config = load_adapter(model, adapter, adapter_name=FILE_ADAPTER, allow_pickle=allow_pickle)

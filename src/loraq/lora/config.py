@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from loraq.choices import INITS
 from loraq.errors import AdapterError, ConfigError
 
-INITS = ("default", "gaussian", "pissa", "loftq")
 ALL_LINEAR = "all-linear"
 
 

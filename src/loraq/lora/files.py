@@ -33,9 +33,20 @@ import torch.nn as nn
 
 from loraq.errors import AdapterError, ConfigError
 from loraq.lora.config import LoraConfig, plain_number
-from loraq.lora.model import (PEFT_PREFIX, adapter_configs, inject_lora, lora_layers, lora_state_dict,
-                              saved_modules)
-from loraq.lora.targeting import find_targets, iter_modules, layer_index, resolve_modules_to_save
+from loraq.lora.model import (
+    PEFT_PREFIX,
+    adapter_configs,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    saved_modules,
+)
+from loraq.lora.targeting import (
+    find_targets,
+    iter_modules,
+    layer_index,
+    resolve_modules_to_save,
+)
 from loraq.paths import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"

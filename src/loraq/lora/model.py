@@ -336,19 +336,7 @@ def add_weighted_adapter(
     The new adapter uses ``alpha`` of the first adapter and plain (non-rs) scaling.
     """
     configs = adapter_configs(model)
-    if combination not in ("linear", "cat"):
-        raise ConfigError(f"combination {combination!r} is not one of: linear, cat")
-    if not names or len(names) != len(weights):
-        raise ConfigError(f"give one weight per adapter: {len(names)} adapters, {len(weights)} weights")
-    for n in names:
-        if n not in configs:
-            raise ConfigError(f"no adapter named {n!r} on this model (adapters: {', '.join(configs) or 'none'})")
-        if configs[n].modules_to_save:
-            raise ConfigError(f"adapter {n!r} trains modules in full (modules_to_save); those cannot be combined")
-    if new_name in configs:
-        raise ConfigError(f"the model already has an adapter named {new_name!r}; pick another name")
-    if rank is not None and rank <= 0:
-        raise ConfigError(f"rank {rank} must be a positive integer")
+    _check_combination(configs, names, weights, new_name, combination, rank)
     alpha = float(configs[names[0]].alpha)
     ranks: dict[str, int] = {}
     for layer_name, layer in lora_layers(model):
@@ -375,6 +363,23 @@ def add_weighted_adapter(
     configs[new_name] = config
     set_adapter(model, active_adapters(model) or [new_name])
     return config
+
+
+def _check_combination(configs: dict[str, LoraConfig], names: Sequence[str], weights: Sequence[float], new_name: str,
+                       combination: str, rank: int | None) -> None:
+    if combination not in ("linear", "cat"):
+        raise ConfigError(f"combination {combination!r} is not one of: linear, cat")
+    if not names or len(names) != len(weights):
+        raise ConfigError(f"give one weight per adapter: {len(names)} adapters, {len(weights)} weights")
+    for n in names:
+        if n not in configs:
+            raise ConfigError(f"no adapter named {n!r} on this model (adapters: {', '.join(configs) or 'none'})")
+        if configs[n].modules_to_save:
+            raise ConfigError(f"adapter {n!r} trains modules in full (modules_to_save); those cannot be combined")
+    if new_name in configs:
+        raise ConfigError(f"the model already has an adapter named {new_name!r}; pick another name")
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"rank {rank} must be a positive integer")
 
 
 def _truncate_product(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

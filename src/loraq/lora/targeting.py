@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from loraq.errors import ConfigError
 from loraq.lora.config import ALL_LINEAR, LoraConfig
+from loraq.modules import output_head_name
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
@@ -58,24 +59,6 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
     kinds = linear_types() + (LoraLinear,)
     return [name for name, module in iter_modules(model) if name and isinstance(module, kinds)]
-
-
-def output_head_name(model: nn.Module) -> str | None:
-    """The module that maps hidden states to vocabulary logits (``lm_head`` in most models)."""
-    head = None
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            head = get()
-        except (NotImplementedError, AttributeError):
-            head = None
-    for name, module in iter_modules(model):
-        if head is not None and module is head:
-            return name
-        if getattr(module, "base", None) is head is not None or getattr(module, "original_module", None) is head is not None:
-            return name
-    names = dict(iter_modules(model))
-    return "lm_head" if "lm_head" in names else None
 
 
 def layer_index(name: str) -> int | None:

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from loraq.errors import ModelError
-from loraq.models.hf_folder import tied_keys_to_drop, write_config, write_generation_config, write_state_dict, write_tokenizer
+from loraq.models.hf_folder import (
+    tied_keys_to_drop,
+    write_config,
+    write_generation_config,
+    write_state_dict,
+    write_tokenizer,
+)
+from loraq.outputs import write_marker
 from loraq.paths import atomic_dir
 from loraq.quant.bnb_format import quantization_config_dict
 from loraq.quant.linear import Linear4bit
@@ -32,12 +39,21 @@ def _quant_settings(model: nn.Module) -> tuple[str, bool, torch.dtype]:
 
 
 def save_quantized_folder(model: nn.Module, tokenizer: Any, out_dir: Path, overwrite: bool = False,
-                          max_shard_bytes: int = 5 * 1024**3) -> Path:
+                          max_shard_bytes: int = 5 * 1024**3, command: str | None = None) -> Path:
     """Write ``model`` (Linear4bit layers + full-precision rest) as a bitsandbytes pre-quantized HF folder.
 
-    Written under a temporary name and renamed into place; an existing
-    ``out_dir`` is replaced only with ``overwrite``.
+    Written under a temporary name and renamed into place; an existing ``out_dir`` is replaced only with
+    ``overwrite``. ``command``: mark the folder as that loraq command's output (:mod:`loraq.outputs`).
     """
+    with atomic_dir(Path(out_dir), replace=overwrite) as tmp:
+        write_quantized_folder(model, tokenizer, tmp, max_shard_bytes)
+        if command is not None:
+            write_marker(tmp, command)
+    return Path(out_dir)
+
+
+def write_quantized_folder(model: nn.Module, tokenizer: Any, folder: Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """The folder's files (weights with bnb's keys, config.json with ``quantization_config``, tokenizer), in place."""
     quant_type, double_quant, compute_dtype = _quant_settings(model)
     state = model.state_dict()
     for key in tied_keys_to_drop(state, model.config):
@@ -46,10 +62,7 @@ def save_quantized_folder(model: nn.Module, tokenizer: Any, out_dir: Path, overw
     # name the full-precision linears (the head) outright, so transformers keeps exactly these unconverted
     kept = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     config.quantization_config = quantization_config_dict(quant_type, double_quant, compute_dtype, kept or None)
-    dtype = model.get_input_embeddings().weight.dtype
-    with atomic_dir(Path(out_dir), replace=overwrite) as tmp:
-        write_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
-        write_config(config, tmp, dtype=dtype, drop_quantization=False)
-        write_generation_config(model, tmp)
-        write_tokenizer(tokenizer, tmp)
-    return Path(out_dir)
+    write_state_dict(state, folder, max_shard_bytes=max_shard_bytes)
+    write_config(config, folder, dtype=model.get_input_embeddings().weight.dtype, drop_quantization=False)
+    write_generation_config(model, folder)
+    write_tokenizer(tokenizer, folder)

@@ -24,7 +24,14 @@ import zipfile
 from pathlib import Path
 
 from loraq.errors import ModelError
-from loraq.models.cache import MARKER, cached_models, is_complete, models_dir, remove_stale_temporaries, write_marker
+from loraq.models.cache import (
+    MARKER,
+    cached_models,
+    is_complete,
+    models_dir,
+    remove_stale_temporaries,
+    write_marker,
+)
 from loraq.models.gguf import convert_gguf_to_folder
 from loraq.paths import atomic_dir, cache_dir, file_lock
 

@@ -1,13 +1,13 @@
 """Text generation from a loaded model: greedy by default, sampling on request, streamed.
 
-``generate_text(model, tokenizer, prompt)`` applies the tokenizer's chat
-template to a single user turn (when the tokenizer has one and
-``chat_template`` is true; the raw prompt otherwise), generates up to
+``generate_text(model, tokenizer, prompt)`` renders a single user turn with
+the chat template as training renders it (:mod:`loraq.data.prompts`; the raw
+prompt with ``chat_template=False``), generates up to
 ``max_new_tokens`` and returns the new text. ``temperature == 0`` is greedy
 decoding (argmax at every step); ``temperature > 0`` samples from
 ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
-probability reaches ``top_p``. Generation stops at the model's end-of-turn /
-end-of-sequence tokens. With ``stream`` (a text file), each piece of text is
+probability reaches ``top_p``. Generation stops at the same tokens as exact
+match during training (end-of-turn, end-of-sequence, the generation config's). With ``stream`` (a text file), each piece of text is
 written and flushed as soon as it decodes.
 """
 from __future__ import annotations
@@ -31,55 +31,44 @@ def check_options(max_new_tokens: int, temperature: float, top_p: float) -> None
 
 
 def build_prompt_ids(tokenizer: Any, prompt: str | list[dict], chat_template: bool = True) -> torch.Tensor:
-    """Token ids [1, n] of ``prompt``, as one user turn of the chat template when there is one.
+    """Token ids [1, n] of ``prompt``: one user turn (or, for ``loraq chat``, a whole conversation) rendered as
+    training renders it (:func:`loraq.data.prompts.prompt_ids`), or the raw text without ``chat_template``."""
+    from loraq.data.prompts import prompt_ids
 
-    ``prompt`` may also be a whole conversation (a list of role/content messages, for ``loraq chat``).
-    """
     if isinstance(prompt, list):
-        from loraq.data.tokenize import render_chat
-
-        text = render_chat(tokenizer, prompt, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+        ids = prompt_ids(tokenizer, messages=prompt)
+    elif chat_template:
+        ids = prompt_ids(tokenizer, messages=[{"role": "user", "content": prompt}])
     else:
-        ids = tokenizer(prompt)["input_ids"]
-    return torch.tensor([list(ids)], dtype=torch.long)
+        ids = prompt_ids(tokenizer, prompt=prompt)
+    return torch.tensor([ids], dtype=torch.long)
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-turn/end-of-sequence ids from the generation config and the tokenizer."""
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(token, int) and token not in ids:
-                ids.append(token)
-    return ids
-
-
-def generate_text(model: Any, tokenizer: Any, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = None, chat_template: bool = True,
+def generate_text(model: Any, tokenizer: Any, prompt: str | list[dict], *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat_template: bool = True,
                   stream: TextIO | None = None) -> str:
     """Generate a reply to ``prompt``; see the module docstring for the decoding rules."""
+    from loraq.data.prompts import pad_token_id, stop_token_ids
+
     check_options(max_new_tokens, temperature, top_p)
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     input_ids = build_prompt_ids(tokenizer, prompt, chat_template).to(device)
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     sampling = temperature > 0
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling,
-        temperature=temperature if sampling else None, top_p=top_p if sampling else None, top_k=None,
-        eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0],
+        max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None, top_k=None, eos_token_id=stops or None,
+        pad_token_id=pad_token_id(tokenizer, stops),
     )
     streamer = _TextStreamTo(tokenizer, stream) if stream is not None else None
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 generation_config=config, streamer=streamer)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    new = output[0, input_ids.shape[1]:].tolist()
+    cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+    return tokenizer.decode(new[:cut], skip_special_tokens=True)
 
 
 class _TextStreamTo(TextStreamer):

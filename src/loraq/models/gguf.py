@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 
 from loraq.errors import ModelError
-from loraq.models.cache import gguf_dir, is_complete, remove_stale_temporaries, write_marker
+from loraq.models.cache import (
+    gguf_dir,
+    is_complete,
+    remove_stale_temporaries,
+    write_marker,
+)
 from loraq.models.hf_calls import LOAD_ERRORS, exception_line, quiet_transformers
 from loraq.paths import atomic_dir, file_lock
 

@@ -38,7 +38,11 @@ def download_snapshot(repo_id: str, revision: str | None = None, allow_pickle: b
     """The local snapshot folder of ``repo_id`` (downloaded if needed and allowed)."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:  # pragma: no cover - a declared dependency
         raise ModelError("hub ids need the `huggingface_hub` package; run `pip install huggingface_hub`") from None
     offline = hub_offline()

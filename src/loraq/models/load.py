@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from loraq.choices import METHODS, QUANT_TYPES
 from loraq.devices import default_device, resolve_dtype
 from loraq.errors import ConfigError, ModelError
 from loraq.kernels import install as install_kernels
@@ -31,8 +32,6 @@ from loraq.models.safety import WeightFiles, check_remote_code, weight_files
 from loraq.models.skeleton import missing_tensors_error
 from loraq.models.source import ModelSource, read_config, resolve_source
 
-METHODS = ("qlora", "lora", "full")
-QUANT_TYPES = ("nf4", "fp4")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
 
 

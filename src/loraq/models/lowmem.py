@@ -51,10 +51,10 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
                    blocksize: int = 64) -> tuple[nn.Module, list[str]]:
     """Build the model of ``folder`` with its linear layers in 4-bit; returns (model, quantized layer names)."""
     from loraq.quant.linear import Linear4bit
-    from loraq.quant.model import linear_layer_names
+    from loraq.quant.model import quantizable_layer_names
 
     model = build_skeleton(folder, compute_dtype, trust_remote_code, label)
-    targets = set(linear_layer_names(model))  # the layers quantize_model_ would convert
+    targets = set(quantizable_layer_names(model))  # the layers quantize_model_ would convert
     skip = tied_targets(model)
     quantized: list[str] = []
     for key, tensor in iter_checkpoint_tensors(files, label):

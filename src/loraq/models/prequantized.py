@@ -46,7 +46,10 @@ def checkpoint_keys(files: WeightFiles) -> list[str]:
 def load_prequantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype, device: torch.device,
                       trust_remote_code: bool, label: str) -> tuple[nn.Module, list[str]]:
     """Build the model of a bitsandbytes 4-bit ``folder``; returns (model, names of its Linear4bit layers)."""
-    from loraq.quant.bnb_format import linear4bit_from_bnb_tensors, quantized_layer_names
+    from loraq.quant.bnb_format import (
+        linear4bit_from_bnb_tensors,
+        quantized_layer_names,
+    )
 
     if files.format != "safetensors":
         raise ModelError(f"--model {label}: pre-quantized checkpoints are read from safetensors only")

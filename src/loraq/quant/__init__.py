@@ -8,14 +8,19 @@ Modules, bottom up:
   ``dequantize_absmax``; :mod:`~loraq.quant.reference` -- the plain versions they are held to.
 * :mod:`~loraq.quant.state_io` -- a QuantState as bitsandbytes' checkpoint tensors.
 * :mod:`~loraq.quant.linear` -- ``Linear4bit``, the frozen 4-bit layer.
-* :mod:`~loraq.quant.model` -- ``quantize_model_``, ``output_head_name``.
+* :mod:`~loraq.quant.model` -- ``quantize_model_``, ``quantizable_layer_names``.
 * :mod:`~loraq.quant.bnb_format` -- bitsandbytes pre-quantized HF folders, both ways.
 * :mod:`~loraq.api.quantize` -- ``quantize(...)`` (``loraq quantize``).
 
 bitsandbytes is never imported here; it is a test-only reference.
 """
 from loraq.quant.errors import QuantizationError
-from loraq.quant.functional import QuantState, dequantize_4bit, dequantize_absmax, quantize_4bit
+from loraq.quant.functional import (
+    QuantState,
+    dequantize_4bit,
+    dequantize_absmax,
+    quantize_4bit,
+)
 from loraq.quant.linear import Linear4bit
 
 __all__ = ["Linear4bit", "QuantState", "QuantizationError", "dequantize_4bit", "dequantize_absmax", "quantize_4bit"]

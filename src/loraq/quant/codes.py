@@ -20,9 +20,8 @@ import functools
 
 import torch
 
+from loraq.choices import QUANT_TYPES
 from loraq.quant.errors import QuantizationError
-
-QUANT_TYPES = ("nf4", "fp4")
 
 NF4_CODE = torch.tensor(
     [

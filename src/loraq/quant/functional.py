@@ -30,9 +30,15 @@ import functools
 
 import torch
 
+from loraq.choices import QUANT_TYPES
 from loraq.quant.backends import dequantizers
 from loraq.quant.blockwise8 import dequantize_blockwise_8bit, quantize_blockwise_8bit
-from loraq.quant.codes import QUANT_TYPES, code_for, dynamic_map_signed, midpoints, sorted_order
+from loraq.quant.codes import (
+    code_for,
+    dynamic_map_signed,
+    midpoints,
+    sorted_order,
+)
 from loraq.quant.errors import QuantizationError
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -10,21 +10,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from loraq.modules import output_head_name
 from loraq.quant.functional import check_settings
 from loraq.quant.linear import Linear4bit
 
 
-def output_head_name(model: nn.Module) -> str | None:
-    """Module name of the output head (``get_output_embeddings()``; else a top-level ``lm_head``), or None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        head = getattr(model, "lm_head", None)
-    if head is None:
-        return None
-    return next((name for name, module in model.named_modules() if module is head), None)
-
-
-def linear_layer_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+def quantizable_layer_names(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
     """Names of the plain nn.Linear modules that are not the output head, nor in (or under) ``skip``."""
     skipped = set(skip)
     head = output_head_name(model)
@@ -47,7 +38,7 @@ def quantize_model_(model: nn.Module, quant_type: str = "nf4", double_quant: boo
     layer's temporaries, not by a second model.
     """
     check_settings(blocksize, quant_type)
-    names = linear_layer_names(model, skip or ())
+    names = quantizable_layer_names(model, skip or ())
     for name in names:
         linear = model.get_submodule(name)
         layer = Linear4bit.from_linear(linear, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,

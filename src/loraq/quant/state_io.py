@@ -21,7 +21,8 @@ from typing import Mapping
 
 import torch
 
-from loraq.quant.codes import QUANT_TYPES, quant_type_of
+from loraq.choices import QUANT_TYPES
+from loraq.quant.codes import quant_type_of
 from loraq.quant.errors import QuantizationError
 from loraq.quant.functional import FLOAT_DTYPES, QuantState, check_settings
 

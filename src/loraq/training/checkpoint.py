@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from loraq import faults
@@ -240,13 +239,7 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     to other settings) is the user's to fix and is not a damaged file.
     """
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    if not isinstance(state, dict) or state.get("complete") is not True:
-        raise ValueError("state.json is not marked complete")
-    step = state.get("step")
-    m = _STEP_DIR.match(path.name)
-    if not isinstance(step, int) or (m is not None and int(m.group(1)) != step):
-        raise ValueError(f"state.json gives step {step!r} for folder {path.name}")
+    state, step = _read_state(path)
     trainable = load_file(str(path / "trainable.safetensors"))
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     rng = load_file(str(path / "rng.safetensors"))
@@ -294,6 +287,18 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         return LoadedCheckpoint(step=step, path=path, state=state)
 
     return apply
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], int]:
+    """state.json, complete and naming the step of its folder."""
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or state.get("complete") is not True:
+        raise ValueError("state.json is not marked complete")
+    step = state.get("step")
+    m = _STEP_DIR.match(path.name)
+    if not isinstance(step, int) or (m is not None and int(m.group(1)) != step):
+        raise ValueError(f"state.json gives step {step!r} for folder {path.name}")
+    return state, step
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor],

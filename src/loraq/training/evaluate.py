@@ -73,24 +73,25 @@ class ExactMatch:
     predictions: list[str]
 
 
-def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int, stop_token_ids: Sequence[int],
-                batch_size: int = 64) -> ExactMatch:
+def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int, batch_size: int = 64) -> ExactMatch:
     """``references``: :class:`loraq.data.references.EvalReference` (``prompt_ids``, ``answer``).
 
-    A prediction is the decoded continuation up to the first stop token; it
-    counts when it equals the answer after stripping whitespace at both ends.
+    A prediction is the decoded continuation up to the first stop token (:mod:`loraq.data.prompts`, the
+    rule ``loraq generate`` follows); it counts when it equals the answer after stripping whitespace at
+    both ends.
     """
+    from loraq.data.prompts import pad_token_id, stop_token_ids
     from loraq.data.references import exact_match as same
 
     if not references:
         return ExactMatch(accuracy=0.0, n=0, predictions=[])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
-    stops = set(stop_token_ids)
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad_id, stops = pad_token_id(tokenizer, stop_ids), set(stop_ids)
     order = sorted(range(len(references)), key=lambda i: len(references[i].prompt_ids))  # similar lengths batch well
     predictions: list[str] = [""] * len(references)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        outs = generate_batch(model, [references[i].prompt_ids for i in chunk], max_new_tokens, pad_id, stop_token_ids)
+        outs = generate_batch(model, [references[i].prompt_ids for i in chunk], max_new_tokens, pad_id, stop_ids)
         for i, new in zip(chunk, outs):
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
             predictions[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
@@ -116,7 +117,7 @@ def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len:
         return batch_loss(loss_module, batch, 1.0), batch.num_trained_tokens
 
     result = evaluate_loss(loss_sum, ordered_batches(data.train, batch_size, data.pad_id, False))
-    em = exact_match(model, tokenizer, data.references, data.max_answer_tokens, data.stop_token_ids) if data.references else None
+    em = exact_match(model, tokenizer, data.references, data.max_answer_tokens) if data.references else None
     return {"data": str(path), "format": data.format, "examples": data.stats.train.examples,
             "tokens": 0 if result is None else result.tokens,
             "loss": None if result is None else result.loss,
@@ -152,14 +153,13 @@ def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Any]]
 
 
 def exact_match_during_training(model: nn.Module, tokenizer: Any, references: Sequence[Any], max_new_tokens: int,
-                                stop_token_ids: Sequence[int], loss_module: nn.Module | None = None) -> ExactMatch:
+                                loss_module: nn.Module | None = None) -> ExactMatch:
     """:func:`exact_match` inside a run: the RNG stream untouched, FSDP's shards gathered so ranks generate in step."""
     from loraq.distributed.wrap import gathered_for_inference
 
     rng = torch.get_rng_state()
     try:
         with gathered_for_inference(loss_module):
-            return exact_match(model, tokenizer, references, max_new_tokens=max_new_tokens,
-                               stop_token_ids=stop_token_ids)
+            return exact_match(model, tokenizer, references, max_new_tokens=max_new_tokens)
     finally:
         torch.set_rng_state(rng)

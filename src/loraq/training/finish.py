@@ -32,7 +32,7 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
     if run.references:
         run.say(f"loraq: tuned model exact match on {len(run.references)} examples ...")
         final_em = exact_match_during_training(trained.model, trained.tokenizer, run.references,
-                                               data.max_answer_tokens, data.stop_token_ids, trained.loss_module)
+                                               data.max_answer_tokens, trained.loss_module)
         run.say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
     run.metrics.close()
     if runtime.is_main:

@@ -50,10 +50,9 @@ def threads_per_rank(cfg: TrainConfig) -> int:
 
 
 def launch_torchrun(cfg: TrainConfig):
+    from loraq.distributed.runtime import check_run_settings
     from loraq.training.result import RunResult
     from loraq.training.rundir import prepare_run_dir, resolve_run_dir
-
-    from loraq.distributed.runtime import check_run_settings
 
     run_dir = resolve_run_dir(cfg).resolve()
     # errors before any process starts; rank 0 empties an --overwrite folder later

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraq.data.packing import Batch
-from loraq.training.loss import IGNORE_INDEX, LossBuffers, fused_linear_cross_entropy, shift_targets
+from loraq.training.loss import (
+    IGNORE_INDEX,
+    LossBuffers,
+    fused_linear_cross_entropy,
+    shift_targets,
+)
 
 
 class CausalLMLoss(nn.Module):

@@ -29,6 +29,7 @@ from typing import Any
 
 from loraq.config import TrainConfig
 from loraq.errors import ConfigError
+from loraq.outputs import check_output_folder
 from loraq.paths import atomic_write_text
 
 RUN_FILE = "run.json"
@@ -68,13 +69,10 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
             raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); drop --resume to start a new run there")
         check_resume_matches(run_dir, cfg)
         return "resume"
-    if non_empty:
-        if not cfg.overwrite:
-            raise ConfigError(f"--output-dir {run_dir} exists and is not empty; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another folder")
-        if not is_run:
-            raise ConfigError(f"--overwrite: {run_dir} is not a loraq run folder (no {RUN_FILE}); "
-                              "refusing to delete it, choose another --output-dir")
+    if non_empty and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {run_dir} exists and is not empty; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another folder")
+    if check_output_folder(run_dir, cfg.overwrite, flag="--output-dir", marker=RUN_FILE):
         for flag, value in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--model", cfg.model)):
             if value and _inside(Path(value), run_dir):
                 raise ConfigError(f"--overwrite would delete {flag} {value}, which is inside --output-dir {run_dir}; "

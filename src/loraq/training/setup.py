@@ -33,8 +33,15 @@ from loraq.training import checkpoint as ckpt
 from loraq.training.evaluate import ExactMatch, exact_match_during_training
 from loraq.training.metrics import MetricsWriter
 from loraq.training.objective import CausalLMLoss
-from loraq.training.rundir import (RunLock, check_writable, clear_run_dir, lock_run_dir, prepare_run_dir,
-                                   resolve_run_dir, write_run_file)
+from loraq.training.rundir import (
+    RunLock,
+    check_writable,
+    clear_run_dir,
+    lock_run_dir,
+    prepare_run_dir,
+    resolve_run_dir,
+    write_run_file,
+)
 from loraq.training.schedule import make_scheduler, warmup_steps
 
 if TYPE_CHECKING:
@@ -295,7 +302,7 @@ def _record_base_accuracy(counters: Counters, say: Say, model: nn.Module, tokeni
                           data: DataBundle, loss_module: nn.Module | None = None) -> None:
     say(f"loraq: base model exact match on {len(data.references)} examples ...")
     base: ExactMatch = exact_match_during_training(model, tokenizer, data.references, data.max_answer_tokens,
-                                                   data.stop_token_ids, loss_module)
+                                                   loss_module)
     say(f"loraq: base accuracy {base.accuracy:.1%}")
     counters.base_accuracy, counters.base_predictions = base.accuracy, base.predictions[:3]
 
