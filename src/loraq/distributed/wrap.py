@@ -87,8 +87,8 @@ def fixed_mmap_threshold(threshold_bytes: int = 1 << 20) -> None:
 
     glibc raises its mmap threshold each time a large block is freed; from
     then on FSDP's per-layer gathers, allocated and freed at every forward and
-    backward, come from a heap that only grows (measured on SmolLM2-135M, 2
-    ranks: 2.5 GB peak per rank instead of 1.4 GB). A fixed threshold keeps
+    backward, come from a heap that only grows (docs/distributed.md gives
+    the peaks measured with and without). A fixed threshold keeps
     resident memory at what is live, for some speed. The environment variable
     ``MALLOC_MMAP_THRESHOLD_``, if set, wins; elsewhere than glibc this does nothing.
     """

@@ -8,7 +8,7 @@ once to the output dtype -- but in one pass over the bytes instead of three
 (``bench/NOTES.md``). Double-quantized scales are decoded in the same kernel.
 Where kernels cannot be generated (see :mod:`loraq.kernels.compile`) callers
 get None and use the eager path. On the CPU the hand-written kernel of
-:mod:`loraq.kernels.native` runs first (float32 / bf16 output, 3-5x faster);
+:mod:`loraq.kernels.native` runs first (float32 / bf16 output; bench/NOTES.md item 10);
 this one serves float16 output, CUDA, and CPUs where that one cannot be built.
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ for element (tests hold the two bitwise equal)::
 
 Why it exists: Inductor's generated kernel for this (:mod:`loraq.kernels.dequant`)
 does the table lookup as a scalar loop with a bounds check per element into a
-float32 scratch, then scales it in a second pass, and each call pays ~45 us
-of Dynamo guards; a QLoRA step calls it twice per frozen layer. Here one pass
+float32 scratch, then scales it in a second pass, and each call pays for
+Dynamo's guards; a QLoRA step calls it twice per frozen layer (bench/NOTES.md,
+item 10). Here one pass
 over the bytes does it: with AVX-512, 16 bytes are widened to 16 lanes, both
 nibbles looked up in a register holding the 16-entry table (``vpermps``),
 scaled, and, for bf16, rounded to nearest-even with integer ops and stored as
@@ -21,7 +22,7 @@ runs scalar (the compiler may vectorise it).
 Built with ``cc -O3 -march=native -ffp-contract=off`` (no fused multiply-add:
 the two scale operations must round separately, as PyTorch's do) into
 loraq's cache, keyed by the source, the compiler and the CPU's flags, and
-loaded with ctypes (a call costs ~2 us). Linux only for now; where no
+loaded with ctypes. Linux only for now; where no
 compiler works or ``LORAQ_COMPILE=0``, :func:`library` is None and callers
 use the generated or eager path. Threads: blocks are split across ``torch.get_num_threads()``
 OpenMP threads, linked against the same ``libgomp`` PyTorch loaded.

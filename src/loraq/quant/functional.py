@@ -45,7 +45,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_ABSMAX = 1e-38  # bitsandbytes' floor on a block's scale (an all-zero block)
-CPU_CHUNK_BYTES = 1 << 18  # packed bytes per dequantization step on CPU: a 2 MB float32 scratch (best of 2^15..2^19, measured)
+CPU_CHUNK_BYTES = 1 << 18  # packed bytes per eager dequantization step on CPU: a 2 MB float32 scratch (bench/NOTES.md)
 
 
 @dataclasses.dataclass(eq=False)  # tensors inside: compare fields explicitly

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from loraq import faults
+from loraq.data.batches import BatchIterator
 from loraq.errors import LoraqError, OutputError
 from loraq.paths import atomic_dir
 
@@ -114,7 +116,7 @@ def param_index_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], write_extra: Callable[[Path], None] | None = None,
+                    scheduler: LRScheduler, state: dict[str, Any], write_extra: Callable[[Path], None] | None = None,
                     keep: int = 2) -> Path:
     """Write ``checkpoints/step-<step>`` atomically, then drop all but the newest ``keep``.
 
@@ -229,8 +231,8 @@ class LoadedCheckpoint:
     state: dict[str, Any]
 
 
-def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    data: Any = None) -> Callable[[], LoadedCheckpoint]:
+def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                    data: BatchIterator | None = None) -> Callable[[], LoadedCheckpoint]:
     """Read and check everything first; returns the function that applies it (a bad checkpoint changes nothing).
 
     ``data`` (optional) is the batch iterator, whose position is restored too.
@@ -340,7 +342,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], te
     return {"state": state, "param_groups": groups}
 
 
-def _scheduler_state(scheduler: Any, saved: Any) -> dict:
+def _scheduler_state(scheduler: LRScheduler, saved: Any) -> dict:
     current = scheduler.state_dict()
     if not isinstance(saved, dict):
         raise ValueError("state.json: scheduler is not a mapping")
@@ -372,8 +374,8 @@ def _check_rng(tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError("rng.safetensors: the CPU generator state is missing or malformed")
 
 
-def resume_latest(run_dir: Path, *, model, optimizer, scheduler, warn: Callable[[str], None],
-                  data: Any = None) -> LoadedCheckpoint | None:
+def resume_latest(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: LRScheduler, warn: Callable[[str], None], data: BatchIterator | None = None) -> LoadedCheckpoint | None:
     """Load the newest checkpoint that reads back whole; skip (and warn about) broken ones."""
     for step, path in list_checkpoints(run_dir):
         try:

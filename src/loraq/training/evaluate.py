@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from loraq.data.packing import Batch
+from loraq.data.references import EvalReference
 from loraq.distributed.runtime import Runtime
 from loraq.training.objective import CausalLMLoss, batch_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -32,7 +37,7 @@ class EvalLoss:
 
 
 @torch.no_grad()
-def evaluate_loss(loss_sum_fn: Callable[[Any], tuple[torch.Tensor, int]], batches: Iterable[Any]) -> EvalLoss | None:
+def evaluate_loss(loss_sum_fn: Callable[[Batch], tuple[torch.Tensor, int]], batches: Iterable[Batch]) -> EvalLoss | None:
     """``loss_sum_fn(batch) -> (summed token loss, trained token count)``; mean over all tokens."""
     total, count = 0.0, 0
     for batch in batches:
@@ -73,7 +78,8 @@ class ExactMatch:
     predictions: list[str]
 
 
-def exact_match(model, tokenizer, references: Sequence[Any], max_new_tokens: int, batch_size: int = 64) -> ExactMatch:
+def exact_match(model: nn.Module, tokenizer: PreTrainedTokenizerBase, references: Sequence[EvalReference],
+                max_new_tokens: int, batch_size: int = 64) -> ExactMatch:
     """``references``: :class:`loraq.data.references.EvalReference` (``prompt_ids``, ``answer``).
 
     A prediction is the decoded continuation up to the first stop token (:mod:`loraq.data.prompts`, the
@@ -126,7 +132,7 @@ def evaluate_dataset(model, tokenizer, path: str, *, fmt: str = "auto", seq_len:
             "exact_match_examples": 0 if em is None else em.n}
 
 
-def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Any]], device: torch.device,
+def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Batch]], device: torch.device,
                     runtime: Runtime) -> EvalLoss | None:
     """Token-mean loss over ``batches()``; rank r takes batches r, r + N, ... (every rank runs the same number
     of forwards, as FSDP gathers weights in each: the ones past the end repeat the last batch and count nothing)."""
@@ -152,7 +158,8 @@ def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Any]]
     return EvalLoss(loss=total / count, tokens=int(count)) if count else None
 
 
-def exact_match_during_training(model: nn.Module, tokenizer: Any, references: Sequence[Any], max_new_tokens: int,
+def exact_match_during_training(model: nn.Module, tokenizer: PreTrainedTokenizerBase, references: Sequence[EvalReference],
+                                max_new_tokens: int,
                                 loss_module: nn.Module | None = None) -> ExactMatch:
     """:func:`exact_match` inside a run: the RNG stream untouched, FSDP's shards gathered so ranks generate in step."""
     from loraq.distributed.wrap import gathered_for_inference

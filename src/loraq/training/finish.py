@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from loraq import faults
 from loraq.devices import dtype_name
 from loraq.training import checkpoint as ckpt
-from loraq.training.evaluate import ExactMatch, exact_match_during_training
+from loraq.training.evaluate import EvalLoss, ExactMatch, exact_match_during_training
 from loraq.training.hooks import Callback
 from loraq.training.loop import LoopResult, evaluate
 from loraq.training.metrics import peak_memory_bytes
@@ -49,7 +49,7 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
     return RunResult(run_dir=run.folder.path, summary=summary)
 
 
-def build_summary(run: Run, loop: LoopResult, last_eval, final_em: ExactMatch | None) -> dict[str, Any]:
+def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None, final_em: ExactMatch | None) -> dict[str, Any]:
     cfg, runtime, data, trained, counters = run.cfg, run.runtime, run.data, run.trained, run.counters
     summary = {
         "method": cfg.method, "model": trained.source.name, "data": data.stats.path, "format": data.stats.format,
