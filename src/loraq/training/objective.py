@@ -31,7 +31,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
-        self.buffers = LossBuffers()
+        self.loss_buffers = LossBuffers()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
         config = getattr(model, "config", None)
@@ -58,14 +58,14 @@ class CausalLMLoss(nn.Module):
                     weight = weight.to(self.autocast_dtype)
                     bias = None if bias is None else bias.to(self.autocast_dtype)
                 return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, normalizer, bias=bias,
-                                                  buffers=self.buffers)
+                                                  buffers=self.loss_buffers)
             logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                 use_cache=False).logits
         return loss_from_logits(logits, targets, normalizer)
 
     def release_buffers(self) -> None:
         """Free the loss's reused memory (evaluation and generation after training do without it)."""
-        self.buffers.release()
+        self.loss_buffers.release()
 
 
 def loss_from_logits(logits: torch.Tensor, targets: torch.Tensor, normalizer: float | None) -> torch.Tensor:
