@@ -20,8 +20,9 @@ from pathlib import Path
 
 WORDS = ("lamp river stone cloud apple tiger piano candle forest window garden silver rocket pencil orange "
          "bridge castle winter summer valley island marble ocean planet violet copper meadow harbor lantern").split()
-NAMES = ("Maria Elena Gomez|John Paul Smith|Aiko Mei Tanaka|Lars Erik Olsen|Nina Rose Patel|Omar Ali Haddad|"
-         "Sofia Ines Costa|Peter Jan Novak|Grace Ada Obi|Hugo Leon Dubois|Yuki Sora Ito|Rita Ann Moore").split("|")
+FIRST = "Maria John Aiko Lars Nina Omar Sofia Peter Grace Hugo Yuki Rita Ada Ivan Lena Noah Emil Zoe Tariq Mei".split()
+MIDDLE = "Elena Paul Mei Erik Rose Ali Ines Jan Ada Leon Sora Ann Kay Lou Joy Max".split()
+LAST = "Gomez Smith Tanaka Olsen Patel Haddad Costa Novak Obi Dubois Ito Moore Berg Silva Khan Rossi".split()
 
 
 def _reverse(rng):
@@ -45,9 +46,7 @@ def _sort(rng):
 
 
 def _initials(rng):
-    name = rng.choice(NAMES).split()
-    first = rng.choice(NAMES).split()[0]
-    full = [first, *name[1:]]
+    full = [rng.choice(FIRST), rng.choice(MIDDLE), rng.choice(LAST)]
     return f"Initials of {' '.join(full)}?", "".join(w[0] + "." for w in full)
 
 
@@ -59,12 +58,16 @@ def generate(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
     rng = random.Random(seed)
     records, seen = [], set(exclude)
     makers = list(SKILLS.values())
-    while len(records) < n:
+    for _ in range(100 * n):
+        if len(records) == n:
+            break
         prompt, answer = makers[len(records) % len(makers)](rng)
         if prompt in seen:
             continue
         seen.add(prompt)
         records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    if len(records) < n:
+        raise ValueError(f"only {len(records)} distinct prompts of the {n} asked for")
     return records
 
 
