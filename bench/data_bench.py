@@ -220,7 +220,8 @@ def table(rows: list[dict]) -> str:
         cold = f"{r['data_cold_s']:.0f} s, {r['data_cold_mem'] / 1e9:.2f} GB{old}" if "data_cold_s" in r else "-"
         lines.append(
             f"| {r['examples']:,} | {r['tokens'] / 1e6:.1f} M | {r['bare_s']:.1f} s | {r['prepare_s']:.1f} s "
-            f"({r['ratio']:.2f}x) | {r['prepare_mem'] / MB:,.0f} MB | {r['cached_s']:.2f} s | {r['store_mb']:,.0f} MB | "
+            f"({r['ratio']:.2f}x) | {r['prepare_mem'] / MB:,.0f} MB | {r['cached_s']:.2f} s | "
+            f"{r['store_mb']:,.0f} MB | "
             f"{cold} | {r['first_step_s']:.1f} s |")
     return "\n".join(lines)
 

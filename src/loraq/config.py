@@ -65,8 +65,8 @@ class TrainConfig:
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
     # --- data ------------------------------------------------------------
-    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk folder or a "
-                                 "hub dataset id (default: the bundled demo set)")
+    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk "
+                                 "folder or a hub dataset id (default: the bundled demo set)")
     data_split: str | None = opt(None, "split of a Hugging Face dataset in --data (default: train)")
     data_config: str | None = opt(None, "configuration (subset) of a hub dataset in --data")
     val_data: str | None = opt(None, "validation data: a file, save_to_disk folder or hub id (its validation split)")

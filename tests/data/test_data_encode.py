@@ -115,7 +115,8 @@ def test_batched_masks_equal_transformers_assistant_masks(tiny_tokenizer):
     tok.chat_template = GENERATION_TAGGED_CHATML
     samples = varied_chats(40, seed=5)
     for example, sample in zip(batched(samples, tok, 10_000), samples):
-        out = tok.apply_chat_template(sample.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = tok.apply_chat_template(sample.messages, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
         assert example.input_ids == list(out["input_ids"])
         assert [int(label != -100) for label in example.labels] == list(out["assistant_masks"])
 
@@ -137,7 +138,8 @@ def test_batched_equals_per_sample_with_smollm2(smollm_dir):
         "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n\n'")
     samples = varied_chats(30, seed=7)
     for example, sample in zip(batched(samples, tok, 10_000), samples):
-        out = tok.apply_chat_template(sample.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = tok.apply_chat_template(sample.messages, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
         assert example.input_ids == list(out["input_ids"])
         assert [int(label != -100) for label in example.labels] == list(out["assistant_masks"])
 

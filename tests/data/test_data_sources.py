@@ -71,9 +71,11 @@ def test_hub_id_offline_and_without_datasets_is_one_line(tmp_path, tiny_tokenize
     datasets.Dataset.from_list(chats(0, 2)).save_to_disk(str(folder))
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
     for spec in (str(folder), "some-org/some-chat-set"):
-        one_line_error(lambda: build_data(cfg(data=spec), tiny_tokenizer), spec, "pip install 'loraq[datasets]'")
+        one_line_error(lambda spec=spec: build_data(cfg(data=spec), tiny_tokenizer), spec,
+                       "pip install 'loraq[datasets]'")
     # a file still needs no `datasets`
-    assert build_data(cfg(data=str(write_jsonl(tmp_path / "d.jsonl", chats(0, 2)))), tiny_tokenizer).stats.train.examples == 2
+    plain = build_data(cfg(data=str(write_jsonl(tmp_path / "d.jsonl", chats(0, 2)))), tiny_tokenizer)
+    assert plain.stats.train.examples == 2
 
 
 def test_a_plain_folder_is_refused(tmp_path, tiny_tokenizer):

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from loraq.api.data import inspect_data
 
-    report = inspect_data(args.file, data_split=args.data_split, data_config=args.data_config, format=args.format, model=args.model, seq_len=args.seq_len,
+    report = inspect_data(args.file, data_split=args.data_split, data_config=args.data_config, format=args.format,
+                          model=args.model, seq_len=args.seq_len,
                           batch_size=args.batch_size, packing=args.packing, train_on_inputs=args.train_on_inputs,
                           skip_bad_examples=args.skip_bad_examples, show=args.show)
     if args.json:

@@ -33,14 +33,22 @@ Tokenizers without a fast backend go through the per-sample path.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from loraq.data.formats import Sample
-from loraq.data.tokenize import (_closed, assistant_spans, chat_template, end_markers, prompt_turns, tokenize_sample,
-                                 truncate)
+from loraq.data.tokenize import (
+    _closed,
+    assistant_spans,
+    chat_template,
+    end_markers,
+    prompt_turns,
+    tokenize_sample,
+    truncate,
+)
 from loraq.errors import DataError
 
 
@@ -77,7 +85,7 @@ class FastEncoder:
             self._compiled = None
 
     @classmethod
-    def of(cls, tokenizer: Any) -> "FastEncoder | None":
+    def of(cls, tokenizer: Any) -> FastEncoder | None:
         """A FastEncoder for ``tokenizer``, or None when it has no fast (Rust) backend."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not getattr(tokenizer, "is_fast", True):
@@ -86,7 +94,7 @@ class FastEncoder:
 
         spec = json.loads(backend.to_str())
         if not _untrim_offsets(spec.get("post_processor")) and backend.truncation is None and backend.padding is None:
-            return cls(tokenizer, backend)  # nothing to change: no copy (parsing one costs a noticeable fraction of a second)
+            return cls(tokenizer, backend)  # nothing to change, so no copy (parsing one takes a while)
         copy = Tokenizer.from_str(json.dumps(spec))
         copy.no_truncation()  # a tokenizer.json may carry them; transformers switches them off per call too
         copy.no_padding()

@@ -25,15 +25,17 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from loraq import faults
+from loraq.choices import DATA_FORMATS
 from loraq.data.encode import Encoded, FastEncoder, encode_samples
-from loraq.data.formats import FORMATS, _check_same_format, _format_of_first, guess_format, to_sample
+from loraq.data.formats import _check_same_format, _format_of_first, guess_format, to_sample
 from loraq.data.readers import Record
 from loraq.data.store import StoreWriter, TokenStore, id_dtype, store_key, stores_root, tokenizer_fingerprint
 from loraq.data.tokenize import chat_template
@@ -98,9 +100,9 @@ def encode_chunk(settings: ChunkSettings, items: list[tuple[int, int, Any]]) -> 
 def prepare_store(source: Any, tokenizer: Any, *, fmt: str = "auto", seq_len: int, train_on_inputs: bool = False,
                   skip_bad: bool = False, workers: int | None = None,
                   log: Callable[[str], None] | None = None) -> TokenStore:
-    """The store of ``source`` tokenized with these settings: from the cache, or built now (see the module docstring)."""
-    if fmt not in (None, "auto") and fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    """The store of ``source`` with these settings: from the cache, or built now (see the module docstring)."""
+    if fmt not in (None, "auto") and fmt not in DATA_FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(DATA_FORMATS)}")
     log = log or _stderr
     key = store_key(data=source.fingerprint(), tokenizer=tokenizer_fingerprint(tokenizer),
                     chat_template=chat_template(tokenizer), fmt=fmt or "auto", seq_len=seq_len,

@@ -57,13 +57,13 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     source = open_file(path)
     records: list[Record] = []
     for number, payload in source.items():
-        _keep(records, lambda: source.record(number, payload), skipped)
+        _keep(records, lambda number=number, payload=payload: source.record(number, payload), skipped)
     if not records:
         raise DataError(f"{source.name}: the file holds no records; add at least one example")
     return records
 
 
-def open_file(path: str | Path) -> "FileSource":
+def open_file(path: str | Path) -> FileSource:
     """The dataset file at ``path`` as a :class:`FileSource`; DataError when it is missing or not a dataset."""
     p = Path(path)
     if not p.exists():

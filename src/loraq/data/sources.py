@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from loraq.data.readers import NOT_DATA, SUFFIXES, Record, open_file
 from loraq.errors import DataError
@@ -76,7 +77,7 @@ class HFSource:
         self.rows_read = 0
 
     @classmethod
-    def from_disk(cls, folder: Path, split: str | None, role: str) -> "HFSource":
+    def from_disk(cls, folder: Path, split: str | None, role: str) -> HFSource:
         datasets = _datasets(str(folder))
         try:
             loaded = datasets.load_from_disk(str(folder))
@@ -88,7 +89,7 @@ class HFSource:
         return cls(dataset, name, _cache_files(dataset), f"disk:{chosen}")
 
     @classmethod
-    def from_arrow(cls, path: Path) -> "HFSource":
+    def from_arrow(cls, path: Path) -> HFSource:
         datasets = _datasets(str(path))
         try:
             dataset = datasets.Dataset.from_file(str(path))
@@ -98,7 +99,7 @@ class HFSource:
         return cls(dataset, str(path), [str(path)], "arrow")
 
     @classmethod
-    def from_hub(cls, dataset_id: str, split: str | None, config: str | None, role: str) -> "HFSource":
+    def from_hub(cls, dataset_id: str, split: str | None, config: str | None, role: str) -> HFSource:
         datasets = _datasets(f"{dataset_id}: no such file or folder; as a hub dataset id, it")
         try:
             loaded = datasets.load_dataset(dataset_id, name=config, split=split)

@@ -153,7 +153,7 @@ class TokenStore:
         return np.diff(self.offsets)
 
     @classmethod
-    def open(cls, folder: Path) -> "TokenStore | None":
+    def open(cls, folder: Path) -> TokenStore | None:
         """The store in ``folder``, or None when there is none or it is not complete and consistent."""
         folder = Path(folder)
         try:

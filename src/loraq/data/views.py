@@ -15,7 +15,7 @@ take these as they took lists.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -51,10 +51,12 @@ class TokenStream:
         return spans
 
     def ids(self, start: int, stop: int) -> np.ndarray:
-        return np.concatenate([self.store.token_ids(a, b) for a, b in self._spans(start, stop)] or [np.zeros(0, np.int64)])
+        parts = [self.store.token_ids(a, b) for a, b in self._spans(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def trained(self, start: int, stop: int) -> np.ndarray:
-        return np.concatenate([self.store.trained_mask(a, b) for a, b in self._spans(start, stop)] or [np.zeros(0, bool)])
+        parts = [self.store.trained_mask(a, b) for a, b in self._spans(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 class StoreExamples(Sequence):
