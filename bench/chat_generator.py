@@ -14,9 +14,9 @@ SmolLM2's tokenizer. Deterministic for a given ``seed`` and index, so a
 from __future__ import annotations
 
 import json
+import math
+import random
 import sys
-
-import numpy as np
 
 WORDS = (
     "the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
@@ -57,44 +57,43 @@ SYSTEM_PROMPTS = [
     "You are a travel planner. Suggest practical itineraries.",
     "Answer as a careful scientist: state assumptions, then reason.",
 ]
-TURNS = np.array([1, 2, 3, 4])
-TURN_P = np.array([0.60, 0.25, 0.10, 0.05])
+TURNS, TURN_WEIGHTS = [1, 2, 3, 4], [0.60, 0.25, 0.10, 0.05]
 
 
-def _sentence(rng: np.random.Generator, n: int) -> str:
-    words = [WORDS[i] for i in rng.integers(0, len(WORDS), n)]
+def _sentence(rng: random.Random, n: int) -> str:
+    words = rng.choices(WORDS, k=n)
     if rng.random() < 0.15:
-        words[rng.integers(0, n)] = str(int(rng.integers(0, 10000)))
+        words[rng.randrange(n)] = str(rng.randrange(10000))
     text = " ".join(words)
     if n > 8 and rng.random() < 0.3:
-        cut = int(rng.integers(3, n - 3))
+        cut = rng.randrange(3, n - 3)
         text = " ".join(words[:cut]) + ", " + " ".join(words[cut:])
     return text[0].upper() + text[1:] + (("?" if rng.random() < 0.2 else ".") if n > 2 else ":")
 
 
-def _text(rng: np.random.Generator, median_words: float, sigma: float) -> str:
-    total = int(min(max(rng.lognormal(np.log(median_words), sigma), 2), 700))
+def _text(rng: random.Random, median_words: float, sigma: float) -> str:
+    total = int(min(max(rng.lognormvariate(math.log(median_words), sigma), 2), 700))
     pieces, left = [], total
     while left > 0:
-        n = int(min(left, max(2, rng.integers(4, 24))))
+        n = min(left, max(2, rng.randrange(4, 24)))
         pieces.append(_sentence(rng, n))
         left -= n
     if total > 40 and rng.random() < 0.15:
-        items = "\n".join(f"{k}. {_sentence(rng, int(rng.integers(3, 10)))}" for k in range(1, int(rng.integers(3, 6))))
+        items = "\n".join(f"{k}. {_sentence(rng, rng.randrange(3, 10))}" for k in range(1, rng.randrange(3, 6)))
         pieces.insert(len(pieces) // 2, "\n" + items + "\n")
     if total > 40 and rng.random() < 0.07:
-        code = f"```python\ndef {WORDS[rng.integers(0, len(WORDS))]}(x):\n    return x * {int(rng.integers(2, 9))}\n```"
+        code = f"```python\ndef {rng.choice(WORDS)}(x):\n    return x * {rng.randrange(2, 9)}\n```"
         pieces.append("\n" + code)
     return " ".join(pieces)
 
 
 def example(seed: int, index: int) -> dict:
     """Example number ``index`` of the set ``seed`` (independent of every other index)."""
-    rng = np.random.default_rng([seed, index])
+    rng = random.Random(seed * 1_000_000_007 + index)
     messages = []
     if rng.random() < 0.5:
-        messages.append({"role": "system", "content": SYSTEM_PROMPTS[rng.integers(0, len(SYSTEM_PROMPTS))]})
-    for _ in range(int(rng.choice(TURNS, p=TURN_P))):
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    for _ in range(rng.choices(TURNS, TURN_WEIGHTS)[0]):
         messages.append({"role": "user", "content": _text(rng, 14, 0.8)})
         messages.append({"role": "assistant", "content": _text(rng, 32, 0.9)})
     return {"messages": messages}
