@@ -13,7 +13,7 @@ under ``--tmp``), each measurement in a fresh process:
 * up to ``--old-max`` examples, ``loraq data`` wall time and peak (process
   start to exit), cold, and with ``--old-src`` the same command of another
   loraq tree (today's ``main``);
-* ``first step``: ``loraq train`` on the cached store, from process start to
+* ``first step`` (sizes in ``--first-step-at``): ``loraq train`` on the cached store, from process start to
   the top of step 1 (the fault hook ``LORAQ_CRASH_AT=step-start:1`` stops it
   there: a test hook, used here to time that moment exactly);
 * with ``--train-steps N`` on the largest size: a run of N steps.
@@ -196,9 +196,10 @@ def bench_size(n: int, args, model: str) -> dict:
         _, row["old_data_s"], row["old_data_mem"] = timed([sys.executable, *data_cmd], old_env)
     train = ["-m", "loraq", "train", "--data", str(path), "--model", model, "--seq-len", "512", "--packing",
              "--eval-samples", "0", "--batch-size", "4", "--output-dir", str(tmp / f"run-{n}"), "--overwrite"]
-    code, row["first_step_s"], _ = timed([sys.executable, *train, "--max-steps", "2"],
-                                         dict(env, LORAQ_CRASH_AT="step-start:1"))
-    assert code == -9, "the run did not reach step 1"
+    if n in args.first_step_at:
+        code, row["first_step_s"], _ = timed([sys.executable, *train, "--max-steps", "2"],
+                                             dict(env, LORAQ_CRASH_AT="step-start:1"))
+        assert code == -9, "the run did not reach step 1"
     if args.train_steps and n == max(args.sizes):
         _, row["train_s"], row["train_mem"] = timed([sys.executable, *train, "--max-steps", str(args.train_steps)], env)
         summary = json.loads((tmp / f"run-{n}" / "summary.json").read_text())
@@ -217,12 +218,13 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         old = f" ({r['old_data_s']:.0f} s, {r['old_data_mem'] / 1e9:.2f} GB)" if "old_data_s" in r else ""
+        first = f"{r['first_step_s']:.1f} s" if "first_step_s" in r else "-"
         cold = f"{r['data_cold_s']:.0f} s, {r['data_cold_mem'] / 1e9:.2f} GB{old}" if "data_cold_s" in r else "-"
         lines.append(
             f"| {r['examples']:,} | {r['tokens'] / 1e6:.1f} M | {r['bare_s']:.1f} s | {r['prepare_s']:.1f} s "
             f"({r['ratio']:.2f}x) | {r['prepare_mem'] / MB:,.0f} MB | {r['cached_s']:.2f} s | "
             f"{r['store_mb']:,.0f} MB | "
-            f"{cold} | {r['first_step_s']:.1f} s |")
+            f"{cold} | {first} |")
     return "\n".join(lines)
 
 
@@ -236,10 +238,12 @@ def main() -> None:
     parser.add_argument("--old-src", default=None, help="src/ of another loraq tree to time `loraq data` with")
     parser.add_argument("--old-max", type=int, default=200000, help="largest size to run --old-src on")
     parser.add_argument("--train-steps", type=int, default=0, help="train this many steps on the largest size")
+    parser.add_argument("--first-step-at", default="200000", help="sizes whose time to the first step is measured")
     parser.add_argument("--tmp", default="/tmp/loraq-data-bench", help="generated files, caches and runs")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and caches")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.first_step_at = [int(s) for s in args.first_step_at.split(",") if s]
     sys.path.insert(0, str(SRC))
     model = args.model
     if model is None:
