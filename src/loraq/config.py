@@ -65,8 +65,11 @@ class TrainConfig:
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
     # --- data ------------------------------------------------------------
-    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet (default: the bundled demo set)")
-    val_data: str | None = opt(None, "validation data file")
+    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk "
+                                 "folder or a hub dataset id (default: the bundled demo set)")
+    data_split: str | None = opt(None, "split of a Hugging Face dataset in --data (default: train)")
+    data_config: str | None = opt(None, "configuration (subset) of a hub dataset in --data")
+    val_data: str | None = opt(None, "validation data: a file, save_to_disk folder or hub id (its validation split)")
     val_fraction: float = opt(0.0, "hold out this fraction of --data for validation", lo=0, hi=0.5)
     format: str = opt("auto", "data format (auto-detected by default)", choices=FORMATS)
     seq_len: int = opt(512, "maximum tokens per sequence", lo=8, hi=1 << 20)

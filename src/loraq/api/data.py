@@ -3,9 +3,10 @@
 The report: the format (detected or given), records and examples, token
 statistics with the share of tokens that carry loss, how many examples
 ``seq_len`` truncates or drops, the padding share with and without packing,
-and ``show`` examples rendered as the model sees them, with the trained
-tokens between ``[[`` and ``]]``. It goes through the same ``build_data``
-as training, so what it accepts, training accepts.
+``show`` examples rendered as the model sees them, with the trained
+tokens between ``[[`` and ``]]``, and the token store it read (or wrote).
+It goes through the same ``build_data`` as training, so what it accepts,
+training accepts.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from loraq.errors import ConfigError
 OPEN, CLOSE = "[[", "]]"
 
 
-def inspect_data(file: str | Path, *, format: str = "auto", model: str | None = None, seq_len: int = 512,
+def inspect_data(file: str | Path, *, data_split: str | None = None, data_config: str | None = None,
+                 format: str = "auto", model: str | None = None, seq_len: int = 512,
                  batch_size: int = 4, packing: bool = False, train_on_inputs: bool = False,
                  skip_bad_examples: bool = False, show: int = 1) -> dict[str, Any]:
     """The report (see the module docstring), with ``examples_shown``: ``show`` rendered examples."""
@@ -29,7 +31,8 @@ def inspect_data(file: str | Path, *, format: str = "auto", model: str | None = 
 
     if show < 0:
         raise ConfigError(f"--show {show} must be 0 or more")
-    cfg = TrainConfig.from_dict({"data": str(file), "format": format, "seq_len": seq_len, "batch_size": batch_size,
+    cfg = TrainConfig.from_dict({"data": str(file), "data_split": data_split, "data_config": data_config,
+                                 "format": format, "seq_len": seq_len, "batch_size": batch_size,
                                  "packing": packing, "train_on_inputs": train_on_inputs, "eval_samples": 0},
                                 source="flags").validate()
     tokenizer = load_tokenizer(model)
@@ -41,23 +44,17 @@ def inspect_data(file: str | Path, *, format: str = "auto", model: str | None = 
 
 def summarize(bundle: DataBundle, given_format: bool) -> dict[str, Any]:
     st = bundle.stats
-    lengths = [len(e) for e in bundle.train_examples]
+    lengths = bundle.train_examples.lengths
     return {
         "file": st.path, "format": st.format, "format_source": "given" if given_format else "detected",
         "records": st.train.records, "skipped": st.skipped, "skipped_first": st.skipped_messages[:3],
         "examples": st.train.examples, "truncated": st.train.truncated, "dropped": st.train.dropped,
         "seq_len": st.seq_len, "tokens": st.train.tokens, "trained_tokens": st.train.trained_tokens,
         "trained_share": st.train.trained_tokens / st.train.tokens if st.train.tokens else 0.0,
-        "tokens_per_example": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)},
+        "tokens_per_example": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
         "padding_fraction": st.train.padding_fraction, "padding_fraction_packed": st.train.padding_fraction_packed,
-        "packed_rows": len(_packed_rows(bundle)),
+        "packed_rows": st.train.packed_rows, "token_store": bundle.store_paths[0],
     }
-
-
-def _packed_rows(bundle: DataBundle) -> list:
-    from loraq.data.packing import pack
-
-    return bundle.train if bundle.packed else pack(bundle.train_examples, bundle.seq_len)
 
 
 def marked_text(tokenizer: Any, example: Example) -> str:

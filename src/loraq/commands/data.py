@@ -9,7 +9,10 @@ from loraq.choices import FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="dataset file (.jsonl, .json, .csv, .parquet)")
+    parser.add_argument("file", help="dataset: .jsonl, .json, .csv, .parquet or .arrow file, a datasets save_to_disk "
+                                     "folder, or a hub dataset id")
+    parser.add_argument("--data-split", default=None, help="split of a Hugging Face dataset (default: train)")
+    parser.add_argument("--data-config", default=None, help="configuration (subset) of a hub dataset")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: detected)")
     parser.add_argument("--model", default=None, help="model whose tokenizer and chat template to use "
                                                       "(default: SmolLM2-135M-Instruct)")
@@ -25,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from loraq.api.data import inspect_data
 
-    report = inspect_data(args.file, format=args.format, model=args.model, seq_len=args.seq_len,
+    report = inspect_data(args.file, data_split=args.data_split, data_config=args.data_config, format=args.format,
+                          model=args.model, seq_len=args.seq_len,
                           batch_size=args.batch_size, packing=args.packing, train_on_inputs=args.train_on_inputs,
                           skip_bad_examples=args.skip_bad_examples, show=args.show)
     if args.json:
@@ -51,6 +55,7 @@ def print_report(r: dict[str, Any]) -> None:
           f"per example min {lengths['min']}, mean {lengths['mean']:.1f}, max {lengths['max']}")
     print(f"padding:    {100 * r['padding_fraction']:.1f}% without packing, "
           f"{100 * r['padding_fraction_packed']:.1f}% with --packing ({r['packed_rows']} packed rows)")
+    print(f"tokens in:  {r['token_store']} (reused by the next run with the same data and settings)")
     for example in r["examples_shown"]:
         print(f"\n--- {example['where']}: {example['tokens']} tokens, {example['trained']} trained "
               f"(between {OPEN} and {CLOSE}) ---")

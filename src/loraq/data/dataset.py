@@ -15,18 +15,25 @@ The train loop then takes batches from ``bundle.train_batches(...)`` (a
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from loraq.data.batches import BatchIterator, epoch_order, ordered_batches
-from loraq.data.formats import Sample, to_samples
-from loraq.data.packing import Batch, Row, pack, padding_fraction
+from loraq.data.formats import Sample, to_sample, to_samples
+from loraq.data.packing import Batch, Row, pack_lengths, padding_fraction_of
+from loraq.data.prepare import prepare_store
 from loraq.data.prompts import pad_token_id
 from loraq.data.readers import read_records
-from loraq.data.references import EvalReference, eval_references, max_answer_tokens
+from loraq.data.references import EvalReference, eval_references, has_reference, max_answer_tokens
+from loraq.data.sources import open_source
+from loraq.data.store import TokenStore
 from loraq.data.tokenize import Example, tokenize_documents, tokenize_sample, truncate
+from loraq.data.views import StoreExamples, StoreRows, document_chunks, sample_examples
 from loraq.errors import DataError
 
 
@@ -44,6 +51,7 @@ class SplitStats:
     longest: int = 0
     padding_fraction: float = 0.0  # one example per row, padded to the longest in each batch
     padding_fraction_packed: float = 0.0  # packed rows, padded to the longest in each batch
+    packed_rows: int = 0  # rows that --packing makes
 
 
 @dataclass
@@ -67,15 +75,16 @@ class DataBundle:
     """Everything the loop needs from the data (see the module docstring)."""
 
     format: str
-    train: list[Row]
-    val: list[Row]
-    train_examples: list[Example]
+    train: Sequence[Row]
+    val: Sequence[Row]
+    train_examples: Sequence[Example]
     references: list[EvalReference]
     stats: DataStats
     pad_id: int
     packed: bool
     seq_len: int
     max_answer_tokens: int
+    store_paths: list[str] = field(default_factory=list)  # the token stores read (train, then validation)
 
     def train_batches(self, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchIterator:
         """Endless shuffled batches; rank ``rank`` gets its slice of each global batch."""
@@ -130,61 +139,128 @@ def split_off(samples: list[Sample], fraction: float, seed: int, source: str) ->
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-def _pad_fractions(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int) -> tuple[float, float]:
-    """Padding share of epoch 0's batches, without and with packing."""
-    def share(rows: list[Row]) -> float:
-        order = epoch_order(len(rows), seed, 0)
-        return padding_fraction([[rows[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)])
+def split_indices(n: int, fraction: float, seed: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_off` on sample indices: (train, val), both ascending."""
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise DataError(f"{source}: {n} examples are too few to hold out --val-fraction {fraction}; "
+                        f"add data or use --val-data")
+    order = list(range(n))
+    random.Random(f"loraq-val:{seed}").shuffle(order)
+    held = np.zeros(n, dtype=bool)
+    held[np.asarray(order[:n_val], dtype=np.int64)] = True
+    del order
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
-    if not examples:
-        return 0.0, 0.0
-    return share([(e,) for e in examples]), share(pack(examples, seq_len))
+
+@dataclass
+class _Split:
+    rows: StoreRows
+    examples: StoreExamples
+    stats: SplitStats
+    samples: np.ndarray  # the store samples of the split (references are taken from them)
 
 
-def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None) -> DataBundle:
+def _split(store: TokenStore, source: Any, samples: np.ndarray, cfg: Any, source_name: str) -> _Split:
+    """The split's examples (dropped ones left out), its rows (packed or not) and its stats."""
+    stats = SplitStats(records=len(samples))
+    if store.meta["kind"] == "text":
+        examples = document_chunks(store, samples, cfg.seq_len, source.name)
+    else:
+        examples = sample_examples(store, samples[np.asarray(store.trained[samples]) > 0], source.where)
+        stats.truncated = int(np.asarray(store.truncated[samples]).sum())
+        stats.dropped = len(samples) - len(examples)
+        stats.longest = int(store.lengths[samples].max()) if len(samples) else 0
+    if len(samples) and not len(examples):
+        raise DataError(f"{source_name}: all {len(samples)} examples lose every trained token when cut to --seq-len "
+                        f"{cfg.seq_len}; raise --seq-len")
+    stats.examples = len(examples)
+    stats.tokens = int(examples.lengths.sum())
+    stats.trained_tokens = int(examples.num_trained.sum())
+    stats.longest = max([stats.longest, int(examples.lengths.max()) if len(examples) else 0])
+    packed = StoreRows(examples, *pack_lengths(examples.lengths, cfg.seq_len))
+    single = StoreRows(examples)
+    stats.packed_rows = len(packed)
+    if len(examples):
+        stats.padding_fraction = padding_fraction_of(single.row_lengths(), epoch_order(len(single), cfg.seed, 0),
+                                                     cfg.batch_size)
+        stats.padding_fraction_packed = padding_fraction_of(packed.row_lengths(),
+                                                            epoch_order(len(packed), cfg.seed, 0), cfg.batch_size)
+    rows = packed if cfg.packing else single
+    stats.rows = len(rows)
+    return _Split(rows, examples, stats, samples)
+
+
+def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None, *, workers: int | None = None,
+               log: Callable[[str], None] | None = None) -> DataBundle:
     """Train and validation rows, references and stats from ``cfg``'s data flags (see the module docstring).
 
     ``skip_bad`` (default: ``cfg.skip_bad_examples`` if the config has it)
-    leaves bad records out and counts them instead of raising.
+    leaves bad records out and counts them instead of raising. ``workers``:
+    processes that tokenize (default: one per core for large data; see
+    :func:`~loraq.data.prepare.resolve_workers`); ``log`` gets progress lines.
     """
     from loraq.data.demo import demo_paths
 
     if skip_bad is None:
         skip_bad = bool(getattr(cfg, "skip_bad_examples", False))
-    skipped: list[str] | None = [] if skip_bad else None
     path, val_path = cfg.data, cfg.val_data
     if path is None:
         path, demo_eval = demo_paths()
         if val_path is None and not cfg.val_fraction:
             val_path = demo_eval
-    fmt, samples = read_samples(path, cfg.format, skipped)
-    val_samples: list[Sample] = []
+    prepare = functools.partial(prepare_store, tokenizer=tokenizer, fmt=cfg.format, seq_len=cfg.seq_len,
+                                train_on_inputs=cfg.train_on_inputs, skip_bad=skip_bad, workers=workers, log=log)
+    source = open_source(path, split=getattr(cfg, "data_split", None), config=getattr(cfg, "data_config", None))
+    store = prepare(source)
+    fmt = store.meta["format"]
+    samples = np.arange(store.samples)
+    val_source = val_store = None
+    val_samples = np.zeros(0, dtype=np.int64)
     if val_path is not None:
-        _, val_samples = read_samples(val_path, cfg.format, skipped)
-        if (val_samples[0].kind == "text") != (fmt == "text"):
+        val_source = open_source(val_path, role="validation")
+        val_store = prepare(val_source)
+        val_samples = np.arange(val_store.samples)
+        if (val_store.meta["kind"] == "text") != (fmt == "text"):
             raise DataError(f"{val_path}: validation data must be of the same kind as {path} ({fmt}); "
                             f"convert it or pass --format")
     elif cfg.val_fraction:
-        samples, val_samples = split_off(samples, cfg.val_fraction, cfg.seed, str(path))
+        samples, val_samples = split_indices(store.samples, cfg.val_fraction, cfg.seed, str(path))
+        val_source, val_store = source, store
 
-    train_examples, train_stats = tokenize_samples(samples, tokenizer, cfg.seq_len, cfg.train_on_inputs, str(path))
-    val_examples, val_stats = tokenize_samples(val_samples, tokenizer, cfg.seq_len, cfg.train_on_inputs,
-                                               str(val_path or path))
-    train_rows = _rows(train_examples, cfg.seq_len, cfg.packing)
-    val_rows = _rows(val_examples, cfg.seq_len, cfg.packing)
-    for split, examples, rows in ((train_stats, train_examples, train_rows), (val_stats, val_examples, val_rows)):
-        split.rows = len(rows)
-        split.padding_fraction, split.padding_fraction_packed = _pad_fractions(examples, cfg.seq_len, cfg.batch_size,
-                                                                               cfg.seed)
-    references = eval_references(val_samples or samples, tokenizer, cfg.eval_samples)
+    train = _split(store, source, samples, cfg, str(path))
+    val = _split(val_store, val_source, val_samples, cfg, str(val_path or path)) if val_store is not None else None
+    ref_source, ref_store, ref_samples = (val_source, val_store, val_samples) if val is not None \
+        else (source, store, samples)
+    references = eval_references(reference_samples(ref_source, ref_store, ref_samples, fmt, cfg.eval_samples),
+                                 tokenizer, cfg.eval_samples)
+    skipped = store.meta["skipped"] + (val_store.meta["skipped"] if val_store is not None and val_path else 0)
+    messages = list(store.meta["skipped_messages"]) + (list(val_store.meta["skipped_messages"]) if val_path else [])
     stats = DataStats(format=fmt, path=str(path), val_path=None if val_path is None else str(val_path),
-                      seq_len=cfg.seq_len, packing=cfg.packing, skipped=len(skipped or []),
-                      skipped_messages=list(skipped or [])[:20], train=train_stats,
-                      val=val_stats if val_samples else None)
-    return DataBundle(format=fmt, train=train_rows, val=val_rows, train_examples=train_examples, references=references,
-                      stats=stats, pad_id=pad_token_id(tokenizer), packed=bool(cfg.packing), seq_len=cfg.seq_len,
-                      max_answer_tokens=max_answer_tokens(references, tokenizer))
+                      seq_len=cfg.seq_len, packing=cfg.packing, skipped=skipped, skipped_messages=messages[:20],
+                      train=train.stats, val=val.stats if val is not None else None)
+    return DataBundle(format=fmt, train=train.rows, val=val.rows if val is not None else [],
+                      train_examples=train.examples, references=references, stats=stats, pad_id=pad_token_id(tokenizer),
+                      packed=bool(cfg.packing), seq_len=cfg.seq_len,
+                      max_answer_tokens=max_answer_tokens(references, tokenizer),
+                      store_paths=[str(store.folder)] + ([str(val_store.folder)] if val_path else []))
 
 
-def _rows(examples: list[Example], seq_len: int, packing: bool) -> list[Row]:
-    return pack(examples, seq_len) if packing else [(e,) for e in examples]
+def reference_samples(source: Any, store: TokenStore, samples: np.ndarray, fmt: str, limit: int) -> list[Sample]:
+    """The first samples of ``samples`` (store indices) that have a reference answer, at most ``limit``, read
+    again from the source (the store keeps tokens, not messages); the read stops as soon as they are found."""
+    if limit <= 0 or not len(samples) or store.meta["kind"] == "text":
+        return []
+    wanted = np.asarray(store.ordinals[samples])
+    found: list[Sample] = []
+    k = 0
+    for ordinal, (number, payload) in enumerate(source.items()):
+        if ordinal < wanted[k]:
+            continue
+        sample = to_sample(source.record(number, payload), fmt)
+        if has_reference(sample):
+            found.append(sample)
+        k += 1
+        if len(found) >= limit or k == len(wanted):
+            break
+    return found

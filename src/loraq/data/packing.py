@@ -20,9 +20,11 @@ Contract of :func:`collate`:
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from loraq.data.tokenize import IGNORE_INDEX, Example
@@ -93,6 +95,49 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
     return [tuple(examples[i] for i in sorted(members)) for members in rows]
 
 
+def pack_lengths(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pack` on example lengths alone, for millions of examples: ``(row_starts, members)``.
+
+    Row ``r`` holds the examples ``members[row_starts[r]:row_starts[r + 1]]``
+    (ascending), rows in the order :func:`pack` makes them: the same rows.
+    Instead of one sorted list of ``(room left, row)`` (an insertion into it
+    moves every entry after it), each value of room left has a heap of the
+    rows with that room, and a sorted list holds the room values in use (at
+    most ``seq_len`` of them): the smallest room that fits, then its lowest row.
+    """
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if len(sizes) and int(sizes.max()) > seq_len:
+        raise ValueError(f"example of {int(sizes.max())} tokens is longer than seq_len {seq_len}; truncate first")
+    row_of = np.empty(len(sizes), dtype=np.int64)
+    rooms: list[int] = []  # sorted room values that some open row has
+    rows_with: dict[int, list[int]] = {}  # room -> heap of row indices
+    n_rows = 0
+    size_list = sizes.tolist()
+    for i in np.argsort(-sizes, kind="stable").tolist():
+        size = size_list[i]
+        slot = bisect.bisect_left(rooms, size)
+        if slot < len(rooms):
+            room = rooms[slot]
+            heap = rows_with[room]
+            r = heapq.heappop(heap)
+            if not heap:
+                del rooms[slot], rows_with[room]
+        else:
+            room, r = seq_len, n_rows
+            n_rows += 1
+        row_of[i] = r
+        left = room - size
+        if left > 0:
+            if left in rows_with:
+                heapq.heappush(rows_with[left], r)
+            else:
+                rows_with[left] = [r]
+                bisect.insort(rooms, left)
+    members = np.lexsort((np.arange(len(sizes)), row_of))
+    row_starts = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=n_rows))]).astype(np.int64)
+    return row_starts, members.astype(np.int64)
+
+
 def collate(rows: Sequence[Row], pad_id: int, packed: bool, global_trained_tokens: int | None = None) -> Batch:
     """Rows to padded tensors (see the module docstring for the exact layout)."""
     width = max(row_length(row) for row in rows)
@@ -125,4 +170,16 @@ def padding_fraction(batches: Sequence[Sequence[Row]]) -> float:
         lengths = [row_length(row) for row in rows]
         slots += max(lengths) * len(lengths)
         tokens += sum(lengths)
+    return 1.0 - tokens / slots if slots else 0.0
+
+
+def padding_fraction_of(row_lengths: np.ndarray, order: Sequence[int], batch_size: int) -> float:
+    """:func:`padding_fraction` of the batches ``order[k:k + batch_size]``, from row lengths alone."""
+    if len(order) == 0:
+        return 0.0
+    ordered = np.asarray(row_lengths, dtype=np.int64)[np.asarray(order, dtype=np.int64)]
+    starts = np.arange(0, len(ordered), batch_size)
+    counts = np.diff(np.append(starts, len(ordered)))
+    slots = int((np.maximum.reduceat(ordered, starts) * counts).sum())
+    tokens = int(ordered.sum())
     return 1.0 - tokens / slots if slots else 0.0

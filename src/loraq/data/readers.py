@@ -7,6 +7,12 @@ objects, or an object whose ``"data"`` key holds that array), CSV (a header
 row, then one record per row; every value a string) and Parquet (through
 pyarrow, when installed).
 
+For files of any size, :func:`open_file` gives a :class:`FileSource`: its
+``items()`` yield ``(number, payload)`` one at a time (JSON Lines and Parquet
+stream, so a file larger than memory is fine; JSON and CSV are read whole),
+and ``record(number, payload)`` turns one into a Record or raises its
+DataError. Parsing is left to ``record`` so that worker processes can do it.
+
 Every problem a user can cause is a :class:`~loraq.errors.DataError` of one
 line that names the file, the line where it applies, and what to do.
 Whether a record's *fields* make sense is not checked here (see formats.py).
@@ -14,11 +20,12 @@ Whether a record's *fields* make sense is not checked here (see formats.py).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loraq.errors import DataError
 
@@ -47,6 +54,17 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     CSV row) is left out and its error message appended instead; a file that
     cannot be read at all, or holds no good record, still raises.
     """
+    source = open_file(path)
+    records: list[Record] = []
+    for number, payload in source.items():
+        _keep(records, lambda number=number, payload=payload: source.record(number, payload), skipped)
+    if not records:
+        raise DataError(f"{source.name}: the file holds no records; add at least one example")
+    return records
+
+
+def open_file(path: str | Path) -> FileSource:
+    """The dataset file at ``path`` as a :class:`FileSource`; DataError when it is missing or not a dataset."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file; give a .jsonl, .json, .csv or .parquet dataset")
@@ -56,18 +74,115 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     if p.suffix.lower() in NOT_DATA:
         raise DataError(f"{p}: {NOT_DATA[p.suffix.lower()]} ({p.suffix}), not a dataset; give a .jsonl, .json, .csv "
                         f"or .parquet file" + (" (decompress it first)" if "compress" in NOT_DATA[p.suffix.lower()] else ""))
-    if kind == "parquet":
-        records = _read_parquet(p, skipped)
-    else:
-        text = _read_text(p)
-        if kind is None:
-            # no known suffix: JSON if it opens like JSON, else JSON Lines
-            kind = "json" if text.lstrip().startswith("[") else "jsonl"
-        reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind]
-        records = reader(p, text, skipped)
-    if not records:
-        raise DataError(f"{p}: the file holds no records; add at least one example")
-    return records
+    if kind is None:
+        # no known suffix: JSON if it opens like JSON, else JSON Lines
+        with open(p, "rb") as fh:
+            kind = "json" if fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else "jsonl"
+    return FileSource(p, kind)
+
+
+class FileSource:
+    """One dataset file, read item by item (see the module docstring)."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind = path, kind
+        self.name = str(path)
+        self.row_style = kind == "parquet"  # where: "path: row N" rather than "path:N"
+        self.size = path.stat().st_size
+        self.bytes_read = 0  # for progress: how far items() has got
+
+    def where(self, number: int) -> str:
+        return f"{self.name}: row {number}" if self.row_style else f"{self.name}:{number}"
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def progress(self) -> float | None:
+        return self.bytes_read / self.size if self.size else None
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        """``(number, payload)`` in file order: number is the line (row for Parquet) where the record starts."""
+        if self.kind == "jsonl":
+            return self._jsonl_lines()
+        if self.kind == "parquet":
+            return self._parquet_rows()
+        if self.kind == "json":
+            return self._json_items()
+        return self._csv_rows()
+
+    def record(self, number: int, payload: Any) -> Record:
+        """The item as a Record; DataError (one line, with its file:line) when it is not a usable record."""
+        where = self.where(number)
+        if self.kind == "jsonl":
+            return _jsonl_record(payload, where)
+        if self.kind == "csv":
+            return _csv_record(payload, where)
+        return Record(_object_or_error(payload, where), where)
+
+    def _jsonl_lines(self) -> Iterator[tuple[int, str]]:
+        seen_text = False
+        with open(self.path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                line = _decode_line(raw, number, self.bytes_read, self.path)
+                self.bytes_read += len(raw)
+                if line.strip():
+                    seen_text = True
+                    yield number, line
+        self.bytes_read = self.size
+        if not seen_text:
+            raise DataError(f"{self.path}: the file is empty; add at least one example")
+
+    def _json_items(self) -> Iterator[tuple[int, Any]]:
+        items, lines = _json_document(self.path, _read_text(self.path))
+        self.bytes_read = self.size
+        yield from zip(lines, items)
+
+    def _csv_rows(self) -> Iterator[tuple[int, dict]]:
+        reader = csv.DictReader(io.StringIO(_read_text(self.path), newline=""))
+        header = reader.fieldnames or []
+        if not header or any(not (name or "").strip() for name in header):
+            raise DataError(f"{self.path}:1: the CSV header must name every column (e.g. instruction,input,output)")
+        try:
+            for row in reader:
+                if any(value not in ("", None) for value in row.values()):
+                    yield reader.line_num, row
+        except csv.Error as exc:
+            raise DataError(f"{self.path}:{reader.line_num}: malformed CSV ({exc}); fix the quoting") from None
+        self.bytes_read = self.size
+
+    def _parquet_rows(self) -> Iterator[tuple[int, dict]]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{self.path}: reading Parquet needs pyarrow; run `pip install pyarrow` or convert the "
+                            f"file to JSON Lines") from None
+        try:
+            table = pq.ParquetFile(self.path)
+            batches = table.iter_batches(batch_size=1024)
+            number = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+                self.bytes_read = self.size * number // max(table.metadata.num_rows, 1)
+        except DataError:
+            raise
+        except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+            raise DataError(f"{self.path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                            f"check the file") from None
+
+
+def _decode_line(raw: bytes, number: int, offset: int, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{number}: bytes that are not UTF-8 (byte {offset + exc.start}); save the file as "
+                        f"UTF-8") from None
 
 
 def _read_text(p: Path) -> str:
@@ -104,15 +219,6 @@ def _json_kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _read_jsonl(p: Path, text: str, skipped: list[str] | None) -> list[Record]:
-    records: list[Record] = []
-    # split on '\n' only: str.splitlines would also cut at U+2028, which JSON strings may hold raw
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            _keep(records, lambda: _jsonl_record(line, f"{p}:{number}"), skipped)
-    return records
-
-
 def _jsonl_record(line: str, where: str) -> Record:
     try:
         value = json.loads(line)
@@ -122,7 +228,8 @@ def _jsonl_record(line: str, where: str) -> Record:
     return Record(_object_or_error(value, where), where)
 
 
-def _read_json(p: Path, text: str, skipped: list[str] | None) -> list[Record]:
+def _json_document(p: Path, text: str) -> tuple[list, list[int]]:
+    """(the items of a JSON dataset document, the line where each starts)."""
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -137,10 +244,7 @@ def _read_json(p: Path, text: str, skipped: list[str] | None) -> list[Record]:
     else:
         raise DataError(f"{p}: a JSON dataset must be an array of objects or {{\"data\": [...]}}, "
                         f"got {_json_kind(document)}{' without a data array' if isinstance(document, dict) else ''}")
-    records: list[Record] = []
-    for item, line in zip(items, _array_item_lines(text, len(items))):
-        _keep(records, lambda: Record(_object_or_error(item, f"{p}:{line}"), f"{p}:{line}"), skipped)
-    return records
+    return items, _array_item_lines(text, len(items))
 
 
 def _array_item_lines(text: str, count: int) -> list[int]:
@@ -180,38 +284,9 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def _read_csv(p: Path, text: str, skipped: list[str] | None) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    if not header or any(not (name or "").strip() for name in header):
-        raise DataError(f"{p}:1: the CSV header must name every column (e.g. instruction,input,output)")
-    records: list[Record] = []
-    try:
-        for row in reader:
-            if any(value not in ("", None) for value in row.values()):
-                _keep(records, lambda: _csv_record(row, header, f"{p}:{reader.line_num}"), skipped)
-    except csv.Error as exc:
-        raise DataError(f"{p}:{reader.line_num}: malformed CSV ({exc}); fix the quoting") from None
-    return records
-
-
-def _csv_record(row: dict, header: list[str], where: str) -> Record:
-    if None in row:  # more cells than header names
-        raise DataError(f"{where}: {len(header) + len(row[None])} cells but the header names {len(header)} "
+def _csv_record(row: dict, where: str) -> Record:
+    if None in row:  # more cells than header names (DictReader puts the extra ones under None)
+        names = len(row) - 1
+        raise DataError(f"{where}: {names + len(row[None])} cells but the header names {names} "
                         f"columns; quote cells that hold commas")
     return Record({k: ("" if v is None else v) for k, v in row.items()}, where)
-
-
-def _read_parquet(p: Path, skipped: list[str] | None) -> list[Record]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{p}: reading Parquet needs pyarrow; run `pip install pyarrow` or convert the file to JSON Lines") from None
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise DataError(f"{p}: not a readable Parquet file ({type(exc).__name__}: {exc}); check the file") from None
-    records: list[Record] = []
-    for i, row in enumerate(rows):
-        _keep(records, lambda: Record(_object_or_error(row, f"{p}: row {i + 1}"), f"{p}: row {i + 1}"), skipped)
-    return records

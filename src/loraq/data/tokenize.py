@@ -103,7 +103,23 @@ def _end_of_turn(text: str, end: int, markers: Sequence[str]) -> int:
 def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, character spans of each assistant turn's content + end-of-turn marker)."""
     full = render_chat(tokenizer, messages, where=where)
-    markers = end_markers(tokenizer)
+    prompts = {i: render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+               for i in prompt_turns(messages)}
+    return full, assistant_spans(full, prompts, messages, end_markers(tokenizer), where)
+
+
+def prompt_turns(messages: Sequence[dict]) -> list[int]:
+    """Indices ``i`` of the assistant turns whose prompt (``messages[:i]`` + generation prompt) locates them."""
+    return [i for i, message in enumerate(messages) if i > 0 and message["role"] == "assistant"]
+
+
+def assistant_spans(full: str, prompts: dict[int, str], messages: Sequence[dict], markers: Sequence[str],
+                    where: str = "") -> list[tuple[int, int]]:
+    """Character spans of each assistant turn (content + end-of-turn marker) in the rendered ``full`` text.
+
+    ``prompts[i]`` is ``messages[:i]`` rendered with the generation prompt, for
+    each ``i`` of :func:`prompt_turns` (see the module docstring for how they are used).
+    """
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, message in enumerate(messages):
@@ -113,7 +129,7 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tup
             cursor = cursor if start < 0 else start + len(content)
             continue
         if i > 0:
-            prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+            prompt = prompts[i]
             if full.startswith(prompt) and len(prompt) > cursor:
                 content, start = _find_content(full, message["content"], len(prompt))
         if start < 0:
@@ -122,7 +138,7 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict], where: str = "") -> tup
         end = _end_of_turn(full, start + len(content), markers)
         spans.append((start, end))
         cursor = end
-    return full, spans
+    return spans
 
 
 def _find_content(text: str, content: str, start: int) -> tuple[str, int]:
