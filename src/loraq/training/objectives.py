@@ -8,8 +8,9 @@ reference log-probabilities first (:mod:`loraq.training.reference`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
