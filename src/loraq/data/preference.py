@@ -43,6 +43,7 @@ from loraq.data.formats import Sample, _chat_message, _keys, _text_field, guess_
 from loraq.data.packing import Batch, collate
 from loraq.data.prompts import pad_token_id, prompt_ids
 from loraq.data.readers import Record, read_records
+from loraq.data.references import eval_references, max_answer_tokens
 from loraq.data.tokenize import IGNORE_INDEX, Example, tokenize_sample, truncate
 from loraq.errors import DataError
 
@@ -307,27 +308,39 @@ def read_pairs(path: str | Path, fmt: str, skipped: list[str] | None) -> list[Pr
 
 
 def build_preference_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None) -> PreferenceData:
-    """Train and validation pairs from ``cfg``'s data flags (``--data`` is required: no bundled default here,
-    ``--val-data`` or ``--val-fraction`` for validation pairs)."""
-    if skip_bad is None:
-        skip_bad = bool(getattr(cfg, "skip_bad_examples", False))
-    skipped: list[str] | None = [] if skip_bad else None
-    if cfg.data is None:
-        raise DataError(f"--objective {getattr(cfg, 'objective', 'dpo')} needs --data with preference pairs "
-                        "(or the recipe dpo-demo)")
-    samples = read_pairs(cfg.data, cfg.format, skipped)
+    """Train and validation pairs from ``cfg``'s data flags (no ``--data``: the bundled preference demo and its
+    eval split), and up to ``--eval-samples`` references (prompt -> chosen answer) for exact match."""
+    from loraq.data.preference_demo import demo_paths
+
+    skipped: list[str] | None = [] if (getattr(cfg, "skip_bad_examples", False) if skip_bad is None else skip_bad) \
+        else None
+    path, val_path = cfg.data, cfg.val_data
+    if path is None:
+        path, demo_eval = demo_paths()
+        val_path = demo_eval if val_path is None and not cfg.val_fraction else val_path
+    samples = read_pairs(path, cfg.format, skipped)
     val_samples: list[PreferenceSample] = []
-    if cfg.val_data is not None:
-        val_samples = read_pairs(cfg.val_data, cfg.format, skipped)
+    if val_path is not None:
+        val_samples = read_pairs(val_path, cfg.format, skipped)
     elif cfg.val_fraction:
-        samples, val_samples = split_off(samples, cfg.val_fraction, cfg.seed, str(cfg.data))
+        samples, val_samples = split_off(samples, cfg.val_fraction, cfg.seed, str(path))
     train, train_stats = tokenize_pairs(samples, tokenizer, cfg.seq_len, skipped)
     val, val_stats = tokenize_pairs(val_samples, tokenizer, cfg.seq_len, skipped)
     if not train:
-        raise DataError(f"{cfg.data}: no pair is left to train on (first problem: {(skipped or ['?'])[0]}); fix the data")
-    stats = DataStats(format=FORMAT, path=str(cfg.data), val_path=None if cfg.val_data is None else str(cfg.val_data),
+        raise DataError(f"{path}: no pair is left to train on (first problem: {(skipped or ['?'])[0]}); fix the data")
+    stats = DataStats(format=FORMAT, path=str(path), val_path=None if val_path is None else str(val_path),
                       seq_len=cfg.seq_len, packing=False, skipped=len(skipped or []),
                       skipped_messages=list(skipped or [])[:20], train=train_stats,
                       val=val_stats if val_samples else None)
+    references = eval_references([as_sft_sample(s) for s in (val_samples or samples)], tokenizer,
+                                 getattr(cfg, "eval_samples", 0))
     return PreferenceData(format=FORMAT, train=train, val=val, stats=stats, pad_id=pad_token_id(tokenizer),
-                          seq_len=cfg.seq_len)
+                          seq_len=cfg.seq_len, references=references,
+                          max_answer_tokens=max_answer_tokens(references, tokenizer))
+
+
+def as_sft_sample(sample: PreferenceSample) -> Sample:
+    """The pair's prompt and chosen answer as a supervised sample (what exact match compares generations with)."""
+    if sample.kind == "text":
+        return Sample("completion", sample.where, prompt=sample.prompt, completion=sample.chosen)
+    return Sample("chat", sample.where, messages=sample.prompt_messages + sample.chosen)
