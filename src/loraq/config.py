@@ -209,6 +209,9 @@ class TrainConfig:
                               "are scored as whole rows; drop --packing")
         if self.nproc > 1:
             raise ConfigError(f"--objective {self.objective} runs in one process for now; drop --nproc")
+        if self.init_adapter and not Path(self.init_adapter).is_dir():
+            raise ConfigError(f"--init-adapter {self.init_adapter}: the folder does not exist; give the run folder "
+                              "of the adapter to continue")
         if self.init_adapter and self.method == "full":
             raise ConfigError("--init-adapter continues a LoRA adapter and needs --method lora or qlora, not full")
         adapter_keys = ("rank", "alpha", "target_modules", "exclude_modules", "init", "rslora", "layers_to_transform",

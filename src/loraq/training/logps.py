@@ -74,8 +74,9 @@ class FusedTokenLogps(torch.autograd.Function):
 
 
 def token_logps_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``logp[..., t]`` of ``targets`` (already shifted; -100 = not scored, gives 0) from full logits, in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """``logp[..., t]`` of ``targets`` (already shifted; -100 = not scored, gives 0) from full logits, in fp32 or
+    wider."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (targets != IGNORE_INDEX)
 
