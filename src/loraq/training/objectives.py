@@ -65,15 +65,16 @@ class RunPreferenceObjective(PreferenceObjective):
 
 
 def make_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, data, run_dir: Path, total_steps: int,
-                   device: torch.device, say: Callable[[str], None]):
-    """The run's objective; for DPO and ORPO the reference (or, ORPO, only the validation pairs' base scores)."""
+                   device: torch.device, say: Callable[[str], None], resume: bool = False):
+    """The run's objective; for DPO and ORPO the reference (or, ORPO, only the validation pairs' base scores),
+    read back from the run folder when resuming."""
     if cfg.objective == "sft":
         return SFTObjective()
     fresh = cfg.method != "full" and not cfg.init_adapter and cfg.init in ("default", "gaussian")
     needed = (visited_pairs(len(data.train), cfg.batch_size, total_steps * cfg.grad_accum, cfg.seed)
               if cfg.objective == "dpo" else [])
     key = fingerprint(cfg, data)
-    reference = load_cache(run_dir, key, (len(data.train), len(data.val)))
+    reference = load_cache(run_dir, key, (len(data.train), len(data.val))) if resume else None
     unsaved = reference is None
     if reference is None:
         how = "the adapter switched off" if fresh else "the model as it starts"

@@ -182,7 +182,8 @@ def _make_objective(cfg: TrainConfig, trained: TrainedModel, data: DataBundle, f
                     device: torch.device, say: Say):
     from loraq.training.objectives import make_objective
 
-    return make_objective(cfg, trained.loss_module, trained.model, data, folder.path, total_steps, device, say)
+    return make_objective(cfg, trained.loss_module, trained.model, data, folder.path, total_steps, device, say,
+                          resume=folder.mode == "resume")
 
 
 def claim_run_folder(cfg: TrainConfig, runtime: Runtime) -> RunFolder:
@@ -221,9 +222,11 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
         lora_config, record = _adapter_plan(cfg, source, model, compute_dtype)
     _announce(cfg, source, runtime, say, compute_dtype, quantized, data.stats)
     refs = data.references if cfg.eval_samples else []
-    if refs and measure_base and not fsdp:  # under FSDP: once the model is sharded, below
+    if refs and measure_base and not fsdp and not cfg.init_adapter:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
     _attach_adapters(cfg, model, lora_config, compute_dtype)
+    if refs and measure_base and cfg.init_adapter:  # the model this run starts from: base + the adapter it continues
+        _record_base_accuracy(counters, say, model, tokenizer, data)
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
@@ -317,6 +320,11 @@ def _announce(cfg: TrainConfig, source: ModelSource, runtime: Runtime, say: Say,
             f"{cfg.batch_size * cfg.grad_accum * runtime.world_size} = batch-size {cfg.batch_size} x grad-accum "
             f"{cfg.grad_accum} x {runtime.world_size}")
     st = stats.train
+    if stats.format == "preference":
+        say(f"loraq: data {stats.path} (preference): {st.examples} pairs, {st.trained_tokens} scored answer tokens"
+            + (f", {st.truncated} with an answer cut" if st.truncated else "")
+            + (f"; validation {stats.val.examples} pairs" if stats.val else ""))
+        return
     say(f"loraq: data {stats.path} ({stats.format}): {st.examples} examples, {st.rows} rows, "
         f"{st.trained_tokens} trained tokens"
         + (f", {st.truncated} truncated" if st.truncated else "")
