@@ -95,7 +95,7 @@ def write_pairs(path, n=16):
 
 def test_sft_then_dpo_from_its_adapter_then_orpo_full(tiny_llama_dir, tmp_path):
     """--init-adapter: the SFT adapter is the reference (the first step's loss is ln 2) and keeps its shape;
-    --method full ORPO needs no second copy of the model."""
+    --method full (ORPO, DPO) needs no second copy of the model."""
     import loraq
 
     pairs = write_pairs(tmp_path / "pairs.jsonl")
@@ -109,10 +109,16 @@ def test_sft_then_dpo_from_its_adapter_then_orpo_full(tiny_llama_dir, tmp_path):
     assert abs(first["loss"] - math.log(2)) < 1e-4 and abs(first["reward_margin"]) < 1e-4
     assert json.loads((dpo.run_dir / "adapter_config.json").read_text())["r"] == 4
     assert dpo.summary["objective"] == "dpo" and 0 <= dpo.summary["base_preference_accuracy"] <= 1
+    full = {**common, "method": "full"}
     orpo = loraq.train(data=str(pairs), objective="orpo", max_steps=2, lr=1e-4, val_fraction=0.25,
-                       output_dir=str(tmp_path / "orpo"), **{**common, "method": "full"})
+                       output_dir=str(tmp_path / "orpo"), **full)
     assert math.isfinite(orpo.summary["train_loss"]) and orpo.summary["final_preference_accuracy"] is not None
     assert (orpo.run_dir / "model.safetensors").is_file()
+    # full fine-tuning: the reference is the model before its first step (scored then), no second copy
+    dpo_full = loraq.train(data=str(pairs), objective="dpo", max_steps=2, lr=1e-4, output_dir=str(tmp_path / "full"),
+                           **full)
+    first = json.loads((dpo_full.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) < 1e-4
 
 
 def write_chat(path):
