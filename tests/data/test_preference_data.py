@@ -127,3 +127,31 @@ def test_inspect_data_shows_a_pair(tiny_llama_dir, tmp_path):
     assert report["format"] == "preference" and report["pairs"] == 1
     assert "[[red-fox<|im_end|>]]" in shown["text"] and "[[fox red<|im_end|>]]" in shown["rejected_text"]
     assert shown["prompt_tokens"] == report["prompt_tokens"]["max"] > 0
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_every_file_type_gives_the_same_pairs(tiny_tokenizer, tmp_path, suffix):
+    records = [{"prompt": [USER], "chosen": [{"role": "assistant", "content": "red-fox"}],
+                "rejected": [{"role": "assistant", "content": "fox red"}]},
+               {"prompt": [USER], "chosen": [{"role": "assistant", "content": "fox-red"}],
+                "rejected": [{"role": "assistant", "content": "no"}]}]
+    path = tmp_path / f"pairs.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif suffix == "json":
+        path.write_text(json.dumps(records))
+    elif suffix == "csv":
+        import csv
+
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["prompt", "chosen", "rejected"])
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) for k, v in r.items()} for r in records)
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    pairs = [tokenize_pair(s, tiny_tokenizer, 256)[0] for s in read_pairs(path, "auto", None)]
+    assert [scored(tiny_tokenizer, p.chosen) for p in pairs] == ["red-fox<|im_end|>", "fox-red<|im_end|>"]
+    assert [scored(tiny_tokenizer, p.rejected) for p in pairs] == ["fox red<|im_end|>", "no<|im_end|>"]
