@@ -14,8 +14,10 @@ COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where the hardwa
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # what files are written in
 INITS = ("default", "gaussian", "pissa", "loftq")
 SCHEDULES = ("cosine", "linear", "constant")
-DATA_FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text")
+DATA_FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text", "preference")
 FORMATS = ("auto", *DATA_FORMATS)
 NONFINITE = ("stop", "skip")
+OBJECTIVES = ("sft", "dpo", "orpo")  # sft: next-token loss; dpo/orpo: preference pairs
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")

@@ -21,6 +21,8 @@ from loraq.choices import (
     INITS,
     METHODS,
     NONFINITE,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
     QUANT_TYPES,
     SCHEDULES,
 )
@@ -76,6 +78,16 @@ class TrainConfig:
     packing: bool = opt(False, "pack several examples per sequence (attention never crosses examples)")
     train_on_inputs: bool = opt(False, "also train on prompt tokens (default: assistant/completion tokens only)")
     skip_bad_examples: bool = opt(False, "leave malformed records out (counted and reported) instead of stopping at the first")
+    # --- the objective ---------------------------------------------------
+    objective: str = opt("sft", "sft: next-token loss on the answers; dpo: direct preference optimisation on "
+                                "prompt/chosen/rejected pairs; orpo: SFT loss plus the odds-ratio term (no reference)",
+                         choices=OBJECTIVES)
+    beta: float = opt(0.1, "DPO: scale of the log-ratio to the reference (higher: stay closer to it)", lo=0)
+    label_smoothing: float = opt(0.0, "DPO: assumed share of flipped preference labels (conservative DPO)", lo=0,
+                                 hi=0.49)
+    orpo_lambda: float = opt(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", lo=0)
+    init_adapter: str | None = opt(None, "dpo/orpo: start from this run's adapter (an SFT run folder); the model "
+                                         "as it starts is the reference and a copy of the adapter trains")
     # --- the loop --------------------------------------------------------
     max_steps: int = opt(-1, "optimizer steps (-1: run --epochs)", lo=-1)
     epochs: float = opt(1.0, "passes over the training data when --max-steps is -1", lo=0)
@@ -176,10 +188,41 @@ class TrainConfig:
             raise ConfigError("--epochs must be positive when --max-steps is -1")
         if self.fsdp and self.nproc < 2 and "nproc" in self.explicit:
             raise ConfigError("--fsdp shards the model across ranks and needs --nproc 2 or more")
+        self._validate_objective()
         for idx in self.layers_to_transform:
             if not isinstance(idx, int) or idx < 0:
                 raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
         return self
+
+    def _validate_objective(self) -> None:
+        preference = self.objective in PREFERENCE_OBJECTIVES
+        owners = {"beta": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
+                  "init_adapter": PREFERENCE_OBJECTIVES}
+        for key, objectives in owners.items():
+            if key in self.explicit and self.objective not in objectives:
+                raise ConfigError(f"{_flag(key)} applies to --objective {' or '.join(objectives)}, not "
+                                  f"--objective {self.objective}; drop it or pass --objective {objectives[0]}")
+        if self.objective == "dpo" and self.beta <= 0:
+            raise ConfigError(f"--beta {self.beta} must be positive: it scales the log-ratio to the reference "
+                              "(0.1 is usual)")
+        if not preference:
+            return
+        if self.packing:
+            raise ConfigError(f"--packing is not supported with --objective {self.objective}: each pair's answers "
+                              "are scored as whole rows; drop --packing")
+        if self.nproc > 1:
+            raise ConfigError(f"--objective {self.objective} runs in one process for now; drop --nproc")
+        if self.init_adapter and not Path(self.init_adapter).is_dir():
+            raise ConfigError(f"--init-adapter {self.init_adapter}: the folder does not exist; give the run folder "
+                              "of the adapter to continue")
+        if self.init_adapter and self.method == "full":
+            raise ConfigError("--init-adapter continues a LoRA adapter and needs --method lora or qlora, not full")
+        adapter_keys = ("rank", "alpha", "target_modules", "exclude_modules", "init", "rslora", "layers_to_transform",
+                        "rank_pattern", "alpha_pattern", "modules_to_save")
+        for key in adapter_keys if self.init_adapter else ():
+            if key in self.explicit:
+                raise ConfigError(f"{_flag(key)} and --init-adapter both shape the adapter (it keeps the one it "
+                                  "continues); drop one")
 
 
 # what other fine-tuning tools (transformers' TrainingArguments, PEFT, axolotl) call loraq's keys: named in the
@@ -196,6 +239,7 @@ OTHER_TOOLS_NAMES = {
     "lora_target_modules": "target_modules", "use_rslora": "rslora", "sample_packing": "packing",
     "val_set_size": "val_fraction", "output": "output_dir", "resume_from_checkpoint": "resume",
     "load_in_4bit": "method", "bf16": "dtype", "fp16": "dtype", "torch_dtype": "dtype",
+    "loss_type": "objective", "dpo_beta": "beta", "max_prompt_length": "seq_len",
 }
 
 

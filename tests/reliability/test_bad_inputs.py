@@ -260,6 +260,21 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], tuple[str, ...]]] = [
     ("data-val-data-missing", lambda c: c.train("--val-data", str(c.tmp / "val.jsonl")), ("val.jsonl", "no such file")),
     ("data-too-few-for-val-fraction", lambda c: c.train("--val-fraction", "0.5", data=c.jsonl("one.jsonl", CHAT)),
      ("one.jsonl", "--val-fraction")),
+    # --- preference pairs (--objective dpo / orpo) ---------------------------------------------------
+    ("pref-chosen-equals-rejected", lambda c: c.train("--objective", "dpo", data=c.jsonl(
+        "same.jsonl", {"prompt": "a", "chosen": "b", "rejected": "b"})), ("same.jsonl:1", "same answer")),
+    ("pref-missing-field", lambda c: c.train("--objective", "dpo", data=c.jsonl(
+        "mf.jsonl", {"prompt": "a", "chosen": "b"})), ("mf.jsonl:1", "missing field 'rejected'")),
+    ("pref-prompt-longer-than-seq-len", lambda c: c.train("--objective", "orpo", "--seq-len", "16", data=c.jsonl(
+        "lp.jsonl", {"prompt": "tell me " * 40, "chosen": "b", "rejected": "c"})), ("lp.jsonl:1", "--seq-len")),
+    ("pref-beta-not-positive", lambda c: c.train("--objective", "dpo", "--beta", "0"), ("--beta", "positive")),
+    ("pref-dpo-without-pairs", lambda c: c.train("--objective", "dpo"), ("no preference pairs", "--objective dpo")),
+    ("pref-pairs-without-objective", lambda c: c.train(data=c.jsonl(
+        "pp.jsonl", {"prompt": "a", "chosen": "b", "rejected": "c"})), ("pp.jsonl:1", "--objective dpo")),
+    ("pref-beta-for-sft", lambda c: c.train("--beta", "0.2"), ("--beta", "--objective dpo")),
+    ("pref-packing", lambda c: c.train("--objective", "dpo", "--packing"), ("--packing", "--objective dpo")),
+    ("pref-init-adapter-missing", lambda c: c.train("--objective", "dpo", "--init-adapter", str(c.tmp / "gone")),
+     ("gone", "does not exist")),
     # --- flags --------------------------------------------------------------------------------------
     ("flag-unknown", lambda c: c.train("--learning-rate", "1e-4"), ("--learning-rate",)),
     ("flag-wrong-type", lambda c: c.train("--lr", "fast"), ("--lr", "fast")),

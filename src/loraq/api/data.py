@@ -36,10 +36,50 @@ def inspect_data(file: str | Path, *, data_split: str | None = None, data_config
                                  "packing": packing, "train_on_inputs": train_on_inputs, "eval_samples": 0},
                                 source="flags").validate()
     tokenizer = load_tokenizer(model)
+    if is_preference_file(file, format, skip_bad_examples):
+        return inspect_pairs(cfg, tokenizer, skip_bad_examples, show, given_format=format != "auto")
     bundle = build_data(cfg, tokenizer, skip_bad=skip_bad_examples)
     shown = [{"where": e.where, "tokens": len(e), "trained": e.num_trained, "text": marked_text(tokenizer, e)}
              for e in bundle.train_examples[:show]]
     return {**summarize(bundle, given_format=format != "auto"), "examples_shown": shown}
+
+
+def is_preference_file(file: str | Path, format: str, skip_bad: bool) -> bool:
+    """``--format preference``, or detected: the first record has chosen/rejected fields."""
+    from loraq.data.formats import guess_format
+    from loraq.data.readers import read_records
+
+    if format != "auto":
+        return format == "preference"
+    return guess_format(read_records(file, [] if skip_bad else None)[0].data) == "preference"
+
+
+def inspect_pairs(cfg, tokenizer: Any, skip_bad: bool, show: int, given_format: bool) -> dict[str, Any]:
+    """The report for preference pairs: prompt and answer token counts, truncation (prompt kept, answers cut),
+    and ``show`` pairs rendered with each answer's scored tokens between [[ and ]]."""
+    from loraq.data.preference import build_preference_data
+
+    bundle = build_preference_data(cfg, tokenizer, skip_bad=skip_bad)
+    st, pairs = bundle.stats, bundle.train
+    shown = [{"where": p.where, "tokens": len(p.chosen), "trained": p.chosen.num_trained,
+              "prompt_tokens": p.prompt_tokens, "chosen_tokens": p.chosen.num_trained,
+              "rejected_tokens": p.rejected.num_trained, "text": marked_text(tokenizer, p.chosen),
+              "rejected_text": marked_text(tokenizer, p.rejected)} for p in pairs[:show]]
+    lengths = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    return {"file": st.path, "format": st.format, "format_source": "given" if given_format else "detected",
+            "records": st.train.records, "skipped": st.skipped, "skipped_first": st.skipped_messages[:3],
+            "examples": st.train.examples, "pairs": len(pairs), "truncated": st.train.truncated, "dropped": 0,
+            "seq_len": st.seq_len, "tokens": st.train.tokens, "trained_tokens": st.train.trained_tokens,
+            "trained_share": st.train.trained_tokens / st.train.tokens if st.train.tokens else 0.0,
+            "tokens_per_example": _spread(lengths),
+            "prompt_tokens": _spread([p.prompt_tokens for p in pairs]),
+            "chosen_tokens": _spread([p.chosen.num_trained for p in pairs]),
+            "rejected_tokens": _spread([p.rejected.num_trained for p in pairs]),
+            "padding_fraction": 0.0, "padding_fraction_packed": 0.0, "packed_rows": 0, "examples_shown": shown}
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
 def summarize(bundle: DataBundle, given_format: bool) -> dict[str, Any]:

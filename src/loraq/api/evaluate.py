@@ -1,4 +1,5 @@
-"""``loraq eval`` as a function: loss, perplexity and exact match of a model (+ adapter) on a dataset."""
+"""``loraq eval`` as a function: loss, perplexity and exact match of a model (+ adapter) on a dataset; on
+preference pairs, preference accuracy (and, with an adapter, DPO's reward accuracy against its base)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from typing import Any, Callable
 
 from loraq.errors import ConfigError
 
-DEFAULTS = {"format": "auto", "seq_len": 2048, "train_on_inputs": False}
+DEFAULTS = {"format": "auto", "seq_len": 2048, "train_on_inputs": False, "beta": 0.1}
 
 
 def evaluate(data: str | Path, *, model: str | None = None, adapter: str | Path | None = None,
@@ -22,10 +23,12 @@ def evaluate(data: str | Path, *, model: str | None = None, adapter: str | Path 
     are the run's own, so the loss is comparable with the run's ``eval_loss``;
     the base is the one the adapter was trained on (:mod:`loraq.lora.adapted`).
     """
+    from loraq.api.data import is_preference_file
     from loraq.api.loading import load_for_inference
     from loraq.training.evaluate import evaluate_dataset
 
-    settings = data_settings(adapter, {"format": format, "seq_len": seq_len, "train_on_inputs": train_on_inputs})
+    settings = data_settings(adapter, {"format": format, "seq_len": seq_len, "train_on_inputs": train_on_inputs,
+                                       "beta": None})
     for flag, value, lo in (("--seq-len", settings["seq_len"], 8), ("--batch-size", batch_size, 1),
                             ("--max-examples", max_examples, 0)):
         if value < lo:
@@ -33,9 +36,15 @@ def evaluate(data: str | Path, *, model: str | None = None, adapter: str | Path 
     loaded = load_for_inference(model, None if adapter is None else str(adapter), dtype=dtype, quant=quant,
                                 ignore_base_fingerprint=ignore_base_fingerprint, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code, say=say)
-    result = evaluate_dataset(loaded.model, loaded.tokenizer, str(data), fmt=settings["format"],
-                              seq_len=settings["seq_len"], batch_size=batch_size, max_examples=max_examples,
-                              train_on_inputs=settings["train_on_inputs"])
+    if is_preference_file(data, settings["format"], skip_bad=False):
+        from loraq.training.preference_eval import evaluate_pairs
+
+        result = evaluate_pairs(loaded.model, loaded.tokenizer, str(data), fmt=settings["format"],
+                                seq_len=settings["seq_len"], batch_size=batch_size, beta=settings["beta"])
+    else:
+        result = evaluate_dataset(loaded.model, loaded.tokenizer, str(data), fmt=settings["format"],
+                                  seq_len=settings["seq_len"], batch_size=batch_size, max_examples=max_examples,
+                                  train_on_inputs=settings["train_on_inputs"])
     return {**result, "model": loaded.source.name, "adapter": None if adapter is None else str(adapter),
             "seq_len": settings["seq_len"], "train_on_inputs": settings["train_on_inputs"]}
 

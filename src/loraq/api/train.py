@@ -34,8 +34,9 @@ def build_config(config: TrainConfig | None = None, recipe: str | None = None, *
 
 
 def apply_demo_defaults(cfg: TrainConfig) -> TrainConfig:
-    """With no --data, fill every setting the user did not give from the demo recipe."""
-    if cfg.data is not None:
+    """With no --data, fill every setting the user did not give from the demo recipe (SFT runs only: a preference
+    run without --data takes the bundled preference demo, and its recipe ``dpo-demo`` gives its settings)."""
+    if cfg.data is not None or cfg.objective != "sft":
         return cfg
     explicit = set(cfg.explicit)
     for key, value in demo_overrides().items():

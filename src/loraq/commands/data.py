@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
 def print_report(r: dict[str, Any]) -> None:
     from loraq.api.data import CLOSE, OPEN
 
+    if r["format"] == "preference":
+        print_pair_report(r)
+        return
     lengths = r["tokens_per_example"]
     print(f"file:       {r['file']}")
     print(f"format:     {r['format']} ({r['format_source']})")
@@ -60,3 +63,23 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"\n--- {example['where']}: {example['tokens']} tokens, {example['trained']} trained "
               f"(between {OPEN} and {CLOSE}) ---")
         print(example["text"])
+
+
+def print_pair_report(r: dict[str, Any]) -> None:
+    from loraq.api.data import CLOSE, OPEN
+
+    print(f"file:       {r['file']}")
+    print(f"format:     preference ({r['format_source']}): prompt, chosen and rejected answers")
+    skipped = f", {r['skipped']} bad records skipped" if r["skipped"] else ""
+    print(f"records:    {r['records']}{skipped}")
+    for message in r["skipped_first"]:
+        print(f"  skipped:  {message}")
+    print(f"pairs:      {r['pairs']} ({r['truncated']} with an answer cut at --seq-len {r['seq_len']}; "
+          f"the prompt is always kept whole)")
+    for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        v = r[key]
+        print(f"{key.split('_')[0] + ':':<11} tokens per pair min {v['min']}, mean {v['mean']:.1f}, max {v['max']}")
+    for example in r["examples_shown"]:
+        print(f"\n--- {example['where']}: prompt {example['prompt_tokens']} tokens, chosen {example['chosen_tokens']}, "
+              f"rejected {example['rejected_tokens']} (scored tokens between {OPEN} and {CLOSE}) ---")
+        print(f"chosen:\n{example['text']}\nrejected:\n{example['rejected_text']}")

@@ -31,6 +31,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if result["format"] == "preference":
+        print(f"{result['data']} (preference): {result['pairs']} pairs")
+        print(f"preference accuracy {result['preference_accuracy']:.1%} (chosen answer likelier than the rejected one)")
+        if result.get("reward_accuracy") is not None:
+            print(f"against the base (adapter off): base preference accuracy {result['base_preference_accuracy']:.1%}, "
+                  f"reward accuracy {result['reward_accuracy']:.1%}, margin {result['reward_margin']:.3f}")
+        return 0
     print(f"{result['data']} ({result['format']}): {result['examples']} examples, {result['tokens']} scored tokens")
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
     if result["exact_match"] is not None:

@@ -18,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     demo = cfg.data is None
     cfg = apply_demo_defaults(cfg).validate()
     if demo and reports_here():
-        print("loraq: no --data given: running the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)",
-              flush=True)
+        what = ("the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)" if cfg.objective == "sft" else
+                f"{cfg.objective} on the bundled preference demo (see recipes/dpo-demo.yaml)")
+        print(f"loraq: no --data given: running {what}", flush=True)
     result = train(cfg)
     if reports_here():
         print_report(result.summary, result.run_dir)
@@ -38,6 +39,11 @@ def print_report(summary: dict, run_dir) -> None:
     lines = [f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_seconds']:.0f} s "
              f"({s['tokens_per_second']:.0f} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GB)",
              f"train loss {s['train_loss']:.4f}" + (f", eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else "")]
+    if s.get("final_preference_accuracy") is not None:
+        base = s.get("base_preference_accuracy")
+        lines.append(f"preference accuracy (validation pairs): base {base:.1%} -> tuned "
+                     f"{s['final_preference_accuracy']:.1%}; reward accuracy {s['eval_reward_accuracy']:.1%}, "
+                     f"margin {s['eval_reward_margin']:.3f}")
     if s.get("final_accuracy") is not None:
         base = s.get("base_accuracy")
         lines.append(f"exact match: base {base:.1%} -> tuned {s['final_accuracy']:.1%}" if base is not None

@@ -32,7 +32,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
                   "bard": "assistant", "tool": "tool", "function": "tool", "observation": "tool"}
 _HINT = ("messages (chat), conversations (sharegpt), instruction+output (alpaca), "
-         "prompt+completion (completion) or text (text)")
+         "prompt+completion (completion), text (text) or prompt+chosen+rejected (preference)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class Sample:
 
 def guess_format(data: dict[str, Any]) -> str | None:
     """The format a record's keys say it is in, or None when they fit none."""
+    if "chosen" in data or "rejected" in data:
+        return "preference"  # read by loraq.data.preference
     if "messages" in data:
         return "chat"
     if "conversations" in data:
@@ -151,6 +153,9 @@ def to_sample(record: Record, fmt: str) -> Sample:
         return Sample("completion", where, prompt=prompt, completion=completion)
     if fmt == "text":
         return Sample("text", where, text=_text_field(data, "text", where, fmt))
+    if fmt == "preference":
+        raise DataError(f"{where}: a preference pair (prompt/chosen/rejected) trains with --objective dpo or orpo; "
+                        f"pass one of them, or give supervised data")
     raise DataError(f"unknown data format {fmt!r}; choose one of: auto, {', '.join(DATA_FORMATS)}")
 
 

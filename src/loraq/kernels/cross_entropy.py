@@ -41,3 +41,26 @@ def ce_grad_fused(logits: torch.Tensor, targets: torch.Tensor, factor: float) ->
     # the factor travels as a tensor: a Python float would be baked into the kernel and recompiled per value
     k = torch.tensor(factor, dtype=torch.float32, device=logits.device)
     return compiled("ce_grad", ce_grad_reference)(logits, targets, k)
+
+
+def ce_grad_rows_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row: the loss ``lse_i - z_i,y_i`` (fp32, [c]); ``logits`` overwritten with ``softmax - onehot`` (k = 1).
+
+    The per-sequence log-probabilities of preference training (:mod:`loraq.training.logps`) need each
+    row's value, not their sum; the gradient is scaled per row later, in backward.
+    """
+    z = logits.float()
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    s = e.sum(-1, keepdim=True)
+    loss = (m + torch.log(s) - z.gather(1, targets[:, None])).squeeze(1)
+    cols = torch.arange(z.shape[1], device=z.device)
+    logits.copy_((e / s - (cols[None, :] == targets[:, None]).float()).to(logits.dtype))
+    return loss
+
+
+def ce_grad_rows_fused(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """:func:`ce_grad_rows_reference` as one generated kernel, or None where kernels are off."""
+    if not enabled() or logits.device.type != "cpu" or not logits.is_contiguous():
+        return None
+    return compiled("ce_grad_rows", ce_grad_rows_reference)(logits, targets)

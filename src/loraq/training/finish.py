@@ -13,7 +13,7 @@ from loraq.devices import dtype_name
 from loraq.training import checkpoint as ckpt
 from loraq.training.evaluate import EvalLoss, ExactMatch, exact_match_during_training
 from loraq.training.hooks import Callback
-from loraq.training.loop import LoopResult, evaluate
+from loraq.training.loop import LoopResult, describe_eval, evaluate
 from loraq.training.metrics import peak_memory_bytes
 from loraq.training.report import plot_loss, write_summary
 from loraq.training.result import RunResult
@@ -27,7 +27,7 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
     if data.val:
         last_eval = evaluate(run, run.optim.total_steps, callbacks) or last_eval
         if last_eval is not None:
-            run.say(f"loraq: eval loss {last_eval.loss:.4f} (perplexity {last_eval.perplexity:.2f})")
+            run.say(f"loraq: {describe_eval(last_eval)}")
     final_em = None
     if run.references:
         run.say(f"loraq: tuned model exact match on {len(run.references)} examples ...")
@@ -69,12 +69,25 @@ def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None, final_
         "base_accuracy": counters.base_accuracy,
         "final_accuracy": None if final_em is None else final_em.accuracy,
         "eval_examples": len(run.references),
+        "objective": cfg.objective,
     }
+    if cfg.objective != "sft":
+        summary.update(preference_summary(run, last_eval))
     if run.references and final_em is not None:
         first = run.references[0]
         summary["sample"] = {"prompt": first.messages or first.prompt, "reference": first.answer,
                              "base": (counters.base_predictions or [None])[0], "tuned": final_em.predictions[0]}
     return summary
+
+
+def preference_summary(run: Run, last_eval: EvalLoss | None) -> dict[str, Any]:
+    """DPO / ORPO: the validation pairs' preference accuracy before and after, and the final evaluation's metrics."""
+    metrics = getattr(last_eval, "metrics", None) or {}
+    reference = run.objective.reference
+    return {"eval_perplexity": None,
+            "base_preference_accuracy": None if reference is None else reference.base_preference_accuracy(),
+            "final_preference_accuracy": metrics.get("preference_accuracy"),
+            "eval_pairs": len(run.data.val), **{f"eval_{k}": v for k, v in metrics.items()}}
 
 
 def save_final(run_dir: Path, trained: TrainedModel) -> None:

@@ -14,19 +14,21 @@ being reproducible. An exception in a callback stops the run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class StepResult:
     """One optimizer step: the global mean loss, the gradient norm before clipping, the learning rate used,
-    the tokens processed (all ranks) and whether the step was applied (False: skipped as non-finite)."""
+    the tokens processed (all ranks) and whether the step was applied (False: skipped as non-finite); ``metrics``:
+    the objective's own numbers (DPO/ORPO: rewards, margin, accuracies), empty for SFT."""
 
     loss: float
     grad_norm: float
     lr: float
     tokens: int
     finite: bool
+    metrics: dict = field(default_factory=dict)
 
 
 class Callback:

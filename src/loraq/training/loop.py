@@ -27,10 +27,10 @@ from torch import nn
 from loraq import faults
 from loraq.errors import LoraqError
 from loraq.training import checkpoint as ckpt
-from loraq.training.evaluate import EvalLoss, validation_loss
+from loraq.training.evaluate import EvalLoss
 from loraq.training.hooks import Callback, StepResult
 from loraq.training.metrics import Throughput, current_rss_bytes, peak_memory_bytes
-from loraq.training.objective import batch_loss, unwrapped
+from loraq.training.objective import unwrapped
 from loraq.training.progress import Progress
 from loraq.training.setup import Run
 
@@ -72,8 +72,7 @@ def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
             if _due(cfg.eval_every, step, run) and run.data.val:
                 last_eval = evaluate(run, step, callbacks) or last_eval
                 if last_eval is not None:
-                    progress.message(f"loraq: step {step}: eval loss {last_eval.loss:.4f} "
-                                     f"(ppl {last_eval.perplexity:.2f})")
+                    progress.message(f"loraq: step {step}: {describe_eval(last_eval)}")
             if _due(cfg.save_every, step, run):
                 save_checkpoint(run, step)
     except OSError as exc:  # metrics.jsonl (a checkpoint's own failure is already an OutputError)
@@ -104,22 +103,27 @@ def _log_step(run: Run, step: int, result: StepResult, throughput: Throughput, p
                            "grad_norm": result.grad_norm, "tokens": run.counters.tokens,
                            "tokens_per_second": throughput.tokens_per_second(),
                            "memory_bytes": peak_memory_bytes(run.device),
-                           "elapsed": time.perf_counter() - run.t_start,
+                           "elapsed": time.perf_counter() - run.t_start, **result.metrics,
                            **({"skipped": True} if not result.finite else {})})
-    progress.update(step, result.loss, result.lr, throughput.tokens_per_second(), current_rss_bytes())
+    extra = ""
+    if "reward_accuracy" in result.metrics:
+        m = result.metrics
+        extra = f"  acc {m['reward_accuracy']:.2f}  margin {m['reward_margin']:.3f}"
+    progress.update(step, result.loss, result.lr, throughput.tokens_per_second(), current_rss_bytes(), extra)
 
 
 def optimizer_step(run: Run, step: int, params: list[nn.Parameter]) -> StepResult:
     """One optimizer step over grad_accum micro-batches (the schedule advances too)."""
     cfg, runtime, optim = run.cfg, run.runtime, run.optim
     micro = [next(run.batches) for _ in range(cfg.grad_accum)]
-    normalizer = max(1, sum(b.global_trained_tokens for b in micro))
+    objective = run.objective
+    normalizer = objective.counts(micro)
     step_loss = 0.0
     for i, batch in enumerate(micro):
         batch = batch.to(run.device)
         sync = (i == len(micro) - 1) or not runtime.distributed
         with (contextlib.nullcontext() if sync else run.trained.loss_module.no_sync()):
-            loss = faults.loss(step, batch_loss(run.trained.loss_module, batch, normalizer))
+            loss = faults.loss(step, objective.loss(run.trained.loss_module, batch, normalizer))
             # DDP averages gradients over ranks; the loss is already a global mean, so undo that
             scaled = loss * runtime.world_size
             (optim.scaler.scale(scaled) if optim.scaler is not None else scaled).backward()
@@ -136,7 +140,8 @@ def optimizer_step(run: Run, step: int, params: list[nn.Parameter]) -> StepResul
     lr = optim.scheduler.get_last_lr()[0]
     optim.scheduler.step()
     tokens = int(runtime.sum(sum(b.num_tokens for b in micro)))
-    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, tokens=tokens, finite=finite)
+    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, tokens=tokens, finite=finite,
+                      metrics=objective.step_metrics())
 
 
 def _apply_or_skip(run: Run, step: int, finite: bool, loss: float, grad_norm: float) -> None:
@@ -160,13 +165,24 @@ def _apply_or_skip(run: Run, step: int, finite: bool, loss: float, grad_norm: fl
 
 def evaluate(run: Run, step: int, callbacks: Sequence[Callback] = ()) -> EvalLoss | None:
     """Validation loss over the held-out rows, written to metrics.jsonl as of ``step`` (None with no rows)."""
-    result = validation_loss(run.trained.loss_module, lambda: run.data.val_batches(run.cfg.batch_size), run.device,
-                             run.runtime)
+    result = run.objective.validate(run.trained.loss_module, lambda: run.data.val_batches(run.cfg.batch_size),
+                                    run.device, run.runtime)
     if result is not None:
-        run.metrics.write({"kind": "eval", "step": step, "eval_loss": result.loss, "perplexity": result.perplexity})
+        metrics = getattr(result, "metrics", None)
+        details = {"perplexity": result.perplexity} if metrics is None else {f"eval_{k}": v for k, v in metrics.items()}
+        run.metrics.write({"kind": "eval", "step": step, "eval_loss": result.loss, **details})
         for callback in callbacks:
             callback.on_eval(step, result)
     return result
+
+
+def describe_eval(result: EvalLoss) -> str:
+    """``eval loss 1.2345 (ppl 3.44)``; for preference pairs the accuracies and the margin instead of perplexity."""
+    metrics = getattr(result, "metrics", None)
+    if metrics is None:
+        return f"eval loss {result.loss:.4f} (ppl {result.perplexity:.2f})"
+    return (f"eval loss {result.loss:.4f}, preference accuracy {metrics['preference_accuracy']:.1%}, "
+            f"reward accuracy {metrics['reward_accuracy']:.1%}, margin {metrics['reward_margin']:.3f}")
 
 
 def save_checkpoint(run: Run, step: int) -> None:

@@ -25,13 +25,14 @@ class Progress:
         self.t0 = time.perf_counter()
         self._width = 0
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_second: float, memory_bytes: int) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_second: float, memory_bytes: int,
+               extra: str = "") -> None:
         if not self.enabled:
             return
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        fields = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_second:,.0f} tok/s  "
+        fields = (f"step {step}/{self.total}  loss {loss:.4f}{extra}  lr {lr:.2e}  {tokens_per_second:,.0f} tok/s  "
                   f"eta {_fmt_time(eta)}  mem {memory_bytes / 2**30:.2f} GB")
         if self.live:
             frac = step / max(1, self.total)

@@ -120,6 +120,7 @@ class Run:
     optim: Optimization
     counters: Counters
     metrics: MetricsWriter
+    objective: Any = None  # training.objectives: SFT, or DPO / ORPO with the reference cache
     start_step: int = 0
     last_checkpoint: str | None = None
 
@@ -150,6 +151,7 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
     trained = load_trained_model(cfg, source, runtime, say, data, counters, measure_base=folder.mode != "resume")
     batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
     optim = make_optimization(cfg, trained, batches, runtime.device)
+    objective = _make_objective(cfg, trained, data, folder, optim.total_steps, runtime.device, say)
     if folder.mode == "new":  # the folder is made now: from here on it is this process's
         runtime.on_main(lambda: folder.locks.append(lock_run_dir(folder.path)))
     start_step, last_checkpoint = 0, None
@@ -158,15 +160,30 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
     elif cfg.resume:
         say(f"loraq: --resume: nothing to resume in {folder.path} yet; starting a new run")
     metrics = open_run_files(cfg, folder, runtime, trained, start_step)
+    if runtime.is_main:
+        with ckpt.writing(folder.path, "the reference log-probabilities"):
+            objective.save_reference(folder.path)
     return Run(cfg=cfg, runtime=runtime, say=say, folder=folder, t_start=t_start, data=data, trained=trained,
-               batches=batches, optim=optim, counters=counters, metrics=metrics, start_step=start_step,
-               last_checkpoint=last_checkpoint)
+               batches=batches, optim=optim, counters=counters, metrics=metrics, objective=objective,
+               start_step=start_step, last_checkpoint=last_checkpoint)
 
 
 def _build_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
+    if cfg.objective != "sft":
+        from loraq.data.preference import build_preference_data
+
+        return build_preference_data(cfg, tokenizer)
     from loraq.data.dataset import build_data
 
     return build_data(cfg, tokenizer)
+
+
+def _make_objective(cfg: TrainConfig, trained: TrainedModel, data: DataBundle, folder: RunFolder, total_steps: int,
+                    device: torch.device, say: Say):
+    from loraq.training.objectives import make_objective
+
+    return make_objective(cfg, trained.loss_module, trained.model, data, folder.path, total_steps, device, say,
+                          resume=folder.mode == "resume")
 
 
 def claim_run_folder(cfg: TrainConfig, runtime: Runtime) -> RunFolder:
@@ -205,16 +222,19 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
         lora_config, record = _adapter_plan(cfg, source, model, compute_dtype)
     _announce(cfg, source, runtime, say, compute_dtype, quantized, data.stats)
     refs = data.references if cfg.eval_samples else []
-    if refs and measure_base and not fsdp:  # under FSDP: once the model is sharded, below
+    if refs and measure_base and not fsdp and not cfg.init_adapter:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
     _attach_adapters(cfg, model, lora_config, compute_dtype)
+    if refs and measure_base and cfg.init_adapter:  # the model this run starts from: base + the adapter it continues
+        _record_base_accuracy(counters, say, model, tokenizer, data)
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     full = cfg.method == "full"
-    loss_module: nn.Module = CausalLMLoss(model, compute_dtype if full and compute_dtype != torch.float32 else None)
+    loss_class = CausalLMLoss if cfg.objective == "sft" else _sequence_logps_class()
+    loss_module: nn.Module = loss_class(model, compute_dtype if full and compute_dtype != torch.float32 else None)
     if runtime.distributed:
         from loraq.distributed.wrap import wrap_for_distributed
 
@@ -224,6 +244,12 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
         # the model as initialised: the base itself for default/gaussian init (B = 0) and PiSSA (W_res + BA = W)
         _record_base_accuracy(counters, say, model, tokenizer, data, loss_module)
     return TrainedModel(model, tokenizer, source, compute_dtype, lora_config, record, loss_module, trainable, total)
+
+
+def _sequence_logps_class() -> type[nn.Module]:
+    from loraq.training.logps import SequenceLogps
+
+    return SequenceLogps
 
 
 def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
@@ -249,7 +275,12 @@ def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
     """The adapter's config (targets checked now: a mistake fails before the base evaluation) and its record."""
     from loraq.lora.targeting import find_targets, resolve_modules_to_save
 
-    lora_config = LoraConfig.from_train_config(cfg).replace(base_model_name_or_path=adapter_base_name(source))
+    lora_config = LoraConfig.from_train_config(cfg)
+    if cfg.init_adapter:
+        from loraq.training.init_adapter import init_adapter_config
+
+        lora_config = init_adapter_config(cfg)
+    lora_config = lora_config.replace(base_model_name_or_path=adapter_base_name(source))
     find_targets(model, lora_config)
     resolve_modules_to_save(model, lora_config.modules_to_save)
     return lora_config, training_base_record(cfg, source, model, compute_dtype)
@@ -264,6 +295,11 @@ def _attach_adapters(cfg: TrainConfig, model: nn.Module, lora_config: LoraConfig
         return
     from loraq.lora.model import cast_frozen, inject_lora
 
+    if cfg.init_adapter:
+        from loraq.training.init_adapter import load_init_adapter
+
+        load_init_adapter(model, cfg)
+        return
     quant = None
     if cfg.init == "loftq":
         quant = {"quant_type": cfg.quant, "double_quant": cfg.double_quant, "blocksize": cfg.blocksize,
@@ -284,6 +320,11 @@ def _announce(cfg: TrainConfig, source: ModelSource, runtime: Runtime, say: Say,
             f"{cfg.batch_size * cfg.grad_accum * runtime.world_size} = batch-size {cfg.batch_size} x grad-accum "
             f"{cfg.grad_accum} x {runtime.world_size}")
     st = stats.train
+    if stats.format == "preference":
+        say(f"loraq: data {stats.path} (preference): {st.examples} pairs, {st.trained_tokens} scored answer tokens"
+            + (f", {st.truncated} with an answer cut" if st.truncated else "")
+            + (f"; validation {stats.val.examples} pairs" if stats.val else ""))
+        return
     say(f"loraq: data {stats.path} ({stats.format}): {st.examples} examples, {st.rows} rows, "
         f"{st.trained_tokens} trained tokens"
         + (f", {st.truncated} truncated" if st.truncated else "")

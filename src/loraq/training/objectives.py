@@ -1,0 +1,92 @@
+"""The objective a run optimises, as the loop sees it: SFT's token-mean loss, or DPO / ORPO on pairs.
+
+Each has ``counts(micro)`` (what the step's micro-batch sums are divided by),
+``loss(loss_module, batch, counts)``, ``step_metrics()`` (extra numbers for
+the step's metrics line) and ``validate(...)`` (an evaluation result).
+:func:`make_objective` builds the run's, computing (or reading back) the DPO
+reference log-probabilities first (:mod:`loraq.training.reference`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraq.training.evaluate import EvalLoss, validation_loss
+from loraq.training.objective import batch_loss
+from loraq.training.preference import PreferenceObjective
+from loraq.training.reference import (
+    ReferenceLogps,
+    compute_reference,
+    fingerprint,
+    load_cache,
+    reference_context,
+    save_cache,
+    visited_pairs,
+)
+
+
+class SFTObjective:
+    """Next-token cross-entropy: each micro-batch's summed loss over the global batch's trained tokens."""
+
+    name = "sft"
+    reference: ReferenceLogps | None = None
+
+    def counts(self, micro: list) -> int:
+        return max(1, sum(b.global_trained_tokens for b in micro))
+
+    def loss(self, loss_module: nn.Module, batch, counts: int) -> torch.Tensor:
+        return batch_loss(loss_module, batch, counts)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def validate(self, loss_module: nn.Module, batches, device: torch.device, runtime) -> EvalLoss | None:
+        return validation_loss(loss_module, batches, device, runtime)
+
+    def save_reference(self, run_dir: Path) -> None:
+        """Nothing to cache."""
+
+
+class RunPreferenceObjective(PreferenceObjective):
+    """:class:`PreferenceObjective` with the run's reference cache (written once, after the run folder is claimed)."""
+
+    def __init__(self, *args, cache_key: str | None = None, unsaved: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_key, self.unsaved = cache_key, unsaved
+
+    def save_reference(self, run_dir: Path) -> None:
+        if self.unsaved and self.reference is not None and self.cache_key is not None:
+            save_cache(run_dir, self.reference, self.cache_key)
+            self.unsaved = False
+
+
+def make_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, data, run_dir: Path, total_steps: int,
+                   device: torch.device, say: Callable[[str], None], resume: bool = False):
+    """The run's objective; for DPO and ORPO the reference (or, ORPO, only the validation pairs' base scores),
+    read back from the run folder when resuming."""
+    if cfg.objective == "sft":
+        return SFTObjective()
+    fresh = cfg.method != "full" and not cfg.init_adapter and cfg.init in ("default", "gaussian")
+    needed = (visited_pairs(len(data.train), cfg.batch_size, total_steps * cfg.grad_accum, cfg.seed)
+              if cfg.objective == "dpo" else [])
+    key = fingerprint(cfg, data)
+    reference = load_cache(run_dir, key, (len(data.train), len(data.val))) if resume else None
+    unsaved = reference is None
+    if reference is None:
+        how = "the adapter switched off" if fresh else "the model as it starts"
+        say(f"loraq: reference log-probabilities ({how}) of {len(needed)} training and {len(data.val)} validation "
+            f"pairs, once ...")
+        reference = compute_reference(loss_module, reference_context(model, fresh), data, needed, cfg.batch_size,
+                                      device)
+    else:
+        say(f"loraq: reference log-probabilities read back from {run_dir.name}/reference_logps.safetensors")
+    base = reference.base_preference_accuracy()
+    if base is not None:
+        say(f"loraq: base preference accuracy {base:.1%} on {len(data.val)} validation pairs")
+    return RunPreferenceObjective(cfg.objective, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                  orpo_lambda=cfg.orpo_lambda, train_on_inputs=cfg.train_on_inputs,
+                                  reference=reference, cache_key=key, unsaved=unsaved)
