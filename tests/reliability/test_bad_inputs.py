@@ -386,7 +386,9 @@ def adapters(tmp_path_factory, tiny_llama_dir):
 def test_mistake_is_one_line_exit_2_and_changes_nothing(case_id, build, needles, tmp_path, monkeypatch, capfd,
                                                         tiny_llama_dir, chat_data, adapters):
     monkeypatch.chdir(tmp_path)  # a default runs/ folder would show up in the snapshot
-    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path / "cache"))
+    # loraq's own cache is not the user's (a token store or a lock file may stay there); everything else is
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    monkeypatch.setenv("LORAQ_CACHE", str(cache))
     ctx = Ctx(tmp=tmp_path / "work", model=tiny_llama_dir, adapter=adapters[0], wide_adapter=adapters[1],
               data=chat_data)
     ctx.tmp.mkdir()

@@ -36,7 +36,7 @@ def inspect_data(file: str | Path, *, data_split: str | None = None, data_config
                                  "packing": packing, "train_on_inputs": train_on_inputs, "eval_samples": 0},
                                 source="flags").validate()
     tokenizer = load_tokenizer(model)
-    if is_preference_file(file, format, skip_bad_examples):
+    if is_preference_file(file, format, data_split, data_config):
         return inspect_pairs(cfg, tokenizer, skip_bad_examples, show, given_format=format != "auto")
     bundle = build_data(cfg, tokenizer, skip_bad=skip_bad_examples)
     shown = [{"where": e.where, "tokens": len(e), "trained": e.num_trained, "text": marked_text(tokenizer, e)}
@@ -44,14 +44,16 @@ def inspect_data(file: str | Path, *, data_split: str | None = None, data_config
     return {**summarize(bundle, given_format=format != "auto"), "examples_shown": shown}
 
 
-def is_preference_file(file: str | Path, format: str, skip_bad: bool) -> bool:
+def is_preference_file(file: str | Path, format: str, data_split: str | None = None,
+                       data_config: str | None = None) -> bool:
     """``--format preference``, or detected: the first record has chosen/rejected fields."""
     from loraq.data.formats import guess_format
-    from loraq.data.readers import read_records
+    from loraq.data.sources import first_record
 
     if format != "auto":
         return format == "preference"
-    return guess_format(read_records(file, [] if skip_bad else None)[0].data) == "preference"
+    first = first_record(file, split=data_split, config=data_config)
+    return first is not None and guess_format(first.data) == "preference"
 
 
 def inspect_pairs(cfg, tokenizer: Any, skip_bad: bool, show: int, given_format: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def evaluate(data: str | Path, *, model: str | None = None, adapter: str | Path 
     loaded = load_for_inference(model, None if adapter is None else str(adapter), dtype=dtype, quant=quant,
                                 ignore_base_fingerprint=ignore_base_fingerprint, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code, say=say)
-    if is_preference_file(data, settings["format"], skip_bad=False):
+    if is_preference_file(data, settings["format"]):
         from loraq.training.preference_eval import evaluate_pairs
 
         result = evaluate_pairs(loaded.model, loaded.tokenizer, str(data), fmt=settings["format"],

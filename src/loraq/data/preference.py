@@ -42,7 +42,8 @@ from loraq.data.dataset import DataStats, SplitStats, split_off
 from loraq.data.formats import Sample, _chat_message, _keys, _text_field, guess_format
 from loraq.data.packing import Batch, collate
 from loraq.data.prompts import pad_token_id, prompt_ids
-from loraq.data.readers import Record, read_records
+from loraq.data.readers import Record
+from loraq.data.sources import source_records
 from loraq.data.references import eval_references, max_answer_tokens
 from loraq.data.tokenize import IGNORE_INDEX, Example, tokenize_sample, truncate
 from loraq.errors import DataError
@@ -300,7 +301,7 @@ def read_pairs(path: str | Path, fmt: str, skipped: list[str] | None) -> list[Pr
     if fmt not in ("auto", FORMAT):
         raise DataError(f"--format {fmt}: --objective dpo and orpo train on preference pairs ({_FIELDS}); "
                         "pass --format preference or leave it out")
-    records = read_records(path, skipped)
+    records = source_records(path, skipped)
     if guess_format(records[0].data) != FORMAT and skipped is None:
         raise DataError(f"{records[0].where}: the data has no preference pairs (fields {_keys(records[0].data)}); "
                         f"--objective dpo and orpo need records with {_FIELDS}")

@@ -52,6 +52,35 @@ def open_source(spec: str | Path, *, split: str | None = None, config: str | Non
     return open_file(p)
 
 
+def source_records(spec: str | Path, skipped: list[str] | None = None, *, split: str | None = None,
+                   config: str | None = None, role: str = "train") -> list[Record]:
+    """All records of any data loraq reads (files, save_to_disk folders, Arrow files, hub ids), in order;
+    bad records raise, or with a ``skipped`` list are left out and described there."""
+    source = open_source(spec, split=split, config=config, role=role)
+    records: list[Record] = []
+    for number, payload in source.items():
+        try:
+            records.append(source.record(number, payload))
+        except DataError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+    if not records:
+        raise DataError(f"{spec}: holds no records; add at least one example")
+    return records
+
+
+def first_record(spec: str | Path, *, split: str | None = None, config: str | None = None) -> Record | None:
+    """The first readable record (None when the first one is malformed: the full read reports it)."""
+    source = open_source(spec, split=split, config=config)
+    for number, payload in source.items():
+        try:
+            return source.record(number, payload)
+        except DataError:
+            return None
+    return None
+
+
 def _is_saved_dataset(p: Path) -> bool:
     return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
 

@@ -129,7 +129,7 @@ class SequenceLogps(CausalLMLoss):
         idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         picked = FusedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).index_select(0, idx),
                                        weight, bias, flat.index_select(0, idx), 128, torch.is_grad_enabled(),
-                                       self.buffers)
+                                       self.loss_buffers)
         out = torch.zeros(flat.shape[0], dtype=torch.float32, device=picked.device)
         return out.index_add(0, idx, picked).view(targets.shape)
 
