@@ -26,13 +26,16 @@ from loraq.choices import (
 )
 from loraq.errors import ConfigError
 
+AUTO = "auto"  # a field with auto=True takes this word besides a number
+
 
 def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = None, lo: float | None = None,
         hi: float | None = None, flag: str | None = None, list_sep: bool = False, factory: Any = None,
-        cli: bool = True):
-    """A field with the metadata that drives argparse and validation."""
+        cli: bool = True, auto: bool = False):
+    """A field with the metadata that drives argparse and validation (``auto``: the word "auto" is accepted
+    besides a number, for the caller to resolve before use)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "lo": lo, "hi": hi, "flag": flag,
-            "list_sep": list_sep, "cli": cli}
+            "list_sep": list_sep, "cli": cli, "auto": auto}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -76,7 +79,8 @@ class TrainConfig:
     # --- the loop --------------------------------------------------------
     max_steps: int = opt(-1, "optimizer steps (-1: run --epochs)", lo=-1)
     epochs: float = opt(1.0, "passes over the training data when --max-steps is -1", lo=0)
-    batch_size: int = opt(4, "sequences per micro-batch (per rank)", lo=1, hi=1 << 16)
+    batch_size: int | str = opt(4, "sequences per micro-batch (per rank); auto: the largest the memory plan says fits",
+                                lo=1, hi=1 << 16, auto=True)
     grad_accum: int = opt(1, "micro-batches per optimizer step", lo=1, hi=1 << 16)
     lr: float = opt(2e-4, "peak learning rate", lo=0, hi=10)
     warmup: float = opt(0.03, "warmup: a fraction of the steps if < 1, else a number of steps", lo=0)
@@ -100,6 +104,7 @@ class TrainConfig:
     nproc: int = opt(1, "processes to launch through torchrun (DDP)", lo=1, hi=1024)
     fsdp: bool = opt(False, "shard the frozen base across ranks with FSDP2 (fully_shard)")
     threads: int = opt(0, "CPU threads (0: PyTorch's default)", lo=0, hi=1024)
+    force: bool = opt(False, "start even when the memory plan (`loraq plan`) says the run does not fit")
 
     # fields the user set explicitly (flags or recipe); drives contradiction checks
     explicit: set = field(default_factory=set, repr=False, compare=False, metadata={"cli": False, "internal": True})
@@ -142,6 +147,8 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
             lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+            if f.metadata.get("auto") and value == AUTO:
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if value != value:  # NaN
                     raise ConfigError(f"{flag} must be a number, not NaN")
@@ -214,15 +221,17 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
         if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
             return value.lower() in {"true", "yes", "on", "1"}
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}") from None
         if number != int(number):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}")
         return int(number)
     if kind is float:
         if isinstance(value, bool):
@@ -255,6 +264,20 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
     return value
 
 
+def _or_auto(f: dataclasses.Field) -> str:
+    return " or auto" if f.metadata.get("auto") else ""
+
+
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of a field that takes a number or "auto"."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def _split_list(value: str) -> list[str]:
     # a single 're:' pattern may itself contain commas, so it is taken whole
     if value.strip().startswith("re:"):
@@ -264,7 +287,7 @@ def _split_list(value: str) -> list[str]:
 
 def _kind(f: dataclasses.Field) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    t = t.replace(" | None", "").strip()
+    t = t.replace(" | None", "").split(" | ")[0].strip()
     return {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict, "set": set}.get(t, str)
 
 
@@ -287,8 +310,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if kind in (int, float):
-            kw["type"] = kind
-            kw["metavar"] = "N" if kind is int else "X"
+            kw["type"] = _int_or_auto if f.metadata.get("auto") else kind
+            kw["metavar"] = ("N|auto" if f.metadata.get("auto") else "N") if kind is int else "X"
         elif not f.metadata.get("choices"):
             kw["metavar"] = "VALUE"
         if f.default not in (None, MISSING, "", ()) and kind is not bool:

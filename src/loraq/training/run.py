@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from loraq.config import TrainConfig
+from loraq.errors import ConfigError
 from loraq.training.finish import finish_run
 from loraq.training.hooks import Callback
 from loraq.training.loop import train_steps
@@ -20,6 +21,8 @@ def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None,
     from loraq.distributed.runtime import init_runtime
 
     cfg.validate()
+    if not isinstance(cfg.batch_size, int):  # "auto" is the memory plan's to resolve, above this layer
+        raise ConfigError("--batch-size auto is resolved by loraq.train / `loraq train`; give run_training a number")
     runtime = init_runtime()
     say = out or (lambda s: print(s, file=sys.stderr, flush=True))
     say_main = say if runtime.is_main else (lambda s: None)
