@@ -19,3 +19,4 @@ FORMATS = ("auto", *DATA_FORMATS)
 NONFINITE = ("stop", "skip")
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: experiment trackers (optional extras)

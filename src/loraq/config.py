@@ -23,6 +23,7 @@ from loraq.choices import (
     NONFINITE,
     QUANT_TYPES,
     SCHEDULES,
+    TRACKERS,
 )
 from loraq.errors import ConfigError
 
@@ -96,6 +97,9 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N steps (0: only the final adapter)", lo=0)
     keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)", lo=1)
     log_every: int = opt(1, "write a metrics line every N steps", lo=1)
+    report_to: list = opt(help=f"experiment trackers that get the metrics too: {','.join(TRACKERS)} (any subset; "
+                               "each needs its extra, e.g. pip install 'loraq[tensorboard]')",
+                          list_sep=True, factory=list)
     output_dir: str | None = opt(None, "run folder (default: runs/<name>)")
     name: str | None = opt(None, "run name (default: <method>-<data>-<date>)")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir")
@@ -180,6 +184,9 @@ class TrainConfig:
             raise ConfigError("--epochs must be positive when --max-steps is -1")
         if self.fsdp and self.nproc < 2 and "nproc" in self.explicit:
             raise ConfigError("--fsdp shards the model across ranks and needs --nproc 2 or more")
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"--report-to {name!r} is not one of: {', '.join(TRACKERS)}")
         for idx in self.layers_to_transform:
             if not isinstance(idx, int) or idx < 0:
                 raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
@@ -247,6 +254,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
             items = list(value)
         else:
             raise ConfigError(f"{where} must be a list or a comma-separated string, got {value!r}")
+        if f.name == "report_to":  # "none" chooses no tracker, as in transformers' TrainingArguments
+            return [str(v).strip().lower() for v in items if str(v).strip().lower() != "none"]
         if f.name == "layers_to_transform":
             try:
                 return [int(v) for v in items]

@@ -53,7 +53,11 @@ def train(config: TrainConfig | None = None, *, recipe: str | None = None,
     ``callbacks``: :class:`~loraq.training.hooks.Callback` objects told of each step and evaluation (Python
     only; under ``nproc > 1`` the ranks run in other processes and no callback is called here).
     """
-    cfg = check_memory(build_config(config, recipe, **overrides))
+    cfg = build_config(config, recipe, **overrides)
+    from loraq.training.trackers import require_packages
+
+    require_packages(cfg.report_to)
+    cfg = check_memory(cfg)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from loraq.training.launch import launch_torchrun
 
