@@ -29,14 +29,15 @@ from pathlib import Path
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
 
-# name -> (model, method, batch, seq_len, grad checkpointing, data)
+# name -> (model, method, batch, seq_len, grad checkpointing, data); full fine-tuning in fp32: with bf16 autocast
+# it stops in the matmul attention's backward on this version (reported; not the planner's to fix)
 CONFIGS = {
     "demo": ("default", "qlora", 8, 128, False, "demo"),
     "smol-qlora-b4-s512": ("default", "qlora", 4, 512, False, "text"),
     "smol-qlora-b4-s512-gc": ("default", "qlora", 4, 512, True, "text"),
     "smol-lora-b2-s1024": ("default", "lora", 2, 1024, False, "text"),
-    "smol-full-b1-s256": ("default", "full", 1, 256, False, "text"),
-    "smol-full-b4-s128-gc": ("default", "full", 4, 128, True, "text"),
+    "smol-full-b1-s256-fp32": ("default", "full", 1, 256, False, "text"),
+    "smol-full-b4-s128-gc-fp32": ("default", "full", 4, 128, True, "text"),
     "0.5b-qlora-b8-s128": ("0.5b", "qlora", 8, 128, False, "text"),
     "0.5b-lora-b2-s256-gc": ("0.5b", "lora", 2, 256, True, "text"),
     "1b-qlora-b4-s512": ("1.1b", "qlora", 4, 512, False, "text"),
@@ -91,6 +92,8 @@ def text_data(path: Path, n_docs: int = 60) -> Path:
 def flags(config: tuple, models: dict[str, Path], data: Path) -> dict:
     model, method, batch, seq_len, gc, kind = config
     out = {"method": method, "batch_size": batch, "seq_len": seq_len, "grad_checkpointing": gc, "max_steps": 3}
+    if method == "full":
+        out["dtype"] = "fp32"
     if model != "default":
         out["model"] = str(models[model])
     if kind == "text":
@@ -105,7 +108,7 @@ def predict(values: dict) -> dict:
     return {"peak_bytes": plan.peak_bytes, "phase": plan.estimate.phase, "longest_row": plan.rows.longest}
 
 
-def measure(values: dict, out: Path) -> int:
+def measure(values: dict, out: Path) -> int | None:
     cmd = [PY, "-m", "loraq", "train", "--output-dir", str(out), "--overwrite"]
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
@@ -113,7 +116,10 @@ def measure(values: dict, out: Path) -> int:
             cmd.append(flag if value else "--no-" + flag[2:])
         else:
             cmd += [flag, str(value)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(f"  failed: {' '.join(cmd)}\n  {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
     return int(json.loads((out / "summary.json").read_text())["peak_memory_bytes"])
 
 
