@@ -14,7 +14,7 @@ import torch
 
 from loraq.config import TrainConfig
 from loraq.planning.activations import activation_bytes, block_bytes
-from loraq.planning.estimate import RunSettings
+from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import model_shape
 
 

@@ -13,12 +13,8 @@ stream, queries and keys stay in float32.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import LinearShape, ModelShape
-
-if TYPE_CHECKING:
-    from loraq.planning.estimate import RunSettings
 
 
 def activation_bytes(shape: ModelShape, batch: int, length: int, masked: bool, run: RunSettings) -> int:

@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 from loraq.planning.rows import RowShape
+from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import ModelShape
 
 GB = 1e9
@@ -55,20 +56,6 @@ CPU_FRAMEWORK_BYTES = 450_000_000
 TOKENIZER_BYTES_PER_FILE_BYTE = 14  # a loaded fast tokenizer vs its tokenizer.json (SmolLM2: 3.5 MB -> 48 MB)
 DATA_BYTES_PER_TOKEN = 120  # tokenized examples as Python lists, plus what tokenizing leaves in the heap
 LOSS_CHUNK_ROWS = 128  # training.loss.fused_linear_cross_entropy's chunk_rows
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What the formulas need of a run besides the model and the data (resolved from TrainConfig)."""
-
-    method: str
-    batch_size: int
-    compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
-    device: str  # "cpu" or "cuda"
-    grad_checkpointing: bool
-    double_quant: bool
-    blocksize: int
-    eval_every: int
 
 
 @dataclass

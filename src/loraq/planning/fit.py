@@ -14,8 +14,8 @@ batch whose prediction plus 15% fits still fits when the prediction is
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 AUTO_MARGIN = 0.15
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -68,7 +68,8 @@ def _cgroup_room() -> int | None:
 
 
 def largest_fitting(need: Callable[[int], int], budget: int, lo: int, hi: int) -> int | None:
-    """The largest ``x`` in ``[lo, hi]`` with ``need(x) <= budget`` (``need`` grows with ``x``), None if not even ``lo``."""
+    """The largest ``x`` in ``[lo, hi]`` with ``need(x) <= budget`` (``need`` grows with ``x``); None if not
+    even ``lo`` fits."""
     if need(lo) > budget:
         return None
     good, step = lo, 1

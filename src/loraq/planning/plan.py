@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraq.config import AUTO
-from loraq.planning.estimate import Estimate, RunSettings, estimate
+from loraq.planning.estimate import Estimate, estimate
 from loraq.planning.fit import AUTO_MARGIN, available_bytes, largest_fitting, with_margin
 from loraq.planning.rows import RowShape, rows_at_seq_len, rows_from_data
+from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import ModelShape, model_shape
 
 MAX_BATCH = 1 << 16  # TrainConfig's bound on --batch-size

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loraq.config import AUTO
 from loraq.errors import ConfigError, LoraqError

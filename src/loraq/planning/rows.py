@@ -22,7 +22,8 @@ MASKED_SHARE = 0.01
 @dataclass(frozen=True)
 class RowShape:
     """``longest``: tokens of the longest row (the padded length of the largest batch); ``trained``: the most
-    trained tokens one row carries; ``varied``: batches carry an attention mask (packed rows, or padding: see MASKED_SHARE);
+    trained tokens one row carries; ``varied``: batches carry an attention mask (packed rows, or padding: see
+    MASKED_SHARE);
     ``tokens``: tokens held in memory (train + validation); ``eval_rows`` x ``eval_prompt`` + ``eval_new``:
     the exact-match generation before training (none when ``eval_rows`` is 0)."""
 
@@ -37,7 +38,7 @@ class RowShape:
     has_val: bool
     from_data: bool
 
-    def at_length(self, length: int) -> "RowShape":
+    def at_length(self, length: int) -> RowShape:
         """The same data with rows of ``length`` tokens (the largest --seq-len question)."""
         return dataclasses.replace(self, longest=length, trained=min(self.trained, length) if self.from_data
                                    else length)

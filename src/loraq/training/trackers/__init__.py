@@ -23,7 +23,7 @@ that fails during the run is one warning and the run goes on without it.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from loraq.choices import TRACKERS
 from loraq.errors import ConfigError
