@@ -51,5 +51,6 @@ def print_plan(p) -> None:
     verdict = "fits" if p.fits else "does NOT fit"
     print(f"available: {p.available_bytes / GB:.1f} GB here: the run {verdict}")
     if p.max_batch_size is not None:
-        print(f"largest that fit (15% kept free): --batch-size {p.max_batch_size}"
+        capped = " (every row of the data)" if rows.from_data and p.max_batch_size * p.processes >= rows.rows else ""
+        print(f"largest that fit (15% kept free): --batch-size {p.max_batch_size}{capped}"
               + (f", --seq-len {p.max_seq_len} (rows that long)" if p.max_seq_len else ""))
