@@ -43,13 +43,12 @@ actually saves on a small model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loraq.planning.rows import RowShape
 from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import ModelShape
 
-GB = 1e9
 # measured 2026-11-30 on the project's machine (torch 2.13 CPU, transformers 5.24): a process that imported
 # torch, transformers and loraq's training modules and ran its generated kernels once (bench/NOTES.md)
 CPU_FRAMEWORK_BYTES = 450_000_000
@@ -68,20 +67,18 @@ class Estimate:
     generation_bytes: int
     peak_bytes: int
     phase: str
-    notes: list[str] = field(default_factory=list)
 
 
 def estimate(shape: ModelShape, rows: RowShape, run: RunSettings) -> Estimate:
     """The terms of the module docstring for ``run`` on ``shape`` with batches like ``rows``."""
-    cpu = run.device == "cpu"
-    fixed = _fixed_terms(shape, rows, run)
+    resident = _resident_terms(shape, rows, run)
     generation = _generation_bytes(shape, rows, run)
-    step = _step_terms(shape, rows, run)
-    if cpu and generation:
+    step = _trained_state_terms(shape, run) + _step_terms(shape, rows, run)
+    if run.device == "cpu" and generation:
         step.append(("exact-match generation before training (kept by malloc)", generation))
-    terms = fixed + step
+    terms = resident + step
     step_total = sum(b for _, b in terms)
-    base = sum(size for name, size in fixed if not _is_trained_state(name))
+    base = sum(size for _, size in resident)
     loading = base + _loading_transient(shape, run)
     gen_total = base + generation
     peak, phase = max((step_total, "training step"), (loading, "loading"), (gen_total, "exact-match generation"))
@@ -89,19 +86,20 @@ def estimate(shape: ModelShape, rows: RowShape, run: RunSettings) -> Estimate:
                     peak_bytes=peak, phase=phase)
 
 
-def _is_trained_state(name: str) -> bool:
-    return name.startswith(("adapter", "gradients", "AdamW", "autocast", "head copy"))
-
-
-def _fixed_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tuple[str, int]]:
-    """What every step holds whatever the batch: framework, data, weights, trainable state."""
-    e = run.compute_bytes
+def _resident_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tuple[str, int]]:
+    """What the process holds from loading on: framework and data (CPU), the weights."""
     terms: list[tuple[str, int]] = []
     if run.device == "cpu":
         terms.append(("framework (Python, torch, transformers, kernels, tokenizer)",
                       CPU_FRAMEWORK_BYTES + TOKENIZER_BYTES_PER_FILE_BYTE * shape.tokenizer_file_bytes))
         terms.append(("tokenized data", DATA_BYTES_PER_TOKEN * rows.tokens))
-    terms += _weight_terms(shape, run)
+    return terms + _weight_terms(shape, run)
+
+
+def _trained_state_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str, int]]:
+    """What training adds whatever the batch: the adapter and its optimizer state (or AdamW over every weight)."""
+    e = run.compute_bytes
+    terms: list[tuple[str, int]] = []
     if run.method == "full":  # the gradients come with the step (they replace the activations in backward)
         terms.append(("AdamW moments (fp32)", 8 * shape.total_params))
     else:
