@@ -47,6 +47,18 @@ def _hash_file(path: Path, digest) -> None:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}); the model folder is damaged") from None
 
 
+def file_header(path: Path) -> dict:
+    """The header of the safetensors file ``path``; a ModelError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            header, _ = read_header(f)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return header
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc}); the model folder is damaged") from None
+
+
 def read_header(f) -> tuple[dict, int]:
     """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
     (header_len,) = struct.unpack("<Q", f.read(8))

@@ -172,19 +172,23 @@ def _lean_blocks(model: nn.Module) -> bool:
 
 def _stored_bytes(files: tuple[Path, ...], fmt: str) -> tuple[int, int]:
     """(bytes of all weight files, bytes of the largest tensor as stored) from the headers alone."""
-    from loraq.models.fingerprint import read_header
+    from loraq.errors import ModelError
+    from loraq.models.fingerprint import file_header
 
     total = sum(Path(f).stat().st_size for f in files)
     if fmt != "safetensors":
         return total, total
     largest = 0
     for path in files:
-        with open(path, "rb") as fh:
-            header, _ = read_header(fh)
-        for key, info in header.items():
-            if key != "__metadata__":
+        for key, info in file_header(Path(path)).items():
+            if key == "__metadata__":
+                continue
+            try:
                 begin, end = info["data_offsets"]
-                largest = max(largest, end - begin)
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(f"{path}: tensor {key} has no data offsets in its header; "
+                                 "the model folder is damaged") from None
+            largest = max(largest, end - begin)
     return total, largest
 
 
