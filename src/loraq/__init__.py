@@ -31,6 +31,7 @@ _LAZY = {
     "merge": "loraq.api.merge:merge",
     "quantize": "loraq.api.quantize:quantize",
     "cached_models": "loraq.models.cache:cached_models",
+    "plan": "loraq.api.plan:plan",
     "load_model": "loraq.models.load:load_model",
     "load_for_inference": "loraq.api.loading:load_for_inference",
     "load_adapted": "loraq.lora.adapted:load_adapted",

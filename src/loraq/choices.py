@@ -21,3 +21,4 @@ OBJECTIVES = ("sft", "dpo", "orpo")  # sft: next-token loss; dpo/orpo: preferenc
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: experiment trackers (optional extras)

@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "loss, perplexity and exact-match accuracy on a dataset",
     "data": "inspect a dataset: detected format, token counts, masking, packing",
     "models": "list the models in loraq's cache",
+    "plan": "predict a training run's peak memory (and the largest batch that fits) before loading anything",
 }
 
 

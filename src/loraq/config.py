@@ -25,16 +25,20 @@ from loraq.choices import (
     PREFERENCE_OBJECTIVES,
     QUANT_TYPES,
     SCHEDULES,
+    TRACKERS,
 )
 from loraq.errors import ConfigError
+
+AUTO = "auto"  # a field with auto=True takes this word besides a number
 
 
 def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = None, lo: float | None = None,
         hi: float | None = None, flag: str | None = None, list_sep: bool = False, factory: Any = None,
-        cli: bool = True):
-    """A field with the metadata that drives argparse and validation."""
+        cli: bool = True, auto: bool = False):
+    """A field with the metadata that drives argparse and validation (``auto``: the word "auto" is accepted
+    besides a number, for the caller to resolve before use)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "lo": lo, "hi": hi, "flag": flag,
-            "list_sep": list_sep, "cli": cli}
+            "list_sep": list_sep, "cli": cli, "auto": auto}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -91,7 +95,8 @@ class TrainConfig:
     # --- the loop --------------------------------------------------------
     max_steps: int = opt(-1, "optimizer steps (-1: run --epochs)", lo=-1)
     epochs: float = opt(1.0, "passes over the training data when --max-steps is -1", lo=0)
-    batch_size: int = opt(4, "sequences per micro-batch (per rank)", lo=1, hi=1 << 16)
+    batch_size: int | str = opt(4, "sequences per micro-batch (per rank); auto: the largest the memory plan says fits",
+                                lo=1, hi=1 << 16, auto=True)
     grad_accum: int = opt(1, "micro-batches per optimizer step", lo=1, hi=1 << 16)
     lr: float = opt(2e-4, "peak learning rate", lo=0, hi=10)
     warmup: float = opt(0.03, "warmup: a fraction of the steps if < 1, else a number of steps", lo=0)
@@ -107,6 +112,9 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N steps (0: only the final adapter)", lo=0)
     keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)", lo=1)
     log_every: int = opt(1, "write a metrics line every N steps", lo=1)
+    report_to: list = opt(help=f"experiment trackers that get the metrics too: {','.join(TRACKERS)} (any subset; "
+                               "each needs its extra, e.g. pip install 'loraq[tensorboard]')",
+                          list_sep=True, factory=list)
     output_dir: str | None = opt(None, "run folder (default: runs/<name>)")
     name: str | None = opt(None, "run name (default: <method>-<data>-<date>)")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir")
@@ -115,6 +123,7 @@ class TrainConfig:
     nproc: int = opt(1, "processes to launch through torchrun (DDP)", lo=1, hi=1024)
     fsdp: bool = opt(False, "shard the frozen base across ranks with FSDP2 (fully_shard)")
     threads: int = opt(0, "CPU threads (0: PyTorch's default)", lo=0, hi=1024)
+    force: bool = opt(False, "start even when the memory plan (`loraq plan`) says the run does not fit")
 
     # fields the user set explicitly (flags or recipe); drives contradiction checks
     explicit: set = field(default_factory=set, repr=False, compare=False, metadata={"cli": False, "internal": True})
@@ -157,6 +166,8 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
             lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+            if f.metadata.get("auto") and value == AUTO:
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if value != value:  # NaN
                     raise ConfigError(f"{flag} must be a number, not NaN")
@@ -189,6 +200,9 @@ class TrainConfig:
         if self.fsdp and self.nproc < 2 and "nproc" in self.explicit:
             raise ConfigError("--fsdp shards the model across ranks and needs --nproc 2 or more")
         self._validate_objective()
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"--report-to {name!r} is not one of: {', '.join(TRACKERS)}")
         for idx in self.layers_to_transform:
             if not isinstance(idx, int) or idx < 0:
                 raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
@@ -261,15 +275,17 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
         if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
             return value.lower() in {"true", "yes", "on", "1"}
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}") from None
         if number != int(number):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer{_or_auto(f)}, got {value!r}")
         return int(number)
     if kind is float:
         if isinstance(value, bool):
@@ -285,6 +301,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
             items = list(value)
         else:
             raise ConfigError(f"{where} must be a list or a comma-separated string, got {value!r}")
+        if f.name == "report_to":  # "none" chooses no tracker, as in transformers' TrainingArguments
+            return [str(v).strip().lower() for v in items if str(v).strip().lower() != "none"]
         if f.name == "layers_to_transform":
             try:
                 return [int(v) for v in items]
@@ -302,6 +320,20 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
     return value
 
 
+def _or_auto(f: dataclasses.Field) -> str:
+    return " or auto" if f.metadata.get("auto") else ""
+
+
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of a field that takes a number or "auto"."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def _split_list(value: str) -> list[str]:
     # a single 're:' pattern may itself contain commas, so it is taken whole
     if value.strip().startswith("re:"):
@@ -311,7 +343,7 @@ def _split_list(value: str) -> list[str]:
 
 def _kind(f: dataclasses.Field) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    t = t.replace(" | None", "").strip()
+    t = t.replace(" | None", "").split(" | ")[0].strip()
     return {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict, "set": set}.get(t, str)
 
 
@@ -334,8 +366,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if kind in (int, float):
-            kw["type"] = kind
-            kw["metavar"] = "N" if kind is int else "X"
+            kw["type"] = _int_or_auto if f.metadata.get("auto") else kind
+            kw["metavar"] = ("N|auto" if f.metadata.get("auto") else "N") if kind is int else "X"
         elif not f.metadata.get("choices"):
             kw["metavar"] = "VALUE"
         if f.default not in (None, MISSING, "", ()) and kind is not bool:

@@ -14,4 +14,5 @@ COMMAND_API = {
     "eval": "evaluate",
     "data": "inspect_data",
     "models": "cached_models",
+    "plan": "plan",
 }

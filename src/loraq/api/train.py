@@ -11,6 +11,7 @@ settings as ``loraq train`` with no arguments).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 from loraq.config import TrainConfig, load_recipe
@@ -54,6 +55,10 @@ def train(config: TrainConfig | None = None, *, recipe: str | None = None,
     only; under ``nproc > 1`` the ranks run in other processes and no callback is called here).
     """
     cfg = build_config(config, recipe, **overrides)
+    from loraq.training.trackers import require_packages
+
+    require_packages(cfg.report_to)
+    cfg = check_memory(cfg)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from loraq.training.launch import launch_torchrun
 
@@ -61,3 +66,15 @@ def train(config: TrainConfig | None = None, *, recipe: str | None = None,
     from loraq.training.run import run_training
 
     return run_training(cfg, callbacks=callbacks)
+
+
+def check_memory(cfg: TrainConfig) -> TrainConfig:
+    """The memory plan before anything loads: ``--batch-size auto`` resolved, a run that cannot fit stopped
+    (:mod:`loraq.planning.preflight`); the ranks a launcher started were planned by it."""
+    from loraq.config import AUTO
+
+    if "LOCAL_RANK" in os.environ and cfg.batch_size != AUTO:
+        return cfg
+    from loraq.planning.preflight import preflight
+
+    return preflight(cfg, lambda line: print(line, file=sys.stderr, flush=True))

@@ -35,9 +35,7 @@ def weights_fingerprint(files: list[Path] | tuple[Path, ...]) -> str:
 def _hash_file(path: Path, digest) -> None:
     try:
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            data_start = 8 + header_len
+            header, data_start = read_header(f)
             for name in sorted(k for k in header if k != "__metadata__"):
                 info = header[name]
                 begin, end = info["data_offsets"]
@@ -47,6 +45,24 @@ def _hash_file(path: Path, digest) -> None:
                     digest.update(f.read(length))
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}); the model folder is damaged") from None
+
+
+def file_header(path: Path) -> dict:
+    """The header of the safetensors file ``path``; a ModelError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            header, _ = read_header(f)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return header
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc}); the model folder is damaged") from None
+
+
+def read_header(f) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(header_len)), 8 + header_len
 
 
 def _samples(begin: int, end: int) -> list[tuple[int, int]]:

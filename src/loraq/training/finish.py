@@ -44,6 +44,8 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
             write_summary(run.folder.path, summary)
             plot_loss(run.folder.path / "metrics.jsonl", run.folder.path / "loss.png",
                       title=f"{cfg.method} · {trained.source.name} · {Path(data.stats.path).name}")
+    for callback in callbacks:
+        callback.on_train_end(summary)
     runtime.barrier()
     run.folder.release()
     return RunResult(run_dir=run.folder.path, summary=summary)

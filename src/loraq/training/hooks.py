@@ -1,9 +1,12 @@
 """Observing a run from outside: callbacks called at fixed points of the loop.
 
     class Timer(loraq.training.hooks.Callback):
+        def on_train_start(self, settings): ...     # once: the run's settings (run.json's) and its folder
         def on_step_start(self, step): ...
         def on_step_end(self, step, result): ...     # result: StepResult (loss, grad norm, lr, tokens)
         def on_eval(self, step, result): ...         # result: EvalLoss (loss, perplexity, tokens)
+        def on_metrics(self, record): ...            # each line written to metrics.jsonl, as written
+        def on_train_end(self, summary): ...         # once: summary.json's contents
 
     loraq.train(..., callbacks=[Timer()])
 
@@ -34,6 +37,10 @@ class StepResult:
 class Callback:
     """No-op base: override the points you need."""
 
+    def on_train_start(self, settings: dict) -> None:
+        """Once, before the first step: the settings (every TrainConfig key, the model, the compute dtype, the
+        number of processes, ``run_dir``); metrics.jsonl lines start after this."""
+
     def on_step_start(self, step: int) -> None:
         """Before step ``step`` (1-based) takes its first micro-batch."""
 
@@ -42,3 +49,9 @@ class Callback:
 
     def on_eval(self, step: int, result) -> None:
         """After a validation pass (periodic or final) whose loss is ``result`` (an EvalLoss)."""
+
+    def on_metrics(self, record: dict) -> None:
+        """After a line is written to metrics.jsonl (rank 0 writes it): ``record`` is that line's object."""
+
+    def on_train_end(self, summary: dict) -> None:
+        """Once, after the final evaluation and the files: ``summary`` is summary.json's object."""

@@ -57,6 +57,9 @@ def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
     throughput = Throughput()
     last_loss, last_eval = float("nan"), None
     t_loop = time.perf_counter()
+    settings = run_settings(run)
+    for callback in callbacks:
+        callback.on_train_start(settings)
     try:
         for step in range(run.start_step + 1, run.optim.total_steps + 1):
             faults.point("step-start")
@@ -66,7 +69,7 @@ def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
             throughput.add(result.tokens)
             if result.finite:  # a skipped step's NaN is not the run's loss
                 last_loss = result.loss
-            _log_step(run, step, result, throughput, progress)
+            _log_step(run, step, result, throughput, progress, callbacks)
             for callback in callbacks:
                 callback.on_step_end(step, result)
             if _due(cfg.eval_every, step, run) and run.data.val:
@@ -96,20 +99,41 @@ def _due(every: int, step: int, run: Run) -> bool:
     return bool(every) and step % every == 0 and step != run.optim.total_steps
 
 
-def _log_step(run: Run, step: int, result: StepResult, throughput: Throughput, progress: Progress) -> None:
+def _log_step(run: Run, step: int, result: StepResult, throughput: Throughput, progress: Progress,
+              callbacks: Sequence[Callback] = ()) -> None:
     run.counters.tokens += result.tokens
     if step % run.cfg.log_every == 0 or step == run.optim.total_steps:
-        run.metrics.write({"kind": "train", "step": step, "loss": result.loss, "lr": result.lr,
-                           "grad_norm": result.grad_norm, "tokens": run.counters.tokens,
-                           "tokens_per_second": throughput.tokens_per_second(),
-                           "memory_bytes": peak_memory_bytes(run.device),
-                           "elapsed": time.perf_counter() - run.t_start, **result.metrics,
-                           **({"skipped": True} if not result.finite else {})})
+        write_metrics(run, {"kind": "train", "step": step, "loss": result.loss, "lr": result.lr,
+                            "grad_norm": result.grad_norm, "tokens": run.counters.tokens,
+                            "tokens_per_second": throughput.tokens_per_second(),
+                            "memory_bytes": peak_memory_bytes(run.device),
+                            "elapsed": time.perf_counter() - run.t_start, **result.metrics,
+                            **({"skipped": True} if not result.finite else {})}, callbacks)
     extra = ""
     if "reward_accuracy" in result.metrics:
         m = result.metrics
         extra = f"  acc {m['reward_accuracy']:.2f}  margin {m['reward_margin']:.3f}"
     progress.update(step, result.loss, result.lr, throughput.tokens_per_second(), current_rss_bytes(), extra)
+
+
+def write_metrics(run: Run, record: dict, callbacks: Sequence[Callback] = ()) -> None:
+    """One metrics.jsonl line (rank 0 writes it), then the callbacks' ``on_metrics`` with the same object."""
+    run.metrics.write(record)
+    if run.runtime.is_main:
+        for callback in callbacks:
+            callback.on_metrics(record)
+
+
+def run_settings(run: Run) -> dict:
+    """What a run was started with (``on_train_start``): every TrainConfig key, as run.json records them, and
+    what was resolved from them."""
+    from loraq.devices import dtype_name
+
+    trained = run.trained
+    return {**run.cfg.to_dict(), "model_name": trained.source.name, "compute_dtype": dtype_name(trained.compute_dtype),
+            "world_size": run.runtime.world_size, "run_dir": str(run.folder.path),
+            "trainable_parameters": trained.trainable, "total_parameters": trained.total,
+            "total_steps": run.optim.total_steps, "start_step": run.start_step}
 
 
 def optimizer_step(run: Run, step: int, params: list[nn.Parameter]) -> StepResult:
@@ -170,7 +194,7 @@ def evaluate(run: Run, step: int, callbacks: Sequence[Callback] = ()) -> EvalLos
     if result is not None:
         metrics = getattr(result, "metrics", None)
         details = {"perplexity": result.perplexity} if metrics is None else {f"eval_{k}": v for k, v in metrics.items()}
-        run.metrics.write({"kind": "eval", "step": step, "eval_loss": result.loss, **details})
+        write_metrics(run, {"kind": "eval", "step": step, "eval_loss": result.loss, **details}, callbacks)
         for callback in callbacks:
             callback.on_eval(step, result)
     return result

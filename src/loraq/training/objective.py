@@ -41,6 +41,11 @@ class CausalLMLoss(nn.Module):
         self._backbone = backbone
         self._head = head
 
+    @property
+    def fused(self) -> bool:
+        """Whether the head and the cross-entropy run fused (else the model's own logits and the plain formula)."""
+        return self._fused
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

@@ -1,0 +1,182 @@
+"""The predicted peak memory of a training run, term by term, from how loraq allocates.
+
+Notation: a batch of ``B`` rows of ``T`` tokens (``N = B T``; ``Nt`` of them
+trained), ``L`` blocks of width ``d``, ``H`` query / ``Hkv`` key-value heads
+of ``hd``, MLP width ``I``, vocabulary ``V``, ``e`` bytes per element of the
+compute dtype, ``A`` adapter and ``P`` model parameters. A training step
+holds at its peak (the start of backward, from the second step on, when
+AdamW's moments exist)::
+
+    weights      qlora: packed codes n/2 + scales (n/64 with double quant) per
+                 4-bit layer, e per other parameter; lora: e P; full: 4 P
+    head copy    V d e            a frozen head transposed for dh (CPU only; loss.LossBuffers)
+    adapter      16 A             fp32 A/B, their gradients, AdamW's two moments
+                 + e A            the A/B copies in the compute dtype each forward saves
+    full         4 P grads + 8 P AdamW (+ 2 x linear params: autocast's bf16 weight copies)
+    loss         min(128, Nt) V e  the logit chunk buffer; Nt d e the gradient dh kept for backward
+    activations  per block (kept for backward; lora/qlora, loraq's lean RMSNorm/SiLU-gate autograd):
+                   2 N d e + 8 N               the two RMSNorm inputs and their 1/rms
+                   N d_in e per input group    inputs of adapted linears (q/k/v share one, gate/up one)
+                   N r e per adapted linear    the low-rank product x A^T
+                   2 N I e                     the SiLU gate's two inputs
+                   attention, loraq's matmul path: N (H + 2 Hkv) hd e + P_attn
+                     P_attn = e B H sum_blocks (rows x keys)   (the probabilities, causal blocks skipped)
+                   attention, SDPA: N (H + 2 Hkv) hd e + 4 N H  (keys/values repeated to H heads under a mask,
+                     plus the B T^2 e mask)
+                 with --grad-checkpointing: (L + 1) N d e, plus one block recomputed in backward
+    transient    N e (3 I + 2 d) + one dequantized weight   the first block's backward
+
+On the CPU the peak is resident memory (what summary.json reports there), so
+three terms join: the framework (Python, torch, transformers, loraq and its
+generated kernels, the tokenizer), the tokenized data, and the memory the
+exact-match generation before training used (its KV cache): glibc keeps
+freed heap memory, and training's differently sized tensors do not reuse it.
+On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors only; the
+CUDA context, ~0.3-0.5 GB, and the caching allocator's slack come on top, and
+:mod:`loraq.planning.fit` adds them before comparing with free memory); the
+generation's memory is reused by training there, so it counts only if larger.
+The formulas follow the saved tensors of loraq's own autograd nodes
+(``lora/node.py``, ``kernels/attention.py``, ``kernels/norm_gate.py``,
+``training/loss.py``); a test holds the activation term to the bytes autograd
+actually saves on a small model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loraq.planning.rows import RowShape
+from loraq.planning.settings import RunSettings
+from loraq.planning.shapes import ModelShape
+
+# measured 2026-11-30 on the project's machine (torch 2.13 CPU, transformers 5.24): a process that imported
+# torch, transformers and loraq's training modules and ran its generated kernels once (bench/NOTES.md)
+CPU_FRAMEWORK_BYTES = 450_000_000
+TOKENIZER_BYTES_PER_FILE_BYTE = 14  # a loaded fast tokenizer vs its tokenizer.json (SmolLM2: 3.5 MB -> 48 MB)
+DATA_BYTES_PER_TOKEN = 120  # tokenized examples as Python lists, plus what tokenizing leaves in the heap
+LOSS_CHUNK_ROWS = 128  # training.loss.fused_linear_cross_entropy's chunk_rows
+
+
+@dataclass
+class Estimate:
+    """``terms``: (name, bytes) of the training step's peak; ``peak_bytes``: the largest phase's total."""
+
+    terms: list[tuple[str, int]]
+    step_bytes: int
+    loading_bytes: int
+    generation_bytes: int
+    peak_bytes: int
+    phase: str
+
+
+def estimate(shape: ModelShape, rows: RowShape, run: RunSettings) -> Estimate:
+    """The terms of the module docstring for ``run`` on ``shape`` with batches like ``rows``."""
+    resident = _resident_terms(shape, rows, run)
+    generation = _generation_bytes(shape, rows, run)
+    step = _trained_state_terms(shape, run) + _step_terms(shape, rows, run)
+    if run.device == "cpu" and generation:
+        step.append(("exact-match generation before training (kept by malloc)", generation))
+    terms = resident + step
+    step_total = sum(b for _, b in terms)
+    base = sum(size for _, size in resident)
+    loading = base + _loading_transient(shape, run)
+    gen_total = base + generation
+    peak, phase = max((step_total, "training step"), (loading, "loading"), (gen_total, "exact-match generation"))
+    return Estimate(terms=terms, step_bytes=step_total, loading_bytes=loading, generation_bytes=gen_total,
+                    peak_bytes=peak, phase=phase)
+
+
+def _resident_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tuple[str, int]]:
+    """What the process holds from loading on: framework and data (CPU), the weights."""
+    terms: list[tuple[str, int]] = []
+    if run.device == "cpu":
+        terms.append(("framework (Python, torch, transformers, kernels, tokenizer)",
+                      CPU_FRAMEWORK_BYTES + TOKENIZER_BYTES_PER_FILE_BYTE * shape.tokenizer_file_bytes))
+        terms.append(("tokenized data", DATA_BYTES_PER_TOKEN * rows.tokens))
+    return terms + _weight_terms(shape, run)
+
+
+def _trained_state_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str, int]]:
+    """What training adds whatever the batch: the adapter and its optimizer state (or AdamW over every weight)."""
+    e = run.compute_bytes
+    terms: list[tuple[str, int]] = []
+    if run.method == "full":  # the gradients come with the step (they replace the activations in backward)
+        terms.append(("AdamW moments (fp32)", 8 * shape.total_params))
+    else:
+        a = shape.adapter_params
+        terms.append(("adapter weights + gradients (fp32)", 8 * a))
+        terms.append(("AdamW moments (fp32)", 8 * a))
+        # the A/B copies each block's forward saves; under checkpointing only the recomputed block's live
+        terms.append(("adapter copies in the compute dtype", e * a // (shape.layers if run.grad_checkpointing else 1)))
+        if run.device == "cpu":
+            terms.append(("head copy (transposed, for dh)", shape.vocab * shape.hidden * e))
+    return terms
+
+
+def _weight_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str, int]]:
+    e = run.compute_bytes
+    if run.method == "full":
+        return [("weights (fp32, trained)", 4 * shape.total_params)]
+    biases = sum(lin.out_features for lin in shape.linears if lin.bias)
+    if run.method == "lora":
+        return [(f"frozen weights ({_dtype(e)})", e * (shape.linear_params + biases + shape.other_params))]
+    packed = sum(lin.numel for lin in shape.linears if lin.quantizable)
+    dense = shape.linear_params - packed
+    return [("frozen weights (4-bit codes + scales)", _packed_bytes(packed, run)),
+            (f"frozen weights ({_dtype(e)}: embeddings, norms, head)", e * (dense + biases + shape.other_params))]
+
+
+def _packed_bytes(numel: int, run: RunSettings) -> int:
+    blocks = math.ceil(numel / run.blocksize)
+    scales = blocks + 4 * math.ceil(blocks / 256) if run.double_quant else 4 * blocks
+    return (numel + 1) // 2 + scales
+
+
+def _dtype(e: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(e, f"{e}-byte")
+
+
+def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tuple[str, int]]:
+    """The batch-dependent part: loss buffers, activations kept for backward, the backward transient."""
+    from loraq.planning.activations import activation_bytes, transient_bytes
+
+    e, b, t = run.compute_bytes, run.batch_size, rows.longest
+    trained = min(b * rows.trained, b * t)
+    v, d = shape.vocab, shape.hidden
+    loss = min(LOSS_CHUNK_ROWS, trained) * v * e + trained * (d * e + 8)
+    if not shape.fused_loss:  # the model's own [B, T, V] logits, their fp32 copy and its gradient
+        loss = b * t * v * (e + 8)
+    if run.method == "full":
+        loss += v * d * 4  # dW of the head, computed in forward and kept for backward
+    if run.eval_every and rows.has_val:
+        loss += LOSS_CHUNK_ROWS * v * 4  # the evaluation's fp32 log-probability buffer stays with the loss
+    label = "activations kept for backward" + (" (--grad-checkpointing)" if run.grad_checkpointing else "")
+    terms = [("loss: logit chunk + dh", loss), (label, activation_bytes(shape, b, t, rows.varied, run)),
+             ("backward transient (one block)", transient_bytes(shape, b, t, run))]
+    if run.method == "full":
+        if e < 4:
+            terms.append(("autocast copies of the linear weights", e * shape.linear_params))
+        # backward frees the activations as the fp32 gradients arrive; then AdamW's step takes temporaries
+        # of its largest parameter. Counted: whatever of that exceeds what the start of backward holds.
+        end = 4 * shape.total_params + 2 * 4 * shape.largest_param
+        terms.append(("gradients (fp32) beyond the activations they replace", max(0, end - sum(x for _, x in terms))))
+    return terms
+
+
+def _generation_bytes(shape: ModelShape, rows: RowShape, run: RunSettings) -> int:
+    """Exact match before training: the KV cache of every reference at its full length, the prefill's MLP
+    temporaries and the last position's fp32 logits."""
+    if not rows.eval_rows:
+        return 0
+    e, n = run.compute_bytes, rows.eval_rows
+    kv = n * (rows.eval_prompt + rows.eval_new) * shape.layers * 2 * shape.kv_heads * shape.head_dim * e
+    prefill = n * rows.eval_prompt * 3 * shape.intermediate * e
+    return kv + prefill + 2 * n * shape.vocab * 4
+
+
+def _loading_transient(shape: ModelShape, run: RunSettings) -> int:
+    """Loading above the loaded weights: the 4-bit loader holds one tensor as stored; transformers' loader
+    (lora, full) maps the files, whose pages stay resident until it is done."""
+    if run.method == "qlora" or shape.prequantized:
+        return shape.largest_stored_bytes
+    return shape.stored_bytes if run.device == "cpu" else shape.largest_stored_bytes
