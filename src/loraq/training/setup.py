@@ -318,12 +318,11 @@ def make_optimization(cfg: TrainConfig, trained: TrainedModel, batches: BatchIte
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only; no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    """AdamW over the trainable parameters only, in the groups of :mod:`loraq.training.param_groups`
+    (LoRA+'s rate for B, ``--embedding-lr``; no weight decay on biases, norms and magnitudes)."""
+    from loraq.training.param_groups import param_groups
+
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_lr_ratio, cfg.embedding_lr)
     # the fused/foreach kernels change the summation order; keep the plain loop on CPU for bitwise resume
     foreach = False if next(model.parameters()).device.type == "cpu" else None
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
