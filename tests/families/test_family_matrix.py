@@ -48,11 +48,11 @@ def family_dir(tmp_path_factory, tiny_tokenizer):
     return get
 
 
-def _train(model_dir, chat_files, out, method):
+def _train(model_dir, chat_files, out, method, **extra):
     train, val = chat_files
     return loraq.train(model=str(model_dir), data=str(train), val_data=str(val) if method == "full" else None,
                        method=method, max_steps=2, batch_size=2, seq_len=48, dtype="fp32", output_dir=str(out),
-                       eval_samples=0, seed=0, lr=1e-2, warmup=0, threads=1)
+                       eval_samples=0, seed=0, lr=1e-2, warmup=0, threads=1, **extra)
 
 
 def _logits(model, ids):
@@ -83,11 +83,21 @@ def _bnb_round_trip_(model):
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_loads_in_peft_and_equals_the_merged_model(family, method, family_dir, chat_files, tmp_path):
+    _check_against_peft(family_dir(family), _train(family_dir(family), chat_files, tmp_path / "run", method).run_dir,
+                        method, tmp_path, 1e-4)
+
+
+@pytest.mark.parametrize("family,method", [("llama", "qlora"), ("gpt2", "lora"), ("gpt_neox", "qlora")])
+def test_a_dora_adapter_loads_in_peft_and_equals_the_merged_model(family, method, family_dir, chat_files, tmp_path):
+    run = _train(family_dir(family), chat_files, tmp_path / "run", method, dora=True).run_dir
+    assert json.loads((run / "adapter_config.json").read_text())["use_dora"] is True
+    _check_against_peft(family_dir(family), run, method, tmp_path, 1e-5)
+
+
+def _check_against_peft(base_dir, run, method, tmp_path, tolerance):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_dir = family_dir(family)
-    run = _train(base_dir, chat_files, tmp_path / "run", method).run_dir
     merged = tmp_path / "merged"
     loraq.merge(adapter=str(run), out=str(merged), dtype="fp32")
 
@@ -98,7 +108,7 @@ def test_adapter_loads_in_peft_and_equals_the_merged_model(family, method, famil
     before = _logits(base, ids)
     reference = _logits(PeftModel.from_pretrained(base, str(run)).eval(), ids)
     got = _logits(AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval(), ids)
-    assert _rel(got, reference) < 1e-4
+    assert _rel(got, reference) < tolerance
     assert _rel(before, reference) > 1e-3  # the adapter changed the function: the comparison means something
 
 
