@@ -8,6 +8,9 @@ References, all independent of loraq:
   PEFT gets has each converted layer's weight quantized and dequantized by bitsandbytes, as transformers +
   bitsandbytes convert it (a Conv1D weight transposed first): the function the adapter was trained on.
 * full: the folder the run wrote, loaded by transformers, gives the run's own final evaluation loss.
+
+The fast paths' backward formulas run eagerly here (``LORAQ_COMPILE=0``): their generated versions are held
+to them in ``tests/kernels``, and generating them for fifteen families' shapes would cost CI a minute.
 """
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ from family_configs import FAMILIES, save_family
 import loraq
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    monkeypatch.setenv("LORAQ_COMPILE", "0")
 
 
 @pytest.fixture(scope="module")

@@ -199,11 +199,12 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
     from loraq.lora.model import count_parameters
 
     fsdp = cfg.fsdp and runtime.distributed
-    model, tokenizer, compute_dtype, quantized = _load_base(cfg, source, runtime.device, fsdp)
+    model, tokenizer, compute_dtype, quantized, fast_paths = _load_base(cfg, source, runtime.device, fsdp)
     lora_config = record = None
     if cfg.method != "full":
         lora_config, record = _adapter_plan(cfg, source, model, compute_dtype)
     _announce(cfg, source, runtime, say, compute_dtype, quantized, data.stats)
+    say(f"loraq: {fast_paths}")
     refs = data.references if cfg.eval_samples else []
     if refs and measure_base and not fsdp:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
@@ -227,8 +228,8 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
 
 
 def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
-               fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int]:
-    """(model, tokenizer, compute dtype, 4-bit layers). FSDP loads on the CPU and moves each layer to the device
+               fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int, str]:
+    """(model, tokenizer, compute dtype, 4-bit layers, the fast-paths line). FSDP loads on the CPU and moves each layer to the device
     as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through autocast); LoftQ quantizes
     the full-precision weights itself, so both load unquantized."""
     from loraq.devices import resolve_dtype
@@ -240,8 +241,8 @@ def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
                         dtype="fp32" if cfg.method == "full" or loftq else cfg.dtype, quant=cfg.quant,
                         double_quant=cfg.double_quant, blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
-    apply_fast_paths(loaded.model)
-    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), len(loaded.quantized_modules)
+    fast_paths = apply_fast_paths(loaded.model, device).line()
+    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), len(loaded.quantized_modules), fast_paths
 
 
 def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
