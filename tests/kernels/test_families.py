@@ -22,7 +22,7 @@ EXPECTED = {
     "gemma3": GATED_RMS, "phi3": GATED_RMS, "olmo2": GATED_RMS, "granite": GATED_RMS, "stablelm": {"gate"},
     "phi": set(), "starcoder2": set(), "opt": set(), "gpt_neox": set(), "gpt2": set(),
 }
-ATTENTION_OFF = {"gemma2": "not sdpa", "gpt2": "attention dropout"}
+ATTENTION_OFF = {"gemma2": "softcapped logits", "gpt2": "dropout 0.1"}
 
 
 @pytest.fixture(autouse=True)
@@ -68,5 +68,5 @@ def test_the_report_line_names_active_paths_and_reasons():
     model = AutoModelForCausalLM.from_config(family_config("gpt2", 96))
     line = apply_fast_paths(model).line()
     assert line.startswith("fast paths: none; generic: ")
-    assert "attention dropout 0.1 -> SDPA" in line and "LayerNorm has no lean path" in line
-    assert "GPT2MLP: not a gated MLP" in line
+    assert "attention (dropout 0.1: SDPA)" in line and "LayerNorm (no lean path)" in line
+    assert "GPT2MLP (not a gated MLP)" in line

@@ -54,9 +54,9 @@ class FastPaths:
     def line(self) -> str:
         """One line for ``loraq train``: the fast paths on, and what runs generic code and why."""
         on = (["matmul attention"] if self.attention is None else []) + [f"{k} x{n}" for k, n in self.active.items()]
-        off = ([f"attention: {self.attention}"] if self.attention is not None else []) + \
-            [f"{k}: {why}" for k, why in self.generic.items()]
-        return f"fast paths: {', '.join(on) or 'none'}" + (f"; generic: {'; '.join(off)}" if off else "")
+        off = ([f"attention ({self.attention})"] if self.attention is not None else []) + \
+            [f"{k} ({why})" for k, why in self.generic.items()]
+        return f"fast paths: {', '.join(on) or 'none'}" + (f"; generic: {', '.join(off)}" if off else "")
 
 
 def gate_activation(module: nn.Module) -> str | None:
@@ -95,14 +95,14 @@ def apply_norm_gate_modules(model: nn.Module, report: FastPaths | None = None) -
 
 def _why_generic(module: nn.Module, name: str) -> str | None:
     if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
-        return "LayerNorm has no lean path"
+        return "no lean path"
     if name.endswith("RMSNorm"):
-        return "an RMSNorm form not checked against the lean path"
+        return "a form not checked against the lean path"
     if name in GATED_MLP_CLASSES:
         act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
         return f"activation {type(act).__name__} has no lean gate"
     if name.endswith("MLP"):
-        return "not a gated MLP" if not hasattr(module, "gate_proj") else "a gated MLP not checked against the lean path"
+        return "not a gated MLP" if not hasattr(module, "gate_proj") else "not checked against the lean path"
     return None
 
 
@@ -129,18 +129,18 @@ def _patch_gated_mlp(module: nn.Module, activation: str, fused: bool) -> None:
 def attention_fallback(model: nn.Module, device=None) -> str | None:
     """Why every attention call of this model would go to SDPA anyway (None: the matmul path can take them)."""
     config = model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        return "softcapped logits: the model's own attention"
     implementation = getattr(config, "_attn_implementation", None)
     if implementation != "sdpa":
         return f"implementation {implementation!r}, not sdpa"
     if not model._can_set_attn_implementation():
         return "the model cannot switch its attention implementation"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "softcapped logits -> SDPA"
     dropout = max(float(getattr(config, key, 0.0) or 0.0)
                   for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"))
     if dropout > 0:
-        return f"attention dropout {dropout:g} -> SDPA"
+        return f"dropout {dropout:g}: SDPA"
     device = device if device is not None else next(model.parameters()).device
     if device.type != "cpu":
-        return f"SDPA on {device.type} (the matmul path is for the CPU)"
+        return f"on {device.type}: SDPA (the matmul path is for the CPU)"
     return None

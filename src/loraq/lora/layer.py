@@ -140,20 +140,21 @@ class LoraLinear(nn.Module):
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
-        y = self.base(x)
+        y = base_y = self.base(x)
         if self.disabled:
             return y
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                y = self._add_dora_update(y, x, name) if self.is_dora(name) else self._add_update(y, x, name)
+                y = self._add_dora_update(y, x, name, base_y) if self.is_dora(name) else self._add_update(y, x, name)
         return y
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The usual training case as one autograd node (:mod:`loraq.lora.node`), or None for the generic path.
 
-        It applies to one active, unmerged adapter without dropout over a loraq 4-bit base or a plain
-        ``nn.Linear`` in the input's dtype; everything else (several adapters, dropout, merged, other
-        base types) takes the generic path below, which is the reference the fused node is tested against.
+        It applies to one active, unmerged, non-DoRA adapter without dropout over a loraq 4-bit base or a
+        plain ``nn.Linear`` / ``Conv1D`` in the input's dtype; everything else (several adapters, dropout,
+        DoRA, merged, other base types) takes the generic path below, which is the reference the fused node
+        is tested against.
         """
         if self.disabled or self.merged_adapters or len(self.active_adapters) != 1:
             return None
@@ -185,16 +186,17 @@ class LoraLinear(nn.Module):
         out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
         return out.view(y.shape)
 
-    def _add_dora_update(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_dora_update(self, y: torch.Tensor, x: torch.Tensor, name: str, base_y: torch.Tensor) -> torch.Tensor:
         """``y + (c - 1) * W0 x' + c * s B A x'`` with ``c = m / ||W0 + s B A||`` (constant in backward) and
-        ``x'`` the adapter's (dropped-out) input; without dropout ``W0 x`` is ``y`` less the bias."""
+        ``x'`` the adapter's (dropped-out) input; without dropout ``W0 x`` is the base's output ``base_y``
+        less the bias (never another adapter's update: the sum is the one ``merged_weight`` forms)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         c = (self.lora_magnitude_vector[name] / self.weight_norm(name)).to(y.dtype)
         if name in self.lora_dropout:
             x = self.lora_dropout[name](x)
             w0x = F.linear(x, self._dense_weight(x.dtype)).to(y.dtype)
         else:
-            w0x = y if self.base.bias is None else y - self.base.bias.to(y.dtype)
+            w0x = base_y if self.base.bias is None else base_y - self.base.bias.to(base_y.dtype)
         low_rank = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
         return y + (c - 1) * w0x + c * self.scaling[name] * low_rank
 
