@@ -21,7 +21,8 @@ def family_config(name: str, vocab: int, size: dict | None = None):
     z = {**TINY, **(size or {})}
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     common = dict(vocab_size=vocab, hidden_size=z["hidden"], num_hidden_layers=z["layers"],
-                  num_attention_heads=z["heads"], intermediate_size=z["intermediate"], max_position_embeddings=512, **ids)
+                  num_attention_heads=z["heads"], intermediate_size=z["intermediate"], max_position_embeddings=512,
+                  **ids)
     gqa = dict(common, num_key_value_heads=z["kv_heads"])
     head_dim = z["hidden"] // z["heads"]
     builders = {
@@ -38,8 +39,8 @@ def family_config(name: str, vocab: int, size: dict | None = None):
         "stablelm": lambda: T.StableLmConfig(**gqa),
         "starcoder2": lambda: T.Starcoder2Config(**gqa),
         "opt": lambda: T.OPTConfig(vocab_size=vocab, hidden_size=z["hidden"], num_hidden_layers=z["layers"],
-                                   num_attention_heads=z["heads"], ffn_dim=z["intermediate"], word_embed_proj_dim=z["hidden"],
-                                   max_position_embeddings=512, **ids),
+                                   num_attention_heads=z["heads"], ffn_dim=z["intermediate"],
+                                   word_embed_proj_dim=z["hidden"], max_position_embeddings=512, **ids),
         "gpt_neox": lambda: T.GPTNeoXConfig(**common),  # Pythia's family: untied head stored as embed_out
         "gpt2": lambda: T.GPT2Config(vocab_size=vocab, n_embd=z["hidden"], n_layer=z["layers"], n_head=z["heads"],
                                      n_inner=z["intermediate"], n_positions=512, **ids),  # Conv1D layers

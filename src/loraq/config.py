@@ -62,9 +62,10 @@ class TrainConfig:
     alpha_pattern: dict = opt(help="per-module alpha overrides (recipe only): {pattern: alpha}", factory=dict, cli=False)
     modules_to_save: list = opt(help="comma-separated modules trained in full and saved with the adapter", list_sep=True, factory=list)
     rslora: bool = opt(False, "rank-stabilised LoRA: scale alpha/sqrt(r)")
-    dora: bool = opt(False, "DoRA, weight-decomposed LoRA: a trained magnitude per output row besides B A (PEFT's use_dora)")
-    loraplus_lr_ratio: float = opt(1.0, "LoRA+: B's learning rate is this multiple of --lr (A's); 1 = plain LoRA, the paper suggests ~16",
-                                   lo=0, hi=1e6)
+    dora: bool = opt(False, "DoRA, weight-decomposed LoRA: a trained magnitude per output row besides B A "
+                            "(PEFT's use_dora)")
+    loraplus_lr_ratio: float = opt(1.0, "LoRA+: B's learning rate is this multiple of --lr (A's); 1 = plain LoRA, "
+                                        "the paper suggests ~16", lo=0, hi=1e6)
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
     # --- data ------------------------------------------------------------
@@ -163,7 +164,8 @@ class TrainConfig:
                     raise ConfigError(f"{_flag(key)} applies to --method qlora only, not --method {self.method}; drop it or use --method qlora")
         if self.method == "full":
             lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
-                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora", "loraplus_lr_ratio")
+                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora",
+                         "loraplus_lr_ratio")
             for key in lora_keys:
                 if key in self.explicit:
                     raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; drop it or use --method lora/qlora")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_configs import save_family
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
+from family_configs import save_family
 from loraq.lora.config import LoraConfig
 from loraq.lora.layer import LoraLinear
 from loraq.lora.model import inject_lora, lora_layers, merge_and_unload

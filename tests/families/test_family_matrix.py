@@ -18,9 +18,9 @@ import json
 
 import pytest
 import torch
-from family_configs import FAMILIES, save_family
 
 import loraq
+from family_configs import FAMILIES, save_family
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def chat_files(tmp_path_factory):
     words = [("red", "sun"), ("blue", "cat"), ("green", "dog"), ("one", "two"), ("fox", "moon"), ("three", "sun")]
 
     def write(name, pairs):
-        rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."}, {"role": "assistant", "content": f"{a}-{b}"}]}
-                for a, b in pairs]
+        rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."},
+                              {"role": "assistant", "content": f"{a}-{b}"}]} for a, b in pairs]
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return folder / name
 
@@ -83,7 +83,8 @@ def _bnb_round_trip_(model):
         for name in quantizable_layer_names(model):
             layer = model.get_submodule(name)
             weight = layer.weight.t() if is_conv1d(layer) else layer.weight
-            packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+            packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4",
+                                               compress_statistics=True)
             dense = bnbf.dequantize_4bit(packed, state).to(weight.dtype)
             layer.weight.copy_(dense.t() if is_conv1d(layer) else dense)
 

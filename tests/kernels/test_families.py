@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from family_configs import FAMILIES, family_config
 
+from family_configs import FAMILIES, family_config
 from loraq.kernels import apply_fast_paths
 
 GATED_RMS = {"RMSNorm", "gate"}

@@ -205,7 +205,8 @@ def test_loraq_merge_of_a_peft_dora_adapter_equals_peft_s_merge_and_unload(tiny_
                 p.mul_(1.1)
     pm.save_pretrained(str(tmp_path / "adapter"))
     expected = pm.merge_and_unload().state_dict()
-    loraq.merge(adapter=str(tmp_path / "adapter"), model=str(tiny_llama_dir), out=str(tmp_path / "merged"), dtype="fp32")
+    loraq.merge(adapter=str(tmp_path / "adapter"), model=str(tiny_llama_dir), out=str(tmp_path / "merged"),
+                dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).state_dict()
     assert set(merged) == set(expected)
     for key, tensor in expected.items():

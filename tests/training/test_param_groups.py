@@ -60,7 +60,8 @@ def test_groups_split_rates_and_weight_decay_and_full_training_gives_embeddings_
 
 
 def _chat(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."}, {"role": "assistant", "content": f"{a}-{b}"}]}
+    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."},
+                          {"role": "assistant", "content": f"{a}-{b}"}]}
             for a, b in [("red", "sun"), ("blue", "cat"), ("green", "dog"), ("one", "two")]]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

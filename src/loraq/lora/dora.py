@@ -47,7 +47,8 @@ def weight_row_chunks(base: nn.Module, chunk_elements: int = CHUNK_ELEMENTS):
         step = row_step(in_features, base.quant_state.blocksize, chunk_elements)
         scales = dequantize_absmax(base.quant_state)
         for start in range(0, out_features, step):
-            yield start, min(start + step, out_features), base.dequantize_rows(start, start + step, torch.float32, scales)
+            rows = base.dequantize_rows(start, start + step, torch.float32, scales)
+            yield start, min(start + step, out_features), rows
         return
     weight = linear_weight(base).detach()
     step = max(1, chunk_elements // max(weight.shape[1], 1))

@@ -86,8 +86,8 @@ def inject_lora(
         layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
         if layer is not module:
             set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora, config.dropout,
-                          use_dora=config.use_dora)
+        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora,
+                          config.dropout, use_dora=config.use_dora)
         if initialise:
             _initialise(layer, adapter_name, config, quant, generator)
         if initialise and config.use_dora:

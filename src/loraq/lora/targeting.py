@@ -55,7 +55,7 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Every linear layer of the model (nn.Linear, Conv1D, Linear4bit, or one already wrapped by LoRA), in module order."""
+    """Every linear layer of the model (nn.Linear, Conv1D, Linear4bit, or one already wrapped by LoRA), in order."""
     from loraq.lora.layer import LoraLinear
 
     kinds = linear_types() + (LoraLinear,)

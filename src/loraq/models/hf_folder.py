@@ -21,7 +21,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 
 def tied_keys_to_drop(state: Mapping[str, torch.Tensor], model: Any) -> set[str]:
     """Keys that alias another tensor in a tied model (transformers re-ties them on load): the model's own
-    tied targets (``all_tied_weights_keys``: ``lm_head.weight``, GPT-NeoX's head, ...), whatever the head's name."""
+    tied targets (``all_tied_weights_keys``: ``lm_head.weight``, GPT-NeoX's head, ...), whatever the head's
+    name."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -32,7 +33,8 @@ def saved_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, 
     """The tensors of ``model`` under the names transformers' ``save_pretrained`` gives them: tied copies
     dropped, and module names turned back into the architecture's file names (transformers' own reverse
     renaming: a GPT-NeoX head ``lm_head`` is stored as ``embed_out``). Floating tensors in ``dtype`` if given."""
-    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
     for key in tied_keys_to_drop(state, model):
         state.pop(key)
     try:

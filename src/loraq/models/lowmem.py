@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from loraq.models.safety import WeightFiles
-from loraq.modules import is_conv1d
 from loraq.models.skeleton import (
     build_skeleton,
     checkpoint_key_renamer,
@@ -39,6 +38,7 @@ from loraq.models.skeleton import (
     set_tensor,
     tied_targets,
 )
+from loraq.modules import is_conv1d
 
 if TYPE_CHECKING:
     from loraq.quant.functional import QuantState

@@ -85,8 +85,8 @@ def checkpoint_key_renamer(model: nn.Module, label: str) -> Callable[[str], str]
     def rename(key: str) -> str:
         renamed, converted_by = rename_source_key(key, renamings, converters)
         if converted_by is not None:
-            raise ModelError(f"--model {label}: tensor {key} needs transformers' weight conversion ({converted_by}), "
-                             "which low-memory loading does not do; use --method lora")
+            raise ModelError(f"--model {label}: tensor {key} needs transformers' weight conversion "
+                             f"({converted_by}), which low-memory loading does not do; use --method lora")
         return renamed
 
     return rename
@@ -200,7 +200,8 @@ def _stand_aside(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
     loaded = []
     for table in (module._parameters, module._buffers):
         for leaf, tensor in list(table.items()):
-            if tensor is None or tensor.is_meta or (table is module._buffers and leaf in module._non_persistent_buffers_set):
+            initialised_here = table is module._buffers and leaf in module._non_persistent_buffers_set
+            if tensor is None or tensor.is_meta or initialised_here:
                 continue
             loaded.append((table, leaf, tensor))
             stand_in = torch.empty_like(tensor, device="meta")

@@ -7,7 +7,7 @@ With ``lr`` = ``--lr``, ``ratio`` = ``--loraplus-lr-ratio`` and ``lr_e`` =
 |---|---|
 | LoRA's ``A`` | ``lr`` |
 | LoRA's ``B`` (LoRA+, Hayou et al. 2024: ``eta_B = ratio * eta_A``) | ``lr * ratio`` |
-| a DoRA magnitude ``m`` (1-D adapter parameters, as PEFT's ``create_loraplus_optimizer`` groups them) | ``lr * ratio`` |
+| a DoRA magnitude ``m`` (a 1-D adapter parameter: PEFT's ``create_loraplus_optimizer`` groups it so) | ``lr * ratio`` |
 | modules trained in full beside LoRA (``--modules-to-save``) | ``lr_e`` |
 | ``--method full``: the input and output embeddings | ``lr_e`` |
 | ``--method full``: everything else | ``lr`` |

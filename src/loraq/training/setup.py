@@ -229,9 +229,9 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
 
 def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
                fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int, str]:
-    """(model, tokenizer, compute dtype, 4-bit layers, the fast-paths line). FSDP loads on the CPU and moves each layer to the device
-    as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through autocast); LoftQ quantizes
-    the full-precision weights itself, so both load unquantized."""
+    """(model, tokenizer, compute dtype, 4-bit layers, the fast-paths line). FSDP loads on the CPU and moves
+    each layer to the device as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through
+    autocast); LoftQ quantizes the full-precision weights itself, so both load unquantized."""
     from loraq.devices import resolve_dtype
     from loraq.kernels import apply_fast_paths
     from loraq.models.load import load_model
@@ -242,7 +242,8 @@ def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
                         double_quant=cfg.double_quant, blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     fast_paths = apply_fast_paths(loaded.model, device).line()
-    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), len(loaded.quantized_modules), fast_paths
+    quantized = len(loaded.quantized_modules)
+    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), quantized, fast_paths
 
 
 def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
