@@ -50,7 +50,7 @@ class LoraConfig:
                    exclude_modules=list(cfg.exclude_modules), layers_to_transform=[int(i) for i in cfg.layers_to_transform],
                    rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
                    modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora),
-                   use_dora=bool(getattr(cfg, "dora", False)), init=cfg.init,
+                   use_dora=bool(cfg.dora), init=cfg.init,
                    loftq_iters=cfg.loftq_iters, base_model_name_or_path=cfg.model).validate()
 
     def validate(self) -> "LoraConfig":
