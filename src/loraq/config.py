@@ -68,6 +68,10 @@ class TrainConfig:
     alpha_pattern: dict = opt(help="per-module alpha overrides (recipe only): {pattern: alpha}", factory=dict, cli=False)
     modules_to_save: list = opt(help="comma-separated modules trained in full and saved with the adapter", list_sep=True, factory=list)
     rslora: bool = opt(False, "rank-stabilised LoRA: scale alpha/sqrt(r)")
+    dora: bool = opt(False, "DoRA, weight-decomposed LoRA: a trained magnitude per output row besides B A "
+                            "(PEFT's use_dora)")
+    loraplus_lr_ratio: float = opt(1.0, "LoRA+: B's learning rate is this multiple of --lr (A's); 1 = plain LoRA, "
+                                        "the paper suggests ~16", lo=0, hi=1e6)
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
     # --- data ------------------------------------------------------------
@@ -99,6 +103,9 @@ class TrainConfig:
                                 lo=1, hi=1 << 16, auto=True)
     grad_accum: int = opt(1, "micro-batches per optimizer step", lo=1, hi=1 << 16)
     lr: float = opt(2e-4, "peak learning rate", lo=0, hi=10)
+    embedding_lr: float | None = opt(None, "learning rate of modules trained in full beside LoRA (--modules-to-save, "
+                                           "e.g. embed_tokens, lm_head) and, with --method full, of the input and "
+                                           "output embeddings (default: --lr)", lo=0, hi=10)
     warmup: float = opt(0.03, "warmup: a fraction of the steps if < 1, else a number of steps", lo=0)
     schedule: str = opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
     weight_decay: float = opt(0.0, "AdamW weight decay", lo=0, hi=1)
@@ -183,10 +190,13 @@ class TrainConfig:
                     raise ConfigError(f"{_flag(key)} applies to --method qlora only, not --method {self.method}; drop it or use --method qlora")
         if self.method == "full":
             lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
-                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters")
+                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora",
+                         "loraplus_lr_ratio")
             for key in lora_keys:
                 if key in self.explicit:
                     raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; drop it or use --method lora/qlora")
+        if self.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio} must be > 0 (1 = plain LoRA)")
         if self.init == "loftq" and self.method != "qlora":
             raise ConfigError("--init loftq corrects 4-bit quantization error and needs --method qlora")
         if self.resume and self.overwrite:
@@ -254,6 +264,7 @@ OTHER_TOOLS_NAMES = {
     "val_set_size": "val_fraction", "output": "output_dir", "resume_from_checkpoint": "resume",
     "load_in_4bit": "method", "bf16": "dtype", "fp16": "dtype", "torch_dtype": "dtype",
     "loss_type": "objective", "dpo_beta": "beta", "max_prompt_length": "seq_len",
+    "use_dora": "dora", "peft_use_dora": "dora", "loraplus_lr_embedding": "embedding_lr",
 }
 
 

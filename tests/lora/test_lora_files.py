@@ -193,9 +193,19 @@ def test_pickle_only_adapter_is_refused_unless_allowed(tmp_path):
 
 def test_unsupported_peft_features_are_refused(saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(AdapterError, match="DoRA"):
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(AdapterError, match="lora_bias"):
         read_adapter_config(saved)
+
+
+def test_a_dora_config_without_its_magnitudes_is_refused(saved):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="lora_magnitude_vector"):
+        load_adapter(model, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_save_never_replaces_a_folder_that_is_not_an_adapter(tmp_path, saved):

@@ -288,6 +288,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], tuple[str, ...]]] = [
     ("flag-bad-choice", lambda c: c.train("--schedule", "exponential"), ("--schedule", "exponential")),
     ("flag-full-with-quant", lambda c: c.train("--method", "full", "--quant", "nf4"), ("--quant", "--method full")),
     ("flag-full-with-rank", lambda c: c.train("--method", "full", "--rank", "8"), ("--rank", "--method full")),
+    ("flag-full-with-dora", lambda c: c.train("--method", "full", "--dora"), ("--dora", "--method full")),
+    ("flag-loraplus-ratio-0", lambda c: c.train("--loraplus-lr-ratio", "0"), ("--loraplus-lr-ratio", "> 0")),
     ("flag-resume-and-overwrite", lambda c: c.train("--resume", "--overwrite"), ("--resume", "--overwrite")),
     ("flag-loftq-without-qlora", lambda c: c.train("--init", "loftq"), ("loftq", "--method qlora")),
     ("flag-val-data-and-fraction", lambda c: c.train("--val-data", str(c.data), "--val-fraction", "0.1"),

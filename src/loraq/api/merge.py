@@ -110,12 +110,14 @@ def _cast_dense(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def dequantize_remaining(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
-    """Replace the 4-bit layers the adapter did not touch by plain ``nn.Linear`` in ``dtype``."""
-    from loraq.lora.layer import dense_linear, is_4bit
+    """Replace the 4-bit layers the adapter did not touch by plain ``nn.Linear`` (``Conv1D`` where the model
+    has one) in ``dtype``."""
+    from loraq.lora.layer import conv1d_layout, is_4bit
     from loraq.lora.model import set_submodule
+    from loraq.modules import dense_layer
 
     names = [n for n, m in model.named_modules() if n and is_4bit(m)]
     for name in names:
         layer = model.get_submodule(name)
-        set_submodule(model, name, dense_linear(layer.dequantize(dtype), layer.bias, dtype))
+        set_submodule(model, name, dense_layer(layer.dequantize(dtype), layer.bias, dtype, conv1d_layout(layer)))
     return names

@@ -8,14 +8,21 @@ Two ways in, both explicit:
   (:mod:`~loraq.kernels.dequant`). With ``LORAQ_COMPILE=0`` it registers
   nothing and the eager reference runs. Model loading calls it.
 * :func:`apply_fast_paths` swaps the matmul attention
-  (:mod:`~loraq.kernels.attention`) and the lean RMSNorm / SiLU-gate autograd
-  (:mod:`~loraq.kernels.norm_gate`) into a model for training.
+  (:mod:`~loraq.kernels.attention`) and the lean RMSNorm / gated-activation
+  autograd (:mod:`~loraq.kernels.norm_gate`) into a model for training, on the
+  module classes :mod:`~loraq.kernels.families` lists, and says what it did.
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraq.kernels.families import FastPaths
 
 
 def install() -> bool:
@@ -32,14 +39,18 @@ def install() -> bool:
     return True
 
 
-def apply_fast_paths(model: nn.Module) -> None:
+def apply_fast_paths(model: nn.Module, device: torch.device | None = None) -> FastPaths:
     """loraq's matmul attention for short CPU sequences (it hands everything else to SDPA), and the lean
-    RMSNorm / SiLU-gate autograd on known architectures."""
-    from loraq.kernels.norm_gate import apply_norm_gate_modules
+    RMSNorm / gated-activation autograd on the module classes checked for it; returns what is on and why
+    the rest is not (:meth:`~loraq.kernels.families.FastPaths.line`). ``device``: where it will train (default:
+    where its weights are)."""
+    from loraq.kernels.families import FastPaths, apply_norm_gate_modules, attention_fallback
 
-    apply_norm_gate_modules(model)
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
-        return
-    from loraq.kernels.attention import register
+    report = FastPaths()
+    apply_norm_gate_modules(model, report)
+    report.attention = attention_fallback(model, device)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and model._can_set_attn_implementation():
+        from loraq.kernels.attention import register
 
-    model.set_attn_implementation(register())
+        model.set_attn_implementation(register())
+    return report

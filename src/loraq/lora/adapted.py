@@ -243,6 +243,8 @@ def _take_trained_half(model: torch.nn.Module, compare: bool) -> tuple[float, st
             a_file, b_file = layer.lora_A[FILE_ADAPTER].weight, layer.lora_B[FILE_ADAPTER].weight
             layer.lora_A["default"].weight.copy_(a_file[:r])
             layer.lora_B["default"].weight.copy_(b_file[:, :r])
+            if layer.is_dora("default"):  # m is the same for the file's rank-2r form and the trained half
+                layer.lora_magnitude_vector["default"].copy_(layer.lora_magnitude_vector[FILE_ADAPTER])
             if compare and "default" in layer.initial_factors:
                 a0, b0 = layer.initial_factors["default"]
                 diff = max(_relative(a0, a_file[r:]), _relative(b0, -b_file[:, r:]))

@@ -37,6 +37,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (loraq.lora.dora): a trained magnitude per output besides B A
     init: str = "default"
     loftq_iters: int = 5
     base_model_name_or_path: str | None = None
@@ -48,7 +49,8 @@ class LoraConfig:
         return cls(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                    exclude_modules=list(cfg.exclude_modules), layers_to_transform=[int(i) for i in cfg.layers_to_transform],
                    rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
-                   modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora), init=cfg.init,
+                   modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora),
+                   use_dora=bool(cfg.dora), init=cfg.init,
                    loftq_iters=cfg.loftq_iters, base_model_name_or_path=cfg.model).validate()
 
     def validate(self) -> "LoraConfig":
@@ -107,7 +109,8 @@ class LoraConfig:
             "alpha_pattern": {k: plain_number(v) for k, v in self.alpha_pattern.items()},
             "modules_to_save": list(self.modules_to_save) or None,
             "use_rslora": bool(self.use_rslora),
-            "use_dora": False,
+            "use_dora": bool(self.use_dora),
+            # the layout of the model's layers, not of the adapter: files.peft_export sets it for Conv1D models
             "fan_in_fan_out": False,
             "bias": "none",
             "lora_bias": False,
@@ -119,16 +122,18 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
-        """Read PEFT's fields; features loraq does not implement are errors, not silent drops."""
+        """Read PEFT's fields; features loraq does not implement are errors, not silent drops.
+
+        ``fan_in_fan_out`` describes the base layers' storage (Conv1D), which loraq reads from the model
+        itself for each layer, as PEFT in effect does (it overrides a wrong value per layer, with a warning).
+        """
         if not isinstance(data, dict):
             raise AdapterError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise AdapterError(f"{source}: peft_type {peft_type!r} is not supported; loraq reads LoRA adapters only")
-        for key, bad, what in (("use_dora", True, "DoRA"), ("fan_in_fan_out", True, "fan_in_fan_out (GPT-2 Conv1D) layers"),
-                               ("lora_bias", True, "LoRA bias terms")):
-            if data.get(key) is bad:
-                raise AdapterError(f"{source}: {key}=true ({what}) is not supported by loraq")
+        if data.get("lora_bias") is True:
+            raise AdapterError(f"{source}: lora_bias=true (LoRA bias terms) is not supported by loraq")
         if data.get("bias", "none") not in ("none", None):
             raise AdapterError(f"{source}: bias={data['bias']!r} is not supported; loraq adapters train no bias (bias 'none')")
         if data.get("layers_pattern"):
@@ -151,6 +156,7 @@ class LoraConfig:
                 layers_to_transform=[int(i) for i in (layers or [])],
                 rank_pattern=dict(data.get("rank_pattern") or {}), alpha_pattern=dict(data.get("alpha_pattern") or {}),
                 modules_to_save=list(data.get("modules_to_save") or []), use_rslora=bool(data.get("use_rslora", False)),
+                use_dora=bool(data.get("use_dora", False)),
                 init="gaussian" if init == "gaussian" else "default",
                 base_model_name_or_path=data.get("base_model_name_or_path"),
             ).validate()

@@ -1,8 +1,11 @@
 """Adapter folders in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Writing: keys ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and
-``...lora_B.weight`` (``[out, r]``); modules trained in full under
-``base_model.model.<module>.<param>``. The config states exactly the layers
+``...lora_B.weight`` (``[out, r]``), a DoRA adapter's magnitude
+``...lora_magnitude_vector`` (``[out]``); modules trained in full under
+``base_model.model.<module>.<param>``. ``fan_in_fan_out`` is true when the
+adapted layers are transformers ``Conv1D`` layers (GPT-2), as PEFT writes it;
+the factors have the same shapes and meaning either way. The config states exactly the layers
 that carry the adapter, and the rank and alpha of each, in terms PEFT reads
 (suffixes when they select exactly those layers, else full names; per-layer
 ranks/alphas that differ from ``r``/``lora_alpha`` as ``rank_pattern`` /
@@ -34,6 +37,7 @@ import torch.nn as nn
 from loraq.errors import AdapterError, ConfigError
 from loraq.lora.config import LoraConfig, plain_number
 from loraq.lora.model import (
+    MAGNITUDE_KEY,
     PEFT_PREFIX,
     adapter_configs,
     inject_lora,
@@ -47,6 +51,7 @@ from loraq.lora.targeting import (
     layer_index,
     resolve_modules_to_save,
 )
+from loraq.modules import linear_features
 from loraq.paths import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -88,10 +93,11 @@ def peft_export(model: nn.Module, adapter_name: str = "default") -> tuple[dict[s
     config = configs[adapter_name]
     tensors = {k: v.contiguous().clone() for k, v in lora_state_dict(model, adapter_name).items()}
     actual: dict[str, tuple[int, float]] = {}  # module -> (r, alpha) as written
-    converted = False
+    converted = fan_in_fan_out = False
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
+        fan_in_fan_out = fan_in_fan_out or layer.conv1d
         r, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
         if adapter_name in layer.initial_factors:
             a0, b0 = layer.initial_factors[adapter_name]
@@ -111,6 +117,7 @@ def peft_export(model: nn.Module, adapter_name: str = "default") -> tuple[dict[s
     out.update(_peft_targets(model, list(actual), config))
     out.update(_peft_patterns(config, actual))
     out["modules_to_save"] = saved or None
+    out["fan_in_fan_out"] = fan_in_fan_out
     return tensors, out
 
 
@@ -248,6 +255,8 @@ def load_adapter(
             if adapter_name in layer.lora_A:
                 layer.lora_A[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
                 layer.lora_B[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+                if layer.is_dora(adapter_name):
+                    layer.lora_magnitude_vector[adapter_name].copy_(tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"])
         for name, wrapper in saved_modules(model):
             if adapter_name in wrapper.modules_to_save:
                 module = wrapper.modules_to_save[adapter_name]
@@ -265,10 +274,12 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, folder: Path) -> dict
                            f"(adapter made for: {config.base_model_name_or_path or 'unknown'})") from None
     expected: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name in targets:
-        module = model.get_submodule(name)
+        in_features, out_features = linear_features(model.get_submodule(name))
         r = config.rank_for(name)
-        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (name, (r, module.in_features))
-        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (name, (module.out_features, r))
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (name, (r, in_features))
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (name, (out_features, r))
+        if config.use_dora:
+            expected[f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"] = (name, (out_features,))
     for name in saved:
         module = model.get_submodule(name)
         module = getattr(module, "original_module", module)

@@ -1,21 +1,29 @@
 """The LoRA layer, and the wrapper for modules trained in full.
 
-``LoraLinear`` wraps a frozen linear layer ``W0`` (``nn.Linear``, or loraq's
-4-bit ``Linear4bit``) and adds, for each active adapter ``a``::
+``LoraLinear`` wraps a frozen linear layer ``W0`` (``nn.Linear``, transformers'
+``Conv1D`` -- whose weight is stored transposed, PEFT's ``fan_in_fan_out`` --
+or loraq's 4-bit ``Linear4bit``) and adds, for each active adapter ``a``::
 
     x -> W0 x + b + s_a * B_a A_a dropout_a(x)      s_a = alpha_a / r_a   (alpha_a / sqrt(r_a) with rsLoRA)
 
-``A_a`` is ``[r, in_features]`` and ``B_a`` is ``[out_features, r]``; they are
-the ``weight`` of the ``lora_A[a]`` / ``lora_B[a]`` sub-layers, kept in float32
-(master weights) whatever the base's dtype. The low-rank path runs in the
-input's dtype: A and B are cast once per forward (a no-op in fp32), so the
-gradients reach the fp32 masters through the cast. Dropout exists only when
-p > 0; with p == 0 the input goes straight to A.
+``A_a`` is ``[r, in_features]`` and ``B_a`` is ``[out_features, r]`` whatever
+the base's storage layout (``B A`` is always ``[out, in]``, as in PEFT); they
+are the ``weight`` of the ``lora_A[a]`` / ``lora_B[a]`` sub-layers, kept in
+float32 (master weights) whatever the base's dtype. The low-rank path runs in
+the input's dtype: A and B are cast once per forward (a no-op in fp32), so
+the gradients reach the fp32 masters through the cast. Dropout exists only
+when p > 0; with p == 0 the input goes straight to A.
 
-Merging folds ``sum_a s_a B_a A_a`` into the base weight (computed in float32,
-then rounded to the weight's dtype). A 4-bit base is never merged in place:
-it is dequantized into a plain ``nn.Linear`` of the chosen dtype and the 4-bit
-layer is kept aside so ``unmerge`` restores it exactly.
+A DoRA adapter (:mod:`loraq.lora.dora`) also has a magnitude ``m_a`` [out]
+(``lora_magnitude_vector[a]``, float32) and computes
+``(m_a / ||W0 + s_a B_a A_a||) * (W0 + s_a B_a A_a) x + b``.
+
+Merging folds ``sum_a s_a B_a A_a`` (DoRA: the rescaled weight) into the base
+weight (computed in float32, then rounded to the weight's dtype), in the
+base's own layout. A 4-bit base is never merged in place: it is dequantized
+into a plain ``nn.Linear`` (a ``Conv1D`` if it was quantized from one) of the
+chosen dtype and the 4-bit layer is kept aside so ``unmerge`` restores it
+exactly; so is any base under a DoRA adapter.
 """
 from __future__ import annotations
 
@@ -25,13 +33,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loraq.lora import dora
 from loraq.lora.config import scaling as lora_scaling
 from loraq.lora.node import lora_linear
+from loraq.modules import dense_layer, is_conv1d, linear_features, linear_weight
 
 
 def is_4bit(module: nn.Module) -> bool:
     """A loraq Linear4bit (checked without importing the 4-bit engine)."""
     return hasattr(module, "quant_state") and hasattr(module, "dequantize")
+
+
+def conv1d_layout(module: nn.Module) -> bool:
+    """The model's layer here is a Conv1D: it is one, or a 4-bit layer quantized from one."""
+    return is_conv1d(module) or bool(getattr(module, "conv1d", False))
 
 
 class LoraLinear(nn.Module):
@@ -40,11 +55,11 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.in_features: int = base.in_features
-        self.out_features: int = base.out_features
+        self.in_features, self.out_features = linear_features(base)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()  # only adapters with p > 0 have an entry
+        self.lora_magnitude_vector = nn.ParameterDict()  # only DoRA adapters have an entry
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -58,8 +73,10 @@ class LoraLinear(nn.Module):
         self._merge_dtype: torch.dtype | None = None
 
     # -- adapters -------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0) -> None:
-        """A new adapter with zero A and B (an initialiser in init.py fills them)."""
+    def add_adapter(self, name: str, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
+                    use_dora: bool = False) -> None:
+        """A new adapter with zero A and B (an initialiser in init.py fills them; a DoRA magnitude is set by
+        :meth:`init_magnitude` once they are, or loaded)."""
         device = self.base_device()
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -68,6 +85,9 @@ class LoraLinear(nn.Module):
             self.lora_B[name].weight.zero_()
         if dropout > 0:
             self.lora_dropout[name] = nn.Dropout(p=dropout)
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(
+                torch.ones(self.out_features, device=device, dtype=torch.float32))
         self.r[name] = r
         self.lora_alpha[name] = float(alpha)
         self.scaling[name] = lora_scaling(alpha, r, use_rslora)
@@ -75,7 +95,7 @@ class LoraLinear(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in table:
                 del table[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.initial_factors):
@@ -85,6 +105,23 @@ class LoraLinear(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    @property
+    def conv1d(self) -> bool:
+        """The model's layer is a Conv1D (PEFT's ``fan_in_fan_out``): merges go back to that layout."""
+        return conv1d_layout(self.base if self._base_before_merge is None else self._base_before_merge)
+
+    def init_magnitude(self, name: str) -> None:
+        """DoRA's start: ``m = ||W0 + s B A||`` per output, so the adapted weight is ``W0 + s B A``."""
+        with torch.no_grad():
+            self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """``||W0 + s B A||`` per output row, float32, no gradient (:func:`loraq.lora.dora.weight_norm`)."""
+        return dora.weight_norm(self.base, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,33 +140,35 @@ class LoraLinear(nn.Module):
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
-        y = self.base(x)
+        y = base_y = self.base(x)
         if self.disabled:
             return y
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                y = self._add_update(y, x, name)
+                y = self._add_dora_update(y, x, name, base_y) if self.is_dora(name) else self._add_update(y, x, name)
         return y
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The usual training case as one autograd node (:mod:`loraq.lora.node`), or None for the generic path.
 
-        It applies to one active, unmerged adapter without dropout over a loraq 4-bit base or a plain
-        ``nn.Linear`` in the input's dtype; everything else (several adapters, dropout, merged, other
-        base types) takes the generic path below, which is the reference the fused node is tested against.
+        It applies to one active, unmerged, non-DoRA adapter without dropout over a loraq 4-bit base or a
+        plain ``nn.Linear`` / ``Conv1D`` in the input's dtype; everything else (several adapters, dropout,
+        DoRA, merged, other base types) takes the generic path below, which is the reference the fused node
+        is tested against.
         """
         if self.disabled or self.merged_adapters or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        if name in self.lora_dropout:
+        if name in self.lora_dropout or self.is_dora(name):
             return None
         base = self.base
         a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         if is_4bit(base):
             y = lora_linear(x.to(base.compute_dtype), base.weight, base.quant_state, base.bias, a, b, s)
             return y.to(x.dtype)
-        if type(base) is nn.Linear and base.weight.dtype == x.dtype:
-            return lora_linear(x, base.weight, None, base.bias, a, b, s)
+        if (type(base) is nn.Linear or is_conv1d(base)) and base.weight.dtype == x.dtype:
+            # a Conv1D's [in, out] weight enters as its transposed view: x W0^T = x @ weight, no copy
+            return lora_linear(x, linear_weight(base), None, base.bias, a, b, s)
         return None
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -147,6 +186,26 @@ class LoraLinear(nn.Module):
         out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling[name])
         return out.view(y.shape)
 
+    def _add_dora_update(self, y: torch.Tensor, x: torch.Tensor, name: str, base_y: torch.Tensor) -> torch.Tensor:
+        """``y + (c - 1) * W0 x' + c * s B A x'`` with ``c = m / ||W0 + s B A||`` (constant in backward) and
+        ``x'`` the adapter's (dropped-out) input; without dropout ``W0 x`` is the base's output ``base_y``
+        less the bias (never another adapter's update: the sum is the one ``merged_weight`` forms)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        c = (self.lora_magnitude_vector[name] / self.weight_norm(name)).to(y.dtype)
+        if name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
+            w0x = F.linear(x, self._dense_weight(x.dtype)).to(y.dtype)
+        else:
+            w0x = base_y if self.base.bias is None else base_y - self.base.bias.to(base_y.dtype)
+        low_rank = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+        return y + (c - 1) * w0x + c * self.scaling[name] * low_rank
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W0`` as ``[out, in]`` in ``dtype``, for a product (dequantized for a 4-bit base)."""
+        if is_4bit(self.base):
+            return self.base.dequantize(dtype)
+        return linear_weight(self.base).to(dtype)
+
     # -- merge ----------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * B @ A`` in float32, ``[out_features, in_features]``."""
@@ -158,14 +217,23 @@ class LoraLinear(nn.Module):
         """The base weight ``W0`` as a dense tensor (dequantized for a 4-bit base)."""
         if is_4bit(self.base):
             return self.base.dequantize(dtype)
-        return self.base.weight.detach().to(dtype)
+        return linear_weight(self.base).detach().to(dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None, names: list[str] | None = None) -> torch.Tensor:
-        """``W0 + sum s_a B_a A_a`` over ``names`` (default: the active adapters), computed in float32."""
+        """``W0 + sum s_a B_a A_a`` over ``names`` (default: the active adapters), computed in float32, ``[out, in]``.
+
+        A DoRA adapter contributes ``(c - 1) W0 + c s B A`` (``c = m / ||W0 + s B A||``), as in its forward:
+        alone on a layer, ``c (W0 + s B A)``, PEFT's merge.
+        """
         names = self._unmerged_active() if names is None else names
-        w = self.base_weight(torch.float32)
+        w0 = self.base_weight(torch.float32)
+        w = w0.clone()
         for name in names:
-            w = w + self.delta_weight(name)
+            if self.is_dora(name):
+                c = (self.lora_magnitude_vector[name].detach().float() / self.weight_norm(name))[:, None]
+                w += (c - 1) * w0 + c * self.delta_weight(name)
+            else:
+                w += self.delta_weight(name)
         return w if dtype is None else w.to(dtype)
 
     def merge(self, dtype: torch.dtype | None = None) -> list[str]:
@@ -179,13 +247,15 @@ class LoraLinear(nn.Module):
         if not names:
             return []
         self._merge_dtype = dtype
-        if is_4bit(self.base) or (dtype is not None and dtype != self.base.weight.dtype):
-            target = dtype or getattr(self.base, "compute_dtype", None) or torch.float32
+        dora_merge = any(self.is_dora(n) for n in names)  # not undone by a subtraction: the base is kept aside
+        if is_4bit(self.base) or dora_merge or (dtype is not None and dtype != self.base.weight.dtype):
+            target = dtype or getattr(self.base, "compute_dtype", None) or self.base.weight.dtype
+            conv1d = self.conv1d
             if self._base_before_merge is None:
                 self._base_before_merge = self.base
-            self.base = dense_linear(self.merged_weight(target, names), self.base.bias, target)
+            self.base = dense_layer(self.merged_weight(target, names), self.base.bias, target, conv1d)
         else:
-            w = self.base.weight
+            w = linear_weight(self.base)
             with torch.no_grad():
                 w.copy_(self.merged_weight(torch.float32, names).to(w.dtype))
         self.merged_adapters.extend(names)
@@ -199,7 +269,7 @@ class LoraLinear(nn.Module):
             self.base = self._base_before_merge
             self._base_before_merge = None
         else:
-            w = self.base.weight
+            w = linear_weight(self.base)
             delta = sum(self.delta_weight(name) for name in self.merged_adapters)
             with torch.no_grad():
                 w.copy_((w.float() - delta).to(w.dtype))
@@ -209,18 +279,9 @@ class LoraLinear(nn.Module):
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" for n in self.adapter_names)
+        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}{' dora' if self.is_dora(n) else ''}"
+                          for n in self.adapter_names)
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
-
-
-def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    """A frozen ``nn.Linear`` holding ``weight`` (and a copy of ``bias``) in ``dtype``."""
-    out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-    return layer
 
 
 class ModulesToSave(nn.Module):

@@ -22,11 +22,13 @@ import torch.nn as nn
 from loraq.errors import ConfigError
 from loraq.lora import init as lora_init
 from loraq.lora.config import LoraConfig
-from loraq.lora.layer import LoraLinear, ModulesToSave, dense_linear, is_4bit
+from loraq.lora.layer import LoraLinear, ModulesToSave, conv1d_layout, is_4bit
 from loraq.lora.targeting import find_targets, iter_modules, resolve_modules_to_save
+from loraq.modules import dense_layer, is_conv1d
 
 CONFIGS_ATTR = "_loraq_adapters"
 PEFT_PREFIX = "base_model.model."
+MAGNITUDE_KEY = "lora_magnitude_vector"  # a DoRA magnitude in PEFT's files: <prefix><module>.lora_magnitude_vector
 
 
 # -- where things are ----------------------------------------------------------
@@ -84,9 +86,12 @@ def inject_lora(
         layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
         if layer is not module:
             set_submodule(model, name, layer)
-        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora, config.dropout)
+        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora,
+                          config.dropout, use_dora=config.use_dora)
         if initialise:
             _initialise(layer, adapter_name, config, quant, generator)
+        if initialise and config.use_dora:
+            layer.init_magnitude(adapter_name)
     for name in save_names:
         module = model.get_submodule(name)
         if is_4bit(module):
@@ -107,7 +112,7 @@ def _check_loftq(model: nn.Module, targets: list[str], quant: dict | None) -> No
     for name in targets:
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLinear) else module
-        if not isinstance(base, nn.Linear):
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             raise ConfigError(f"--init loftq needs the full-precision weight of {name}, which is already quantized; "
                               "apply LoRA before quantizing (load the model in full precision)")
 
@@ -134,7 +139,8 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
         a, b, (packed, state) = lora_init.loftq(layer.base_weight(torch.float32), r, s, config.loftq_iters, quantize)
         state = dataclasses.replace(state, dtype=layer.base.weight.dtype)  # the dtype of the weight it stands for
         bias = None if layer.base.bias is None else layer.base.bias.detach().clone()
-        layer.base = Linear4bit(packed, state, bias, quant.get("compute_dtype", torch.bfloat16))
+        layer.base = Linear4bit(packed, state, bias, quant.get("compute_dtype", torch.bfloat16),
+                                conv1d=is_conv1d(layer.base))
     with torch.no_grad():
         layer.lora_A[name].weight.copy_(a)
         if b is not None:
@@ -159,9 +165,11 @@ def rebuilt_base(base: nn.Module, weight: torch.Tensor) -> nn.Module:
     if is_4bit(base):
         from loraq.quant.linear import Linear4bit
 
-        new = Linear4bit.from_linear(dense_linear(weight, base.bias, torch.float32), **quant_settings(base))
+        new = Linear4bit.from_linear(dense_layer(weight, base.bias, torch.float32), **quant_settings(base))
+        new.conv1d = base.conv1d
         return new.requires_grad_(False)
-    base.weight = nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
+    stored = weight.t().contiguous() if is_conv1d(base) else weight  # ``weight`` is [out, in]
+    base.weight = nn.Parameter(stored.to(base.weight.dtype), requires_grad=False)
     return base
 
 
@@ -222,6 +230,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         for n in layer.active_adapters:
             layer.lora_A[n].weight.requires_grad_(True)
             layer.lora_B[n].weight.requires_grad_(True)
+            if layer.is_dora(n):
+                layer.lora_magnitude_vector[n].requires_grad_(True)
     for _, wrapper in saved_modules(model):
         present = [n for n in names if n in wrapper.modules_to_save]
         wrapper.active_adapter = present[0] if present else None
@@ -302,7 +312,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
             err_sq, ref_sq = err_sq + err**2, ref_sq + ref**2
         else:
             target = dtype or (original.compute_dtype if is_4bit(original) else original.weight.dtype)
-            new = dense_linear(weight, layer.base.bias, target)
+            new = dense_layer(weight, layer.base.bias, target, conv1d_layout(original))
         set_submodule(model, name, new)
         report.merged.append(name)
     for name, wrapper in saved_modules(model):
@@ -376,6 +386,8 @@ def _check_combination(configs: dict[str, LoraConfig], names: Sequence[str], wei
             raise ConfigError(f"no adapter named {n!r} on this model (adapters: {', '.join(configs) or 'none'})")
         if configs[n].modules_to_save:
             raise ConfigError(f"adapter {n!r} trains modules in full (modules_to_save); those cannot be combined")
+        if configs[n].use_dora:
+            raise ConfigError(f"adapter {n!r} is a DoRA adapter; its magnitudes do not combine linearly")
     if new_name in configs:
         raise ConfigError(f"the model already has an adapter named {new_name!r}; pick another name")
     if rank is not None and rank <= 0:
@@ -393,7 +405,8 @@ def _truncate_product(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.T
 
 # -- state -----------------------------------------------------------------------------
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (``base_model.model.<module>.lora_A.weight``; modules_to_save by module path)."""
+    """The adapter's tensors under PEFT's keys (``base_model.model.<module>.lora_A.weight``, a DoRA magnitude
+    ``...<module>.lora_magnitude_vector``; modules_to_save by module path)."""
     if adapter_name not in adapter_configs(model):
         raise ConfigError(f"no adapter named {adapter_name!r} on this model")
     state: dict[str, torch.Tensor] = {}
@@ -401,6 +414,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
         if adapter_name in layer.lora_A:
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+            if layer.is_dora(adapter_name):
+                state[f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"] = layer.lora_magnitude_vector[adapter_name].detach()
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():

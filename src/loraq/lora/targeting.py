@@ -1,7 +1,8 @@
 """Which layers of a model get a LoRA adapter.
 
-A *linear layer* is an ``nn.Linear`` or a loraq ``Linear4bit`` (a layer already
-wrapped by LoRA counts as the layer it wraps). ``target_modules`` selects among
+A *linear layer* is an ``nn.Linear``, a transformers ``Conv1D`` (GPT-2's
+transposed linear layer, which PEFT adapts with ``fan_in_fan_out``) or a loraq
+``Linear4bit`` (a layer already wrapped by LoRA counts as the layer it wraps). ``target_modules`` selects among
 them, with PEFT's meaning:
 
 * a list: an entry ``t`` selects the layer named ``n`` when ``n == t`` or
@@ -31,12 +32,12 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def linear_types() -> tuple[type, ...]:
-    """nn.Linear, plus Linear4bit once the 4-bit engine is importable."""
-    try:
-        from loraq.quant.linear import Linear4bit
-    except ImportError:
-        return (nn.Linear,)
-    return (nn.Linear, Linear4bit)
+    """nn.Linear, transformers' Conv1D, and loraq's Linear4bit."""
+    from loraq.modules import conv1d_type
+    from loraq.quant.linear import Linear4bit
+
+    conv1d = conv1d_type()
+    return (nn.Linear, Linear4bit) + ((conv1d,) if conv1d is not None else ())
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -54,7 +55,7 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Every linear layer of the model (nn.Linear, Linear4bit, or one already wrapped by LoRA), in module order."""
+    """Every linear layer of the model (nn.Linear, Conv1D, Linear4bit, or one already wrapped by LoRA), in order."""
     from loraq.lora.layer import LoraLinear
 
     kinds = linear_types() + (LoraLinear,)

@@ -14,12 +14,13 @@ from torch import nn
 
 from loraq.errors import ModelError
 from loraq.models.hf_folder import (
-    tied_keys_to_drop,
+    saved_state_dict,
     write_config,
     write_generation_config,
     write_state_dict,
     write_tokenizer,
 )
+from loraq.modules import is_dense_linear
 from loraq.outputs import write_marker
 from loraq.paths import atomic_dir
 from loraq.quant.bnb_format import quantization_config_dict
@@ -55,12 +56,10 @@ def save_quantized_folder(model: nn.Module, tokenizer: Any, out_dir: Path, overw
 def write_quantized_folder(model: nn.Module, tokenizer: Any, folder: Path, max_shard_bytes: int = 5 * 1024**3) -> None:
     """The folder's files (weights with bnb's keys, config.json with ``quantization_config``, tokenizer), in place."""
     quant_type, double_quant, compute_dtype = _quant_settings(model)
-    state = model.state_dict()
-    for key in tied_keys_to_drop(state, model.config):
-        state.pop(key)
+    state = saved_state_dict(model)
     config = model.config.__class__.from_dict(model.config.to_dict())
     # name the full-precision linears (the head) outright, so transformers keeps exactly these unconverted
-    kept = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    kept = [name for name, module in model.named_modules() if is_dense_linear(module)]
     config.quantization_config = quantization_config_dict(quant_type, double_quant, compute_dtype, kept or None)
     write_state_dict(state, folder, max_shard_bytes=max_shard_bytes)
     write_config(config, folder, dtype=model.get_input_embeddings().weight.dtype, drop_quantization=False)

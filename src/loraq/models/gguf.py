@@ -61,7 +61,7 @@ def convert_gguf_to_folder(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraq.models.hf_folder import (
-        tied_keys_to_drop,
+        saved_state_dict,
         write_config,
         write_generation_config,
         write_state_dict,
@@ -78,10 +78,7 @@ def convert_gguf_to_folder(gguf_path: Path, out: Path) -> None:
         raise ModelError(f"reading GGUF needs the `gguf` package ({exc}); run `pip install gguf`") from None
     except LOAD_ERRORS as exc:
         raise ModelError(f"--model {gguf_path}: cannot read this GGUF file ({exception_line(exc)})") from None
-    state = model.state_dict()
-    for key in tied_keys_to_drop(state, model.config):
-        state.pop(key)
-    write_state_dict(state, out)
+    write_state_dict(saved_state_dict(model), out)
     write_config(model.config, out, dtype=torch.float32)
     write_generation_config(model, out)
     write_tokenizer(tok, out)

@@ -19,11 +19,29 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 
-def tied_keys_to_drop(state: Mapping[str, torch.Tensor], config: Any) -> set[str]:
-    """Keys that alias another tensor in a tied model (transformers re-ties them on load)."""
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
-        return {"lm_head.weight"}
-    return set()
+def tied_keys_to_drop(state: Mapping[str, torch.Tensor], model: Any) -> set[str]:
+    """Keys that alias another tensor in a tied model (transformers re-ties them on load): the model's own
+    tied targets (``all_tied_weights_keys``: ``lm_head.weight``, GPT-NeoX's head, ...), whatever the head's
+    name."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {key for key in tied if key in state}
+
+
+def saved_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` under the names transformers' ``save_pretrained`` gives them: tied copies
+    dropped, and module names turned back into the architecture's file names (transformers' own reverse
+    renaming: a GPT-NeoX head ``lm_head`` is stored as ``embed_out``). Floating tensors in ``dtype`` if given."""
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    for key in tied_keys_to_drop(state, model):
+        state.pop(key)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings stores its modules' names
+        return state
+    return dict(revert_weight_conversion(model, state))
 
 
 def write_state_dict(
@@ -91,10 +109,7 @@ def write_generation_config(model: Any, folder: Path) -> None:
 
 def write_model_folder(model: Any, tokenizer: Any, folder: Path, dtype: torch.dtype) -> list[str]:
     """A plain Hugging Face folder: weights (``dtype``, tied copies dropped), config, generation config, tokenizer."""
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    for key in tied_keys_to_drop(state, model.config):
-        state.pop(key)
-    files = write_state_dict(state, folder)
+    files = write_state_dict(saved_state_dict(model, dtype), folder)
     write_config(model.config, folder, dtype=dtype)
     write_generation_config(model, folder)
     write_tokenizer(tokenizer, folder)

@@ -3,11 +3,12 @@
 The model is built on the meta device (:mod:`loraq.models.skeleton`); then
 each checkpoint tensor is read on its own and
 
-* the weight of every ``nn.Linear`` except the output head becomes a
-  :class:`~loraq.quant.linear.Linear4bit` right away: quantized from the
-  weight as stored in the file (not rounded to the compute dtype first), so
-  it is bit for bit ``quantize_4bit(original weight)``; its bias is kept in the
-  compute dtype;
+* the weight of every ``nn.Linear`` (and transformers ``Conv1D``) except the
+  output head becomes a :class:`~loraq.quant.linear.Linear4bit` right away:
+  quantized from the weight as stored in the file (not rounded to the compute
+  dtype first), so it is bit for bit ``quantize_4bit(original weight)`` (a
+  Conv1D weight transposed to ``[out, in]`` first, as transformers +
+  bitsandbytes do); its bias is kept in the compute dtype;
 * every other tensor (embeddings, norms, the output head) is cast to the
   compute dtype (integer tensors keep theirs).
 
@@ -30,12 +31,14 @@ from torch import nn
 from loraq.models.safety import WeightFiles
 from loraq.models.skeleton import (
     build_skeleton,
+    checkpoint_key_renamer,
     finish,
     iter_checkpoint_tensors,
     module_and_leaf,
     set_tensor,
     tied_targets,
 )
+from loraq.modules import is_conv1d
 
 if TYPE_CHECKING:
     from loraq.quant.functional import QuantState
@@ -57,15 +60,17 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
     targets = set(quantizable_layer_names(model))  # the layers quantize_model_ would convert
     skip = tied_targets(model)
     quantized: list[str] = []
-    for key, tensor in iter_checkpoint_tensors(files, label):
+    for key, tensor in iter_checkpoint_tensors(files, label, checkpoint_key_renamer(model, label)):
         found = None if key in skip else module_and_leaf(model, key)
         if found is None:
             log.info("%s: ignoring %s (not a tensor of this architecture)", label, key)
             continue
         module_name, module, leaf = found
         if module_name in targets and leaf == "weight":
-            packed, state = quantize_in_chunks(tensor.to(device), blocksize, quant_type, double_quant, name=key)
-            layer = Linear4bit(packed, state, None, compute_dtype)
+            conv1d = is_conv1d(module)  # stored [in, out]: quantized as [out, in], as transformers + bitsandbytes do
+            weight = tensor.to(device).t() if conv1d else tensor.to(device)
+            packed, state = quantize_in_chunks(weight, blocksize, quant_type, double_quant, name=key)
+            layer = Linear4bit(packed, state, None, compute_dtype, conv1d=conv1d)
             layer.bias = module.bias  # loaded already, or still meta until its key comes
             model.set_submodule(module_name, layer)
             quantized.append(module_name)

@@ -21,6 +21,7 @@ from loraq.errors import ModelError
 from loraq.models.safety import WeightFiles
 from loraq.models.skeleton import (
     build_skeleton,
+    checkpoint_key_renamer,
     finish,
     iter_checkpoint_tensors,
     module_and_leaf,
@@ -28,6 +29,7 @@ from loraq.models.skeleton import (
     tied_targets,
 )
 from loraq.models.source import read_config
+from loraq.modules import is_conv1d, linear_features
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,9 @@ def load_prequantized(folder: Path, files: WeightFiles, compute_dtype: torch.dty
     storage = (read_config(folder, label).get("quantization_config") or {}).get("bnb_4bit_quant_storage", "uint8")
     if storage not in (None, "uint8"):
         raise ModelError(f"--model {label}: bnb_4bit_quant_storage {storage!r} is not supported; only uint8")
-    keys = checkpoint_keys(files)
+    model = build_skeleton(folder, compute_dtype, trust_remote_code, label)
+    rename = checkpoint_key_renamer(model, label)
+    keys = [rename(k) for k in checkpoint_keys(files)]
     layers = quantized_layer_names(keys)
     if not layers:
         raise ModelError(f"--model {label}: config.json says 4-bit, but the weights hold no 4-bit layers")
@@ -64,16 +68,15 @@ def load_prequantized(folder: Path, files: WeightFiles, compute_dtype: torch.dty
     still_needed = {name: sum(1 for k in keys if owner.get(k) == name) for name in layers}
     pieces: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
 
-    model = build_skeleton(folder, compute_dtype, trust_remote_code, label)
     skip = tied_targets(model)
-    for key, tensor in iter_checkpoint_tensors(files, label):
+    for key, tensor in iter_checkpoint_tensors(files, label, rename):
         name = owner.get(key)
         if name is not None:
             pieces[name][key] = tensor.to(compute_dtype) if key == name + ".bias" else tensor
             still_needed[name] -= 1
             if still_needed[name] == 0:
                 layer = linear4bit_from_bnb_tensors(name, pieces.pop(name), compute_dtype)
-                _check_fits(model, name, layer, label)
+                layer.conv1d = _check_fits(model, name, layer, label)
                 model.set_submodule(name, layer.to(device))
             continue
         found = None if key in skip else module_and_leaf(model, key)
@@ -85,12 +88,19 @@ def load_prequantized(folder: Path, files: WeightFiles, compute_dtype: torch.dty
     return model, layers
 
 
-def _check_fits(model: nn.Module, name: str, layer: nn.Module, label: str) -> None:
+def _check_fits(model: nn.Module, name: str, layer: nn.Module, label: str) -> bool:
+    """The 4-bit layer has the shape of the architecture's layer ``name``; returns whether that is a Conv1D
+    (whose weight bitsandbytes stores as ``[out, in]``, transposed from the Conv1D layout)."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
         raise ModelError(f"--model {label}: 4-bit layer {name} is not part of this architecture") from None
-    shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+    try:
+        in_features, out_features = linear_features(old)
+    except AttributeError:
+        in_features = out_features = None
+    shape = (out_features, in_features)
     if shape != (layer.out_features, layer.in_features):
         raise ModelError(f"--model {label}: 4-bit layer {name} has shape {[layer.out_features, layer.in_features]}, "
                          f"config.json implies {list(shape)}")
+    return is_conv1d(old)

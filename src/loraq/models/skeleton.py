@@ -9,7 +9,9 @@ share these steps:
 2. :func:`iter_checkpoint_tensors`: the checkpoint's tensors one at a time,
    each read on its own from the file (safetensors with positional reads, not
    a memory map, so pages of tensors already consumed do not stay resident),
-   the heap trimmed after each so freed memory really goes back.
+   the heap trimmed after each so freed memory really goes back. Each key is
+   renamed as transformers renames it on load (:func:`checkpoint_key_renamer`:
+   GPT-NeoX files name the head ``embed_out``, the module is ``lm_head``).
 3. :func:`set_tensor`: put each tensor into the model (quantized layers
    replace their ``nn.Linear`` with ``model.set_submodule``).
 4. :func:`finish`: tie the tied weights, compute the non-persistent buffers
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -61,8 +63,44 @@ def tied_targets(model: nn.Module) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def iter_checkpoint_tensors(files: WeightFiles, label: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` for every tensor of the checkpoint, one at a time, on the CPU."""
+def checkpoint_key_renamer(model: nn.Module, label: str) -> Callable[[str], str]:
+    """``file key -> model key`` by the renamings transformers applies when it loads this architecture.
+
+    transformers keeps, per architecture, the renamings between the names in
+    the files and its modules' names (``conversion_mapping.py``; e.g. GPT-NeoX's
+    ``embed_out.`` -> ``lm_head.``) and applies them in ``from_pretrained``;
+    a loader that reads keys itself must apply them too. Conversions that
+    combine several tensors into one (MoE experts fused into one tensor) cannot
+    be done one tensor at a time: a key that needs one is an error.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings names its modules as its files
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str:
+        renamed, converted_by = rename_source_key(key, renamings, converters)
+        if converted_by is not None:
+            raise ModelError(f"--model {label}: tensor {key} needs transformers' weight conversion "
+                             f"({converted_by}), which low-memory loading does not do; use --method lora")
+        return renamed
+
+    return rename
+
+
+def iter_checkpoint_tensors(files: WeightFiles, label: str,
+                            rename: Callable[[str], str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for every tensor of the checkpoint, one at a time, on the CPU; keys passed through
+    ``rename`` (:func:`checkpoint_key_renamer`) when given."""
+    for key, tensor in _raw_checkpoint_tensors(files, label):
+        yield (rename(key) if rename is not None else key), tensor
+
+
+def _raw_checkpoint_tensors(files: WeightFiles, label: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files.files:
         try:
             if files.format == "safetensors":
@@ -156,11 +194,28 @@ def finish(model: nn.Module, device: torch.device, label: str) -> None:
         raise missing_tensors_error(label, missing, " (if transformers itself reads it, try --method lora)")
 
 
+def _stand_aside(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Swap the module's own loaded parameters and saved buffers for meta stand-ins (an init rule writing them
+    writes nothing); returns what to put back."""
+    loaded = []
+    for table in (module._parameters, module._buffers):
+        for leaf, tensor in list(table.items()):
+            initialised_here = table is module._buffers and leaf in module._non_persistent_buffers_set
+            if tensor is None or tensor.is_meta or initialised_here:
+                continue
+            loaded.append((table, leaf, tensor))
+            stand_in = torch.empty_like(tensor, device="meta")
+            table[leaf] = nn.Parameter(stand_in, requires_grad=False) if isinstance(tensor, nn.Parameter) else stand_in
+    return loaded
+
+
 def _init_non_persistent_buffers(model: nn.Module, device: torch.device, label: str) -> None:
     """Buffers that are never saved (rotary inverse frequencies): computed by transformers' own init rule.
 
     Each is first filled with NaN; a buffer that the init rule does not write
-    stays NaN and is refused rather than used.
+    stays NaN and is refused rather than used. The init rule of a module
+    initialises its weights too (Gemma's scaled embedding owns ``embed_scale``):
+    the module's loaded tensors stand aside meanwhile, so only the buffers are written.
     """
     owners: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -171,7 +226,12 @@ def _init_non_persistent_buffers(model: nn.Module, device: torch.device, label: 
                 owners[name] = module
     with torch.no_grad():
         for module in owners.values():
-            model._init_weights(module)
+            loaded = _stand_aside(module)
+            try:
+                model._init_weights(module)
+            finally:
+                for table, leaf, tensor in loaded:
+                    table[leaf] = tensor
     for name, module in owners.items():
         for leaf in module._non_persistent_buffers_set:
             buf = module._buffers.get(leaf)

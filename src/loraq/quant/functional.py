@@ -309,3 +309,34 @@ def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
     return pairs.view(torch.int64).reshape(-1).to(device)
+
+
+def row_step(columns: int, blocksize: int, target_elements: int = 1 << 20) -> int:
+    """Rows per chunk for :func:`dequantize_4bit_rows`: about ``target_elements`` values, and a multiple of
+    ``blocksize / gcd(columns, blocksize)`` so that every chunk starts on a block boundary."""
+    import math
+
+    align = blocksize // math.gcd(columns, blocksize)
+    return max(align, target_elements // max(columns, 1) // align * align)
+
+
+def dequantize_4bit_rows(packed: torch.Tensor, state: QuantState, start: int, stop: int,
+                         dtype: torch.dtype | None = None, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a 2-D 4-bit weight, equal bit for bit to ``dequantize_4bit(...)[start:stop]``.
+
+    Only those rows are decoded: the packed bytes and block scales they cover are a slice of the whole
+    (row-major, so rows ``[start, stop)`` are elements ``[start * cols, stop * cols)``), which needs
+    ``start * cols`` on a block boundary (:func:`row_step` gives chunk sizes that keep it there).
+    ``absmax``: the float32 scales of the whole weight (:func:`dequantize_absmax`), when the caller
+    walks several chunks and decodes them once.
+    """
+    rows, cols = state.shape
+    bs = state.blocksize
+    first, last = start * cols, min(stop, rows) * cols
+    if first % bs:
+        raise ValueError(f"row {start} does not start a {bs}-element block of a {cols}-column weight")
+    scales = dequantize_absmax(state) if absmax is None else absmax
+    part = dataclasses.replace(state, shape=torch.Size([min(stop, rows) - start, cols]),
+                               absmax=scales[first // bs: -(-last // bs)], offset=None, nested_absmax=None,
+                               nested_code=None)
+    return dequantize_4bit(packed_bytes(packed)[first // 2: (last + 1) // 2], part, dtype or state.dtype)

@@ -10,6 +10,10 @@ The weight gets no gradient; the bias gets one only if it requires grad.
 
 Inputs of any leading shape ``[..., in_features]``; computation in
 ``compute_dtype``; the output comes back in the input's dtype.
+A layer quantized from a transformers ``Conv1D`` (weight stored ``[in, out]``)
+holds its weight as ``[out, in]``, as transformers + bitsandbytes quantize it
+(the stored weight transposed first), and remembers ``conv1d=True`` so that a
+dense rebuild (merging, dequantizing) returns to the Conv1D layout.
 The state dict uses bitsandbytes' keys (``weight``, ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
 ``weight.quant_state.bitsandbytes__nf4|fp4``, ``bias``).
@@ -20,7 +24,8 @@ import torch
 from torch import nn
 
 from loraq.devices import resolve_dtype
-from loraq.quant.functional import QuantState, dequantize_4bit, quantize_4bit
+from loraq.modules import is_conv1d, linear_weight
+from loraq.quant.functional import QuantState, dequantize_4bit, dequantize_4bit_rows, quantize_4bit
 from loraq.quant.state_io import state_from_tensors, state_to_tensors
 
 
@@ -49,7 +54,7 @@ class Linear4bit(nn.Module):
     """Frozen 4-bit weight (``weight``: uint8 Parameter, ``quant_state``), optional ``bias``, ``compute_dtype``."""
 
     def __init__(self, packed: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | str = torch.bfloat16):
+                 compute_dtype: torch.dtype | str = torch.bfloat16, conv1d: bool = False):
         super().__init__()
         if len(quant_state.shape) != 2:
             raise ValueError(f"Linear4bit needs a 2-D weight, got shape {list(quant_state.shape)}")
@@ -58,18 +63,26 @@ class Linear4bit(nn.Module):
         self.quant_state = quant_state
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.compute_dtype = resolve_dtype(compute_dtype)
+        self.conv1d = conv1d  # quantized from a Conv1D: dense rebuilds go back to that layout
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                     compute_dtype: torch.dtype | str = torch.bfloat16, name: str = "weight") -> "Linear4bit":
-        """Quantize ``linear.weight`` as given (its own dtype); the bias is kept as is. ``name`` labels errors."""
-        packed, state = quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant, name=name)
+        """Quantize the ``[out, in]`` weight of an ``nn.Linear`` or ``Conv1D`` as given (its own dtype); the bias
+        is kept as is. ``name`` labels errors."""
+        weight = linear_weight(linear).detach()
+        packed, state = quantize_4bit(weight, blocksize, quant_type, double_quant, name=name)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(packed, state, bias, compute_dtype)
+        return cls(packed, state, bias, compute_dtype, conv1d=is_conv1d(linear))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``[out_features, in_features]``, in ``dtype`` (default: the original weight's dtype)."""
         return dequantize_4bit(self.weight, self.quant_state, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None,
+                        absmax: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the weight (see :func:`loraq.quant.functional.dequantize_4bit_rows`)."""
+        return dequantize_4bit_rows(self.weight, self.quant_state, start, stop, dtype, absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -118,4 +131,4 @@ class Linear4bit(nn.Module):
         s = self.quant_state
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={s.quant_type}, double_quant={s.double_quant}, blocksize={s.blocksize}, "
-                f"compute_dtype={self.compute_dtype}")
+                f"compute_dtype={self.compute_dtype}" + (", conv1d=True" if self.conv1d else ""))

@@ -37,9 +37,9 @@ RUN_FILE = "run.json"
 # settings that must not change between a run and its resumption
 RESUME_MUST_MATCH = ("model", "method", "dtype", "quant", "double_quant", "blocksize", "rank", "alpha", "dropout",
                      "target_modules", "exclude_modules", "layers_to_transform", "rank_pattern", "alpha_pattern",
-                     "modules_to_save", "rslora", "init", "data", "format", "seq_len", "packing", "train_on_inputs",
-                     "batch_size", "grad_accum", "lr", "warmup", "schedule", "weight_decay", "seed", "val_data",
-                     "val_fraction")
+                     "modules_to_save", "rslora", "dora", "init", "data", "format", "seq_len", "packing",
+                     "train_on_inputs", "batch_size", "grad_accum", "lr", "loraplus_lr_ratio", "embedding_lr", "warmup",
+                     "schedule", "weight_decay", "seed", "val_data", "val_fraction")
 
 
 def default_run_name(cfg: TrainConfig, now: _dt.datetime | None = None) -> str:

@@ -216,11 +216,12 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
     from loraq.lora.model import count_parameters
 
     fsdp = cfg.fsdp and runtime.distributed
-    model, tokenizer, compute_dtype, quantized = _load_base(cfg, source, runtime.device, fsdp)
+    model, tokenizer, compute_dtype, quantized, fast_paths = _load_base(cfg, source, runtime.device, fsdp)
     lora_config = record = None
     if cfg.method != "full":
         lora_config, record = _adapter_plan(cfg, source, model, compute_dtype)
     _announce(cfg, source, runtime, say, compute_dtype, quantized, data.stats)
+    say(f"loraq: {fast_paths}")
     refs = data.references if cfg.eval_samples else []
     if refs and measure_base and not fsdp and not cfg.init_adapter:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
@@ -253,10 +254,10 @@ def _sequence_logps_class() -> type[nn.Module]:
 
 
 def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
-               fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int]:
-    """(model, tokenizer, compute dtype, 4-bit layers). FSDP loads on the CPU and moves each layer to the device
-    as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through autocast); LoftQ quantizes
-    the full-precision weights itself, so both load unquantized."""
+               fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int, str]:
+    """(model, tokenizer, compute dtype, 4-bit layers, the fast-paths line). FSDP loads on the CPU and moves
+    each layer to the device as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through
+    autocast); LoftQ quantizes the full-precision weights itself, so both load unquantized."""
     from loraq.devices import resolve_dtype
     from loraq.kernels import apply_fast_paths
     from loraq.models.load import load_model
@@ -266,8 +267,9 @@ def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
                         dtype="fp32" if cfg.method == "full" or loftq else cfg.dtype, quant=cfg.quant,
                         double_quant=cfg.double_quant, blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
-    apply_fast_paths(loaded.model)
-    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), len(loaded.quantized_modules)
+    fast_paths = apply_fast_paths(loaded.model, device).line()
+    quantized = len(loaded.quantized_modules)
+    return loaded.model, loaded.tokenizer, resolve_dtype(cfg.dtype, device), quantized, fast_paths
 
 
 def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
@@ -359,12 +361,11 @@ def make_optimization(cfg: TrainConfig, trained: TrainedModel, batches: BatchIte
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only; no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    """AdamW over the trainable parameters only, in the groups of :mod:`loraq.training.param_groups`
+    (LoRA+'s rate for B, ``--embedding-lr``; no weight decay on biases, norms and magnitudes)."""
+    from loraq.training.param_groups import param_groups
+
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.loraplus_lr_ratio, cfg.embedding_lr)
     # the fused/foreach kernels change the summation order; keep the plain loop on CPU for bitwise resume
     foreach = False if next(model.parameters()).device.type == "cpu" else None
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
