@@ -22,7 +22,9 @@ schedule and metrics not yet), ``checkpoint-write`` (inside the temporary
 checkpoint folder, weights and optimizer written, RNG and ``state.json`` not),
 ``checkpoint-renamed`` (the new checkpoint in place, older ones not yet
 pruned), ``checkpoint-saved`` (after pruning), ``final-save`` (the final
-adapter written to its temporary folder, not yet moved into the run folder).
+adapter written to its temporary folder, not yet moved into the run folder),
+``gguf-tensor`` (a GGUF export about to write one tensor's data into its
+temporary file).
 
 The variables are read once, at import (``reset()`` re-reads them, for
 in-process tests). With neither set, every hook is one global lookup and a
@@ -38,7 +40,7 @@ from typing import Iterable
 CRASH_ENV = "LORAQ_CRASH_AT"
 FAULT_ENV = "LORAQ_FAULT"
 POINTS = ("step-start", "after-backward", "after-optimizer-step", "checkpoint-write", "checkpoint-renamed",
-          "checkpoint-saved", "final-save")
+          "checkpoint-saved", "final-save", "gguf-tensor")
 _OS_ERRORS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS, "eacces": errno.EACCES}
 _NUMERIC = {"nan-loss", "inf-loss", "nan-grad", "inf-grad"}
 
