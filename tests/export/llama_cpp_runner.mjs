@@ -48,9 +48,13 @@ async function runTask(llamaModel, context, task) {
             return {probs: maps.map((m) => { const row = new Array(size).fill(0); for (const [t, p] of m) row[t] = p; return row; })};
         }
         if (task.kind === "nll") {
-            const maps = await nextProbabilities(sequence, task.tokens);
+            // in chunks: a full-vocabulary map per position is large, so only one chunk's maps are alive at a time
             let nll = 0;
-            for (let i = 0; i + 1 < task.tokens.length; i++) nll -= Math.log(maps[i].get(task.tokens[i + 1]));
+            for (let start = 0; start + 1 < task.tokens.length; start += 64) {
+                const chunk = task.tokens.slice(start, Math.min(start + 64, task.tokens.length - 1));
+                const maps = await nextProbabilities(sequence, chunk);
+                maps.forEach((m, i) => { nll -= Math.log(m.get(task.tokens[start + i + 1])); });
+            }
             return {nll, count: task.tokens.length - 1};
         }
         if (task.kind === "render_chat") {

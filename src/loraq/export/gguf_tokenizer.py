@@ -25,7 +25,7 @@ with ``scores``: llama.cpp's SentencePiece tokenizer merges the adjacent pair
 whose joined token has the highest score, so a token's score is minus the
 rank of the first merge that makes it, which orders merges as the BPE merge
 list does (tokens no merge makes score -1e9: never joined before a real
-merge); ``<0xNN>`` tokens are of type BYTE.
+merge); ``<0xNN>`` tokens are of type BYTE, the unknown token UNKNOWN.
 """
 from __future__ import annotations
 
@@ -91,11 +91,15 @@ def _tokens_and_types(spec: dict[str, Any], n_vocab: int) -> tuple[list[str], li
     if by_id and max(by_id) >= n_vocab:
         raise ModelError(f"GGUF export: the tokenizer has token id {max(by_id)}, but the model's embedding has only "
                          f"{n_vocab} rows; the tokenizer does not belong to this model")
+    sentencepiece = bool(spec["model"].get("byte_fallback"))
+    unknown = spec["model"].get("unk_token")
     tokens, types = [], []
     for i in range(n_vocab):
         text, kind = by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED))
-        if spec["model"].get("byte_fallback") and kind == TokenType.NORMAL and _is_byte_token(text):
+        if sentencepiece and kind == TokenType.NORMAL and _is_byte_token(text):
             kind = TokenType.BYTE
+        elif sentencepiece and text == unknown:
+            kind = TokenType.UNKNOWN
         tokens.append(text)
         types.append(int(kind))
     return tokens, types
