@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests" / "export"))  # the llama.cpp runner the t
 
 CHILD = r"""
 import json, resource, sys, time
-import torch, transformers, loraq, loraq.export.api  # imports first: the baseline
+import torch, transformers, loraq, loraq.api.export, loraq.exporting.gguf  # imports first: the baseline
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 baseline = rss()
@@ -104,7 +104,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loraq-export-bench-"))
     quants = args.quants.split(",")
     rows = text_windows(args.windows, args.seq_len)
-    print(f"| export | quant | file MB | seconds | peak RSS MB | above baseline MB | perplexity in llama.cpp ({args.windows} x {args.seq_len}) |")
+    print("| export | quant | file MB | seconds | peak RSS MB | above baseline MB | "
+          f"perplexity in llama.cpp ({args.windows} x {args.seq_len}) |")
     print("|---|---|---|---|---|---|---|")
     runs = [("--model (default)", q, {"quant": q}) for q in quants]
     if not args.no_adapter:

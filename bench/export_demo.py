@@ -41,15 +41,17 @@ def main() -> None:
     parser.add_argument("--quant", default=None, help="default: the export's default (q8_0)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = parser.parse_args()
-    import loraq
     from llama_cpp_node import run_llama_cpp
+
+    import loraq
     from loraq.data.references import exact_match
 
     summary = json.loads((args.run_dir / "summary.json").read_text())
     data, tokenizer = references(args.run_dir)
     out = Path(tempfile.mkdtemp(prefix="loraq-export-demo-")) / "demo.gguf"
     report = loraq.export(adapter=str(args.run_dir), out=out, **({"quant": args.quant} if args.quant else {}))
-    tasks = [{"kind": "generate", "tokens": r.prompt_ids, "max_tokens": data.max_answer_tokens} for r in data.references]
+    tasks = [{"kind": "generate", "tokens": r.prompt_ids, "max_tokens": data.max_answer_tokens}
+             for r in data.references]
     results = run_llama_cpp([{"path": str(out), "context": 1024, "tasks": tasks}], threads=args.threads)[0]
     stops, hits, misses = set(data.stop_token_ids), 0, []
     for ref, result in zip(data.references, results):

@@ -19,3 +19,5 @@ FORMATS = ("auto", *DATA_FORMATS)
 NONFINITE = ("stop", "skip")
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # loraq export --quant
+EXPORT_FORMATS = ("gguf", "gguf-lora")  # loraq export --format: the whole model, or the adapter alone

@@ -71,7 +71,7 @@ def tokenizer_with_pre(kind: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loraq.export.gguf_tokenizer import QWEN2_SPLIT
+    from loraq.exporting.gguf_tokenizer import QWEN2_SPLIT
 
     tok = Tokenizer(models.BPE())
     if kind == "smollm":
@@ -112,3 +112,15 @@ def sentencepiece_style_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_adapter_as_trained(model, folder: Path, base: str | None, method: str) -> Path:
+    """The adapter plus the record ``loraq train`` writes (its base, 4-bit or not), so loraq rebuilds that base."""
+    from loraq.lora.files import save_adapter
+    from loraq.lora.record import BaseModelId, QuantSettings, TrainingBase, write_training_base
+
+    out = save_adapter(model, folder, base_model_name_or_path=base)
+    record = TrainingBase(method=method, compute_dtype="fp32", quant=QuantSettings() if method == "qlora" else None,
+                          init="default", base_model=BaseModelId(base, "default" if base is None else "dir", None))
+    write_training_base(out, record)
+    return out

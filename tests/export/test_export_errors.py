@@ -1,10 +1,10 @@
 """`loraq export` mistakes: one line, exit code 2, nothing of the user's overwritten, no partial .gguf left."""
 from __future__ import annotations
 
-import pytest
 import torch
-
 from export_helpers import save_tiny, tiny_model
+
+import loraq
 from loraq import faults
 from loraq.cli import main
 from loraq.lora.config import LoraConfig
@@ -70,7 +70,8 @@ def test_adapter_that_does_not_fit_the_base(capsys, tiny_tokenizer, tmp_path):
 
 def test_full_disk_mid_write_leaves_the_old_file_and_no_temporary(capsys, monkeypatch, tiny_llama_dir, tmp_path):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"the previous export")
+    loraq.export(model=str(tiny_llama_dir), out=out, quant="f32", say=lambda _m: None)
+    previous = out.read_bytes()
     monkeypatch.setenv("LORAQ_FAULT", "enospc:gguf-tensor:3")
     faults.reset()
     try:
@@ -79,8 +80,16 @@ def test_full_disk_mid_write_leaves_the_old_file_and_no_temporary(capsys, monkey
         monkeypatch.delenv("LORAQ_FAULT")
         faults.reset()
     assert rc == 2 and "disk filled" in _one_line(err)
-    assert out.read_bytes() == b"the previous export"
-    assert _leftovers(tmp_path) == ["model.gguf"]
+    assert out.read_bytes() == previous
+    assert _leftovers(tmp_path) == ["model.Modelfile", "model.gguf"]
+
+
+def test_overwrite_replaces_only_a_gguf_file(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "notes.gguf"
+    out.write_text("my notes")
+    rc, err = _run(capsys, "--model", tiny_llama_dir, "--out", out, "--overwrite")
+    assert rc == 2 and "not a GGUF" in _one_line(err)
+    assert out.read_text() == "my notes"
 
 
 def test_gguf_lora_refuses_modules_to_save(capsys, tiny_llama_dir, tmp_path):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
+from export_helpers import gguf_model, logits, rel_err, save_adapter_as_trained, save_tiny, tiny_model, token_ids
 
 import loraq
-from export_helpers import gguf_model, logits, rel_err, save_tiny, tiny_model, token_ids
 from loraq.lora.config import LoraConfig
-from loraq.lora.files import load_adapter, save_adapter
+from loraq.lora.files import load_adapter
 from loraq.lora.model import inject_lora
 from loraq.models.load import load_model
 
@@ -58,7 +58,7 @@ def _adapter_on(folder, tmp_path, method: str, modules_to_save=None):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             elif "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return save_adapter(loaded.model, tmp_path / f"adapter-{method}", base_model_name_or_path=str(folder))
+    return save_adapter_as_trained(loaded.model, tmp_path / f"adapter-{method}", str(folder), method)
 
 
 @pytest.mark.parametrize("method,into", [("qlora", "auto"), ("lora", "original")])

@@ -16,17 +16,22 @@ One node process answers the whole module (llama.cpp's start-up is paid once):
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from export_helpers import (
+    save_adapter_as_trained,
+    save_tiny,
+    sentencepiece_style_tokenizer,
+    tiny_model,
+    tokenizer_with_pre,
+)
+from llama_cpp_node import node_missing_reason, run_llama_cpp
 
 import loraq
-from export_helpers import (save_tiny, sentencepiece_style_tokenizer, tiny_model, tokenizer_with_pre)
-from llama_cpp_node import node_missing_reason, run_llama_cpp
-from loraq.data.tokenize import prompt_ids, render_chat
+from loraq.data.prompts import prompt_ids
+from loraq.data.tokenize import render_chat
+from loraq.lora.adapted import load_adapted
 from loraq.lora.config import LoraConfig
-from loraq.lora.files import load_adapter, save_adapter
 from loraq.lora.model import inject_lora, merge_and_unload
 from loraq.models.load import load_model, load_tokenizer
 
@@ -54,12 +59,11 @@ def _random_adapter(folder):
         for name, p in sorted(loaded.model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    return save_adapter(loaded.model, folder)
+    return save_adapter_as_trained(loaded.model, folder, None, "qlora")
 
 
 def _transformers_greedy(adapter, prompts):
-    loaded = load_model(None, method="qlora", dtype="fp32", device="cpu")
-    load_adapter(loaded.model, adapter)
+    loaded = load_adapted(adapter, base="trained", dtype="fp32", device="cpu", say=lambda _m: None)
     merge_and_unload(loaded.model, dtype=torch.float32)
     out = []
     for ids in prompts:
@@ -104,7 +108,8 @@ def _family_jobs(tmp, tokenizer):
 
 def _tokenizer_jobs(tmp):
     jobs, tokenizers = [], []
-    for i, tok in enumerate([tokenizer_with_pre("smollm"), tokenizer_with_pre("qwen2"), sentencepiece_style_tokenizer()]):
+    kinds = [tokenizer_with_pre("smollm"), tokenizer_with_pre("qwen2"), sentencepiece_style_tokenizer()]
+    for i, tok in enumerate(kinds):
         folder = save_tiny(tiny_model("llama", len(tok), seed=i), tok, tmp / f"tok-{i}")
         out = tmp / f"tok-{i}.gguf"
         loraq.export(model=str(folder), out=out, quant="f32", **QUIET)

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from loraq.export.kquants import pack_q4_k, pack_q6_k, quantize_k
+from loraq.exporting.kquants import pack_q4_k, pack_q6_k, quantize_k
 
 
 def test_q4_k_layout_matches_ggml():

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 
-def stop_strings(tokenizer: Any) -> list[str]:
+def stop_strings(tokenizer: Any, generation_config: Any = None) -> list[str]:
     """The texts of the tokens that end an answer (loraq's own stop tokens)."""
-    from loraq.data.tokenize import stop_token_ids
+    from loraq.data.prompts import stop_token_ids
 
-    texts = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    texts = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, generation_config)]
     return list(dict.fromkeys(t for t in texts if t))
 
 

@@ -23,15 +23,16 @@ q4_k_m      llama.cpp's Q4_K_M mix: Q4_K; Q6_K for the head, and for ``attn_v`` 
 
 F16/BF16/Q8_0/Q4_0/Q5_0 come from the ``gguf`` package's quantizers (Q8_0 is
 documented bit-exact with ggml's reference); Q4_K and Q6_K from
-:mod:`loraq.export.kquants`.
+:mod:`loraq.exporting.kquants`.
 """
 from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +40,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType
 
 from loraq import faults
-from loraq.errors import OutputError
-from loraq.export.gguf_arch import KV, Family, block_index, extra_tensors, gguf_tensor_name, prepare_tensor
-from loraq.export.tensors import LazyTensor
+from loraq.errors import ConfigError, OutputError
+from loraq.exporting.gguf_arch import KV, Family, block_index, extra_tensors, gguf_tensor_name, prepare_tensor
+from loraq.exporting.tensors import LazyTensor
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
               "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
               "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}
@@ -119,7 +119,7 @@ def convert(w: torch.Tensor, qtype: T) -> np.ndarray:
     if qtype == T.F32:
         return a
     if qtype in (T.Q4_K, T.Q6_K):
-        from loraq.export.kquants import quantize_k
+        from loraq.exporting.kquants import quantize_k
 
         return quantize_k(a, qtype)
     return quants.quantize(a, qtype)
@@ -171,6 +171,30 @@ def _write_error(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"--out {path}: the disk filled while writing the GGUF; nothing was written, free space and rerun"
     return f"--out {path}: cannot write the GGUF ({exc.strerror or exc}); nothing was written"
+
+
+def check_gguf_output(out: Path, overwrite: bool, inputs: list, modelfile: bool) -> None:
+    """``out`` may be written: not a folder, not an input, replaced only with ``overwrite`` and only if it is a GGUF."""
+    from loraq.exporting.modelfile import modelfile_path
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the .gguf file to write")
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve() == out.resolve():
+            raise ConfigError(f"--out {out} is an input of this export; write to another file")
+    for path in [out, modelfile_path(out)] if modelfile else [out]:
+        if path.exists() and not overwrite:
+            raise ConfigError(f"--out: {path} exists; pass --overwrite to replace it or choose another name")
+    if out.exists() and not is_gguf(out):
+        raise ConfigError(f"--overwrite: {out} is not a GGUF file; refusing to replace it, choose another --out")
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def prepare_for(family: Family, config: Any) -> Callable[[str, torch.Tensor], torch.Tensor]:

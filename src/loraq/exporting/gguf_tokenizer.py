@@ -35,7 +35,7 @@ from typing import Any
 from gguf import GGUFValueType, TokenType
 
 from loraq.errors import ModelError
-from loraq.export.gguf_arch import KV, array, boolean, string, u32
+from loraq.exporting.gguf_arch import KV, array, boolean, string, u32
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -62,7 +62,8 @@ def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(backend.to_str())
 
 
-def tokenizer_metadata(tokenizer: Any, n_vocab: int, chat_template: str | None) -> dict[str, KV]:
+def tokenizer_metadata(tokenizer: Any, n_vocab: int, chat_template: str | None,
+                       generation_config: Any = None) -> dict[str, KV]:
     """Every ``tokenizer.*`` key for ``tokenizer``, its token list padded to ``n_vocab`` (the embedding's rows)."""
     spec = tokenizer_json(tokenizer)
     model = spec.get("model") or {}
@@ -77,7 +78,7 @@ def tokenizer_metadata(tokenizer: Any, n_vocab: int, chat_template: str | None) 
         meta["tokenizer.ggml.model"] = string("gpt2")
         meta["tokenizer.ggml.pre"] = string(pre_tokenizer_name(spec))
         meta["tokenizer.ggml.merges"] = array(merges(spec), GGUFValueType.STRING)
-    meta.update(special_token_keys(tokenizer))
+    meta.update(special_token_keys(tokenizer, generation_config))
     if chat_template:
         meta["tokenizer.chat_template"] = string(chat_template)
     return meta
@@ -140,8 +141,9 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
                          "equivalent for a byte-level BPE tokenizer")
     name = PRE_TOKENIZERS.get(_pre_steps(spec))
     if name is None:
-        raise ModelError("GGUF export: this tokenizer's pre-tokenizer matches none that loraq maps to llama.cpp "
-                         f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}); its splitting would differ in llama.cpp")
+        known = ", ".join(sorted(set(PRE_TOKENIZERS.values())))
+        raise ModelError(f"GGUF export: this tokenizer's pre-tokenizer matches none that loraq maps to llama.cpp "
+                         f"({known}); llama.cpp would split its text differently")
     return name
 
 
@@ -170,9 +172,9 @@ def _adds_space_prefix(spec: dict[str, Any]) -> bool:
     return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in items)
 
 
-def special_token_keys(tokenizer: Any) -> dict[str, KV]:
-    """Special token ids and whether encoding a text adds BOS / EOS."""
-    from loraq.data.tokenize import stop_token_ids
+def special_token_keys(tokenizer: Any, generation_config: Any = None) -> dict[str, KV]:
+    """Special token ids (EOS, an end-of-turn token that also stops) and whether encoding a text adds BOS / EOS."""
+    from loraq.data.prompts import stop_token_ids
 
     keys: dict[str, KV] = {}
     for role in ("bos", "eos", "unknown", "padding"):
@@ -180,7 +182,7 @@ def special_token_keys(tokenizer: Any) -> dict[str, KV]:
         token_id = getattr(tokenizer, f"{attr}_token_id", None)
         if token_id is not None:
             keys[f"tokenizer.ggml.{role}_token_id"] = u32(token_id)
-    extra_stops = [i for i in stop_token_ids(tokenizer) if i != tokenizer.eos_token_id]
+    extra_stops = [i for i in stop_token_ids(tokenizer, generation_config) if i != tokenizer.eos_token_id]
     if extra_stops:
         keys["tokenizer.ggml.eot_token_id"] = u32(extra_stops[0])
     with_specials = tokenizer("a")["input_ids"]

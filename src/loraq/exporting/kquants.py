@@ -65,9 +65,11 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20) -> 
     for k in range(steps + 1):
         q = ((x - lo[..., None]) * ((nmax - 1.0 + 0.1 * k) / span)[..., None]).round().clamp(0, nmax)
         s, m = _least_squares_affine(x, w, q)
-        err = (w * (s[..., None] * q + m[..., None] - x).pow(2)).sum(-1)  # with these codes: a bound on the re-rounded error
+        # with these codes: a bound on the error after re-rounding with (s, m)
+        err = (w * (s[..., None] * q + m[..., None] - x).pow(2)).sum(-1)
         better = err < best_err
-        best_s, best_lo, best_err = torch.where(better, s, best_s), torch.where(better, m, best_lo), torch.minimum(err, best_err)
+        best_s, best_lo = torch.where(better, s, best_s), torch.where(better, m, best_lo)
+        best_err = torch.minimum(err, best_err)
     return best_s, best_lo
 
 
@@ -107,7 +109,7 @@ def q4_k_blocks(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_k(d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Q4_K bytes ``[n, 144]`` from ``d``, ``dmin`` ``[n]``, 6-bit ``sc``, ``m`` ``[n, 8]`` and codes ``q`` ``[n, 8, 32]`` (uint8)."""
+    """Q4_K bytes ``[n, 144]``: ``d``, ``dmin`` ``[n]``, 6-bit ``sc``, ``m`` ``[n, 8]``, codes ``q`` ``[n, 8, 32]``."""
     scales = torch.cat([sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
                         m[:, :4] | ((m[:, 4:] >> 4) << 6),
                         (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], 1)
@@ -149,7 +151,7 @@ def q6_k_blocks(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q6_k(d: torch.Tensor, sc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Q6_K bytes ``[n, 210]`` from ``d`` ``[n]``, int8 ``sc`` ``[n, 16]`` and codes ``q`` (0..63) ``[n, 16, 16]`` (uint8)."""
+    """Q6_K bytes ``[n, 210]`` from ``d`` ``[n]``, int8 ``sc`` ``[n, 16]`` and codes ``q`` (0..63) ``[n, 16, 16]``."""
     quarters = q.reshape(-1, 2, 4, 32)  # [n, half, quarter, l]: weight 128 h + 32 quarter + l
     lo, hi = quarters & 15, quarters >> 4
     ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], 2).reshape(-1, 128)

@@ -23,8 +23,9 @@ GGUF spec names them; 1-D tensors (norms, biases) are always stored in F32.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from gguf import GGUFValueType
@@ -135,7 +136,7 @@ def head_dim(config: Any) -> int:
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
-    """``{"rope_theta", "rope_type", ...}`` from a transformers 5 config (or the older ``rope_theta``/``rope_scaling``)."""
+    """``{"rope_theta", "rope_type", ...}`` from a transformers 5 config (or older ``rope_theta``/``rope_scaling``)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
@@ -154,7 +155,8 @@ def hyperparameters(config: Any, family: Family) -> dict[str, KV]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     dim = head_dim(config)
     rope = rope_parameters(config)
-    rotary_dim = int(dim * float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0)))
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    rotary_dim = int(dim * float(partial))
     keys = {
         f"{a}.context_length": u32(config.max_position_embeddings),
         f"{a}.embedding_length": u32(config.hidden_size),
@@ -182,7 +184,7 @@ def _rope_scaling_keys(rope: dict[str, Any], arch: str) -> dict[str, KV]:
         raise ModelError(f"GGUF export: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if kind == "linear":
         return {f"{arch}.rope.scaling.type": string("linear"), f"{arch}.rope.scaling.factor": f32(rope["factor"])}
-    return {}  # llama3: the per-frequency factors travel as the rope_freqs tensor (extra_tensors)
+    return {}  # llama3: the per-frequency factors travel as the rope_freqs tensor (see extra_tensors)
 
 
 def extra_tensors(config: Any) -> dict[str, torch.Tensor]:
@@ -217,7 +219,7 @@ def gguf_tensor_name(family: Family, hf_key: str) -> str:
 
 
 def interleave_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k weight (``[n_heads * d, in]``) or bias (``[n_heads * d]``) from HF's to llama.cpp's rotary layout."""
+    """Rows of a q/k weight (``[n_heads * d, in]``) or bias (``[n_heads * d]``): HF's -> llama.cpp's rotary layout."""
     rows = w.shape[0]
     if rows % (2 * n_heads):
         raise ModelError(f"GGUF export: a q/k projection with {rows} rows does not split into {n_heads} heads of pairs")

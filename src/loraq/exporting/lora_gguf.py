@@ -13,7 +13,7 @@ sqrt(r)``, per-layer ranks and alphas included) into ``B`` and writes
 active adapters on one layer are stacked along ``r`` (``[A_1; A_2]``,
 ``[s_1 B_1, s_2 B_2]``), which adds their updates. For the ``llama``
 architecture the rows of ``B`` for q/k are re-ordered as the base weight's
-rows are (:func:`loraq.export.gguf_arch.interleave_rotary_rows`); ``A`` acts
+rows are (:func:`loraq.exporting.gguf_arch.interleave_rotary_rows`); ``A`` acts
 on the input and keeps its layout.
 
 A GGUF LoRA cannot carry fully trained modules (``modules_to_save``): such an
@@ -24,12 +24,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from loraq.errors import AdapterError
-from loraq.export.gguf import PlannedTensor
-from loraq.export.gguf_arch import KV, Family, f32, gguf_tensor_name, prepare_tensor, string
-from gguf import GGMLQuantizationType as T
+from loraq.exporting.gguf import PlannedTensor
+from loraq.exporting.gguf_arch import KV, Family, f32, gguf_tensor_name, prepare_tensor, string
 
 
 def lora_plan(model: nn.Module, family: Family, config: Any) -> list[PlannedTensor]:
@@ -58,7 +58,7 @@ def lora_plan(model: nn.Module, family: Family, config: Any) -> list[PlannedTens
     return plan
 
 
-def lora_metadata(family: Family, name: str) -> dict[str, KV]:
+def lora_metadata(name: str) -> dict[str, KV]:
     return {
         "general.type": string("adapter"),
         "general.name": string(name),

@@ -1,0 +1,150 @@
+"""``loraq export`` as a function: a model (plain, 4-bit, or with an adapter merged) -> one GGUF file.
+
+* ``export(model=M, out=...)``: a Hugging Face folder (or hub id, ``.gguf``, the
+  default model) or a bitsandbytes 4-bit folder (dequantized), read one
+  tensor at a time from its files;
+* ``export(adapter=A, out=...)``: the adapter on the base ``loraq merge`` puts
+  it on (``into``: ``auto`` = the 4-bit base a QLoRA adapter was trained on,
+  dequantized, else the original weights), each layer merged (``W0 + s B A``
+  in float32) only when its turn to be written comes;
+* ``export(adapter=A, format="gguf-lora", out=...)``: the adapter alone as a
+  llama.cpp LoRA file, for the base model's GGUF.
+
+Beside ``X.gguf`` it writes the Ollama ``X.Modelfile``. Nothing is written
+on any error: the GGUF goes to a temporary sibling, renamed at the end. An
+existing ``out`` is replaced only with ``overwrite``, and only if it is a
+GGUF file.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loraq.choices import EXPORT_FORMATS, GGUF_QUANTS, MERGE_INTO
+from loraq.errors import ConfigError
+
+
+def export(
+    model: str | Path | None = None,
+    adapter: str | Path | None = None,
+    out: str | Path | None = None,
+    quant: str = "q8_0",
+    format: str = "gguf",
+    into: str = "auto",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    ignore_base_fingerprint: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``out`` (a GGUF, or a GGUF LoRA with ``format="gguf-lora"``); returns a report (module docstring)."""
+    out = _check_arguments(model, adapter, out, quant, format, into, overwrite)
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    if adapter is None:
+        report = _export_files(model, out, quant, trust_remote_code, say)
+    else:
+        loaded = _load_adapted(adapter, model, into, allow_pickle, trust_remote_code, ignore_base_fingerprint, say)
+        name = f"{loaded.source.name} + {Path(adapter).resolve().name}"
+        if format == "gguf-lora":
+            report = _write_lora(loaded.model, name, out, say)
+        else:
+            from loraq.exporting.tensors import model_tensors
+
+            report = _write_model(model_tensors(loaded.model), loaded.model.config, loaded.tokenizer,
+                                  loaded.model.generation_config, name, out, quant, say)
+        report["adapter"] = str(adapter)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _check_arguments(model, adapter, out, quant, format, into, overwrite) -> Path:
+    from loraq.exporting.gguf import check_gguf_output
+
+    if out is None:
+        raise ConfigError("--out is required: the .gguf file to write")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {format!r} is not one of: {', '.join(EXPORT_FORMATS)}")
+    if quant not in GGUF_QUANTS:
+        raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(GGUF_QUANTS)}")
+    if into not in MERGE_INTO:
+        raise ConfigError(f"--into {into!r} is not one of: {', '.join(MERGE_INTO)}")
+    if into == "requantized":
+        raise ConfigError("--into requantized does not apply to GGUF: choose the file's own types with --quant")
+    if format == "gguf-lora" and adapter is None:
+        raise ConfigError("--format gguf-lora needs --adapter: the adapter to write")
+    out = Path(out)
+    check_gguf_output(out, overwrite, inputs=[model, adapter], modelfile=format == "gguf")
+    return out
+
+
+def _load_adapted(adapter, model, into: str, allow_pickle: bool, trust_remote_code: bool,
+                  ignore_base_fingerprint: bool, say):
+    """The adapter on the base ``loraq merge`` would merge it into, unmerged; float32 where not 4-bit."""
+    from loraq.api.merge import resolve_into
+    from loraq.lora.adapted import load_adapted, plan_base
+
+    plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
+                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)
+    into = resolve_into(into, plan.record)
+    return load_adapted(adapter, model, base="original" if into == "original" else "trained", dtype="fp32",
+                        device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        ignore_base_fingerprint=ignore_base_fingerprint, say=say)
+
+
+def _export_files(model, out: Path, quant: str, trust_remote_code: bool, say) -> dict[str, Any]:
+    """A model read from its files, tensor by tensor (a 4-bit folder dequantized)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from loraq.exporting.tensors import folder_tensors
+    from loraq.models.hf_calls import quiet_transformers
+    from loraq.models.load import check_loadable, load_tokenizer
+    from loraq.models.source import resolve_source
+
+    source = resolve_source(None if model is None else str(model))
+    check_loadable(source, trust_remote_code=trust_remote_code)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        generation = GenerationConfig.from_model_config(config)
+        if (source.path / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(str(source.path))
+    with folder_tensors(source.path, config, source.origin or source.name) as tensors:
+        return _write_model(tensors, config, tokenizer, generation, source.name, out, quant, say)
+
+
+def _write_model(tensors, config, tokenizer, generation_config, name: str, out: Path, quant: str,
+                 say) -> dict[str, Any]:
+    from loraq.exporting.gguf import plan_tensors, prepare_for, write_gguf
+    from loraq.exporting.gguf_arch import family_for
+    from loraq.exporting.metadata import model_metadata
+    from loraq.exporting.modelfile import modelfile_path, modelfile_text, stop_strings
+    from loraq.paths import atomic_write_text
+
+    family = family_for(config)
+    plan = plan_tensors(family, config, tensors, quant)
+    metadata = model_metadata(family, config, tokenizer, generation_config, name, quant, plan)
+    say(f"loraq: writing {out} ({family.name}, {quant}, {len(plan)} tensors) ...")
+    report = write_gguf(out, family.arch, metadata, plan, prepare_for(family, config), say)
+    atomic_write_text(modelfile_path(out), modelfile_text(out, stop_strings(tokenizer, generation_config)))
+    types: dict[str, int] = {}
+    for t in plan:
+        types[t.type.name] = types.get(t.type.name, 0) + 1
+    return {"out": str(out), "modelfile": str(modelfile_path(out)), "format": "gguf", "quant": quant,
+            "arch": family.arch, "family": family.name, "name": name, "types": types, **report}
+
+
+def _write_lora(model, name: str, out: Path, say) -> dict[str, Any]:
+    from loraq.exporting.gguf import write_gguf
+    from loraq.exporting.gguf_arch import family_for
+    from loraq.exporting.lora_gguf import lora_metadata, lora_plan
+
+    family = family_for(model.config)
+    plan = lora_plan(model, family, model.config)
+    say(f"loraq: writing {out} (LoRA for {family.name}, {len(plan) // 2} layers) ...")
+    report = write_gguf(out, family.arch, lora_metadata(name), plan, lambda _name, w: w, say)
+    return {"out": str(out), "format": "gguf-lora", "arch": family.arch, "family": family.name, "name": name,
+            "layers": len(plan) // 2, **report}
