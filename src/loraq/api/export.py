@@ -3,12 +3,16 @@
 * ``export(model=M, out=...)``: a Hugging Face folder (or hub id, ``.gguf``, the
   default model) or a bitsandbytes 4-bit folder (dequantized), read one
   tensor at a time from its files;
-* ``export(adapter=A, out=...)``: the adapter on the base ``loraq merge`` puts
-  it on (``into``: ``auto`` = the 4-bit base a QLoRA adapter was trained on,
-  dequantized, else the original weights), each layer merged (``W0 + s B A``
-  in float32) only when its turn to be written comes;
+* ``export(adapter=A, out=...)``: the adapter merged (``W0 + s B A`` in float32)
+  into the base ``loraq merge`` puts it on (``into``): for a QLoRA adapter the
+  4-bit base it was trained on, held in memory (4-bit, small) and each layer
+  dequantized and merged only when its turn to be written comes; for
+  ``original`` (any other adapter) the base's files read tensor by tensor
+  and the adapter's update added to each tensor it touches, so the
+  full-precision base is never in memory;
 * ``export(adapter=A, format="gguf-lora", out=...)``: the adapter alone as a
-  llama.cpp LoRA file, for the base model's GGUF.
+  llama.cpp LoRA file, for the base model's GGUF (checked against the base's
+  architecture; no weights are read).
 
 Beside ``X.gguf`` it writes the Ollama ``X.Modelfile``. Nothing is written
 on any error: the GGUF goes to a temporary sibling, renamed at the end. An
@@ -22,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from loraq.choices import EXPORT_FORMATS, GGUF_QUANTS, MERGE_INTO
 from loraq.errors import ConfigError
@@ -45,20 +51,39 @@ def export(
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     if adapter is None:
-        report = _export_files(model, out, quant, trust_remote_code, say)
-    else:
-        loaded = _load_adapted(adapter, model, into, allow_pickle, trust_remote_code, ignore_base_fingerprint, say)
-        name = f"{loaded.source.name} + {Path(adapter).resolve().name}"
-        if format == "gguf-lora":
-            report = _write_lora(loaded.model, name, out, say)
-        else:
-            from loraq.exporting.tensors import model_tensors
+        from loraq.models.source import resolve_source
 
-            report = _write_model(model_tensors(loaded.model), loaded.model.config, loaded.tokenizer,
-                                  loaded.model.generation_config, name, out, quant, say)
-        report["adapter"] = str(adapter)
+        source = resolve_source(None if model is None else str(model))
+        report = _export_files(source, out, quant, trust_remote_code, say)
+    else:
+        report = _export_adapter(adapter, model, out, quant, format, into, allow_pickle, trust_remote_code,
+                                 ignore_base_fingerprint, say)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def _export_adapter(adapter, model, out: Path, quant: str, format: str, into: str, allow_pickle: bool,
+                    trust_remote_code: bool, ignore_base_fingerprint: bool, say) -> dict[str, Any]:
+    """The merged model (``into`` as ``loraq merge`` resolves it), or with ``gguf-lora`` the adapter alone."""
+    from loraq.api.merge import resolve_into
+    from loraq.lora.adapted import load_adapted, plan_base
+
+    plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
+                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda m: say(f"warning: {m}"))
+    into = resolve_into(into, plan.record)
+    name = f"{plan.source.name} + {Path(adapter).resolve().name}"
+    if format == "gguf-lora" or into == "original":
+        report = _export_files(plan.source, out, quant, trust_remote_code, say, adapter=adapter,
+                               allow_pickle=allow_pickle, name=name, lora_only=format == "gguf-lora")
+    else:  # the 4-bit base it was trained on, in memory (small); each layer dequantized and merged when written
+        from loraq.exporting.tensors import model_tensors
+
+        loaded = load_adapted(adapter, model, base="trained", dtype="fp32", device="cpu", allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code, ignore_base_fingerprint=ignore_base_fingerprint,
+                              say=say)
+        report = _write_model(model_tensors(loaded.model), loaded.model.config, loaded.tokenizer,
+                              loaded.model.generation_config, name, out, quant, say)
+    return {**report, "adapter": str(adapter), "into": "-" if format == "gguf-lora" else into}
 
 
 def _check_arguments(model, adapter, out, quant, format, into, overwrite) -> Path:
@@ -81,39 +106,28 @@ def _check_arguments(model, adapter, out, quant, format, into, overwrite) -> Pat
     return out
 
 
-def _load_adapted(adapter, model, into: str, allow_pickle: bool, trust_remote_code: bool,
-                  ignore_base_fingerprint: bool, say):
-    """The adapter on the base ``loraq merge`` would merge it into, unmerged; float32 where not 4-bit."""
-    from loraq.api.merge import resolve_into
-    from loraq.lora.adapted import load_adapted, plan_base
-
-    plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
-                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)
-    into = resolve_into(into, plan.record)
-    return load_adapted(adapter, model, base="original" if into == "original" else "trained", dtype="fp32",
-                        device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        ignore_base_fingerprint=ignore_base_fingerprint, say=say)
-
-
-def _export_files(model, out: Path, quant: str, trust_remote_code: bool, say) -> dict[str, Any]:
-    """A model read from its files, tensor by tensor (a 4-bit folder dequantized)."""
-    from transformers import AutoConfig, GenerationConfig
-
+def _export_files(source, out: Path, quant: str, trust_remote_code: bool, say, adapter=None,
+                  allow_pickle: bool = False, name: str | None = None, lora_only: bool = False) -> dict[str, Any]:
+    """From the model's files, tensor by tensor (a 4-bit folder dequantized), an adapter's files merged in."""
+    from loraq.exporting.adapter_files import read_updates, with_updates
     from loraq.exporting.tensors import folder_tensors
     from loraq.models.hf_calls import quiet_transformers
     from loraq.models.load import check_loadable, load_tokenizer
-    from loraq.models.source import resolve_source
+    from loraq.models.skeleton import build_skeleton
 
-    source = resolve_source(None if model is None else str(model))
+    label = source.origin or source.name
     check_loadable(source, trust_remote_code=trust_remote_code)
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        generation = GenerationConfig.from_model_config(config)
-        if (source.path / "generation_config.json").is_file():
-            generation = GenerationConfig.from_pretrained(str(source.path))
-    with folder_tensors(source.path, config, source.origin or source.name) as tensors:
-        return _write_model(tensors, config, tokenizer, generation, source.name, out, quant, say)
+        skeleton = build_skeleton(source.path, torch.float32, trust_remote_code, label)  # no weights: meta device
+        tokenizer = None if lora_only else load_tokenizer(source, trust_remote_code=trust_remote_code)
+    updates = read_updates(skeleton, adapter, allow_pickle=allow_pickle) if adapter is not None else None
+    if lora_only:
+        return _write_lora(updates, skeleton.config, name, out, say)
+    with folder_tensors(source.path, skeleton.config, label) as tensors:
+        if updates is not None:
+            tensors = with_updates(tensors, updates, skeleton.config)
+        return _write_model(tensors, skeleton.config, tokenizer, skeleton.generation_config, name or source.name,
+                            out, quant, say)
 
 
 def _write_model(tensors, config, tokenizer, generation_config, name: str, out: Path, quant: str,
@@ -137,13 +151,13 @@ def _write_model(tensors, config, tokenizer, generation_config, name: str, out: 
             "arch": family.arch, "family": family.name, "name": name, "types": types, **report}
 
 
-def _write_lora(model, name: str, out: Path, say) -> dict[str, Any]:
+def _write_lora(updates, config, name: str, out: Path, say) -> dict[str, Any]:
     from loraq.exporting.gguf import write_gguf
     from loraq.exporting.gguf_arch import family_for
     from loraq.exporting.lora_gguf import lora_metadata, lora_plan
 
-    family = family_for(model.config)
-    plan = lora_plan(model, family, model.config)
+    family = family_for(config)
+    plan = lora_plan(updates, family, config)
     say(f"loraq: writing {out} (LoRA for {family.name}, {len(plan) // 2} layers) ...")
     report = write_gguf(out, family.arch, lora_metadata(name), plan, lambda _name, w: w, say)
     return {"out": str(out), "format": "gguf-lora", "arch": family.arch, "family": family.name, "name": name,

@@ -9,9 +9,9 @@ weight ``W`` (by its llama.cpp name, e.g. ``blk.0.attn_q.weight``) the pair
 
 loraq folds each adapter's own scaling ``s = alpha / r`` (or ``alpha /
 sqrt(r)``, per-layer ranks and alphas included) into ``B`` and writes
-``adapter.lora.alpha = 0``, so every layer is exact whatever its rank. Several
-active adapters on one layer are stacked along ``r`` (``[A_1; A_2]``,
-``[s_1 B_1, s_2 B_2]``), which adds their updates. For the ``llama``
+``adapter.lora.alpha = 0``, so every layer is exact whatever its rank. The
+file's factors are written as they are: the update PEFT would apply to the
+original weights, which is what the base GGUF holds. For the ``llama``
 architecture the rows of ``B`` for q/k are re-ordered as the base weight's
 rows are (:func:`loraq.exporting.gguf_arch.interleave_rotary_rows`); ``A`` acts
 on the input and keeps its layout.
@@ -23,38 +23,28 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from gguf import GGMLQuantizationType as T
-from torch import nn
 
 from loraq.errors import AdapterError
+from loraq.exporting.adapter_files import AdapterUpdates
 from loraq.exporting.gguf import PlannedTensor
 from loraq.exporting.gguf_arch import KV, Family, f32, gguf_tensor_name, prepare_tensor, string
 
 
-def lora_plan(model: nn.Module, family: Family, config: Any) -> list[PlannedTensor]:
-    """``W.lora_a`` / ``W.lora_b`` for every LoRA layer of ``model`` (active adapters, unmerged)."""
-    from loraq.lora.layer import LoraLinear, ModulesToSave
-
-    saved = [name for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
-    if saved:
+def lora_plan(updates: AdapterUpdates, family: Family, config: Any) -> list[PlannedTensor]:
+    """``W.lora_a`` / ``W.lora_b`` for every adapted linear of the adapter's files."""
+    if updates.replaced:
+        modules = sorted({key.rsplit(".", 1)[0] for key in updates.replaced})
         raise AdapterError(f"--format gguf-lora: a llama.cpp LoRA file cannot carry fully trained modules "
-                           f"(modules_to_save: {', '.join(saved)}); export the merged model with --format gguf")
+                           f"(modules_to_save: {', '.join(modules)}); export the merged model with --format gguf")
     plan: list[PlannedTensor] = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLinear):
-            continue
-        active = [a for a in layer.active_adapters if a not in layer.merged_adapters]
-        if not active:
-            continue
-        base = gguf_tensor_name(family, f"{name}.weight")
-        a = torch.cat([layer.lora_A[n].weight.detach().float() for n in active])
-        b = torch.cat([layer.lora_B[n].weight.detach().float() * layer.scaling[n] for n in active], dim=1)
-        plan.append(PlannedTensor(f"{base}.lora_a", tuple(a.shape), T.F32, lambda a=a: a))
-        plan.append(PlannedTensor(f"{base}.lora_b", tuple(b.shape), T.F32,
-                                  lambda b=b, base=base: prepare_tensor(family, config, base, b)))
+    for module, pair in sorted(updates.pairs.items()):
+        base = gguf_tensor_name(family, f"{module}.weight")
+        plan.append(PlannedTensor(f"{base}.lora_a", tuple(pair.a.shape), T.F32, lambda a=pair.a: a))
+        plan.append(PlannedTensor(f"{base}.lora_b", tuple(pair.b.shape), T.F32,
+                                  lambda p=pair, base=base: prepare_tensor(family, config, base, p.b * p.scaling)))
     if not plan:
-        raise AdapterError("--format gguf-lora: the model has no active LoRA layers to write")
+        raise AdapterError("--format gguf-lora: the adapter has no LoRA layers to write")
     return plan
 
 
