@@ -52,7 +52,8 @@ QUIET = {"say": lambda _msg: None}
 
 
 def _random_adapter(folder):
-    loaded = load_model(None, method="qlora", device="cpu")
+    """A rank-8 adapter with random B, recorded as trained on the 4-bit base (the file does not depend on the base)."""
+    loaded = load_model(None, method="lora", dtype="fp32", device="cpu")
     inject_lora(loaded.model, LoraConfig(r=8, alpha=16))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
