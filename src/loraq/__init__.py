@@ -30,6 +30,7 @@ _LAZY = {
     "inspect_data": "loraq.api.data:inspect_data",
     "merge": "loraq.api.merge:merge",
     "quantize": "loraq.api.quantize:quantize",
+    "export": "loraq.api.export:export",
     "cached_models": "loraq.models.cache:cached_models",
     "plan": "loraq.api.plan:plan",
     "load_model": "loraq.models.load:load_model",

@@ -22,3 +22,6 @@ PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: experiment trackers (optional extras)
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # loraq export --quant
+EXPORT_FORMATS = ("gguf", "gguf-lora")  # loraq export --format: the whole model, or the adapter alone

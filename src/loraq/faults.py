@@ -24,7 +24,8 @@ checkpoint folder, weights and optimizer written, RNG and ``state.json`` not),
 pruned), ``checkpoint-saved`` (after pruning), ``final-save`` (the final
 adapter written to its temporary folder, not yet moved into the run folder),
 ``data-store-write`` (a chunk of tokenized data appended to a token store
-that is still in its temporary folder).
+that is still in its temporary folder), ``gguf-tensor`` (a GGUF export about
+to write one tensor's data into its temporary file).
 
 The variables are read once, at import (``reset()`` re-reads them, for
 in-process tests). With neither set, every hook is one global lookup and a
@@ -40,7 +41,7 @@ from typing import Iterable
 CRASH_ENV = "LORAQ_CRASH_AT"
 FAULT_ENV = "LORAQ_FAULT"
 POINTS = ("step-start", "after-backward", "after-optimizer-step", "checkpoint-write", "checkpoint-renamed",
-          "checkpoint-saved", "final-save", "data-store-write")
+          "checkpoint-saved", "final-save", "data-store-write", "gguf-tensor")
 _OS_ERRORS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS, "eacces": errno.EACCES}
 _NUMERIC = {"nan-loss", "inf-loss", "nan-grad", "inf-grad"}
 

@@ -94,6 +94,31 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is fsynced and renamed to ``final``.
+
+    An existing ``final`` is replaced in one rename (the caller decides whether
+    that is allowed). On an exception the temporary file is removed and
+    ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file via temp + fsync + rename."""
     path = Path(path)

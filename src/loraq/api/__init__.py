@@ -9,6 +9,7 @@ COMMAND_API = {
     "train": "train",
     "quantize": "quantize",
     "merge": "merge",
+    "export": "export",
     "generate": "generate",
     "chat": "chat",
     "eval": "evaluate",

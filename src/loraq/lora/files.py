@@ -242,13 +242,9 @@ def load_adapter(
     tensors with the expected shapes; anything else is an AdapterError naming
     the key. On error the model is unchanged.
     """
-    folder = _adapter_folder(adapter_dir)
-    config = read_adapter_config(folder)
-    tensors = read_adapter_tensors(folder, allow_pickle=allow_pickle)
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; load this one under another name")
-    expected = _expected_shapes(model, config, folder)
-    _check_tensors(tensors, expected, config, folder)
+    config, tensors = checked_adapter(model, adapter_dir, allow_pickle=allow_pickle)
     inject_lora(model, config, adapter_name, initialise=False)
     with torch.no_grad():
         for name, layer in lora_layers(model):
@@ -262,6 +258,16 @@ def load_adapter(
                 module = wrapper.modules_to_save[adapter_name]
                 module.load_state_dict({k: tensors[f"{PEFT_PREFIX}{name}.{k}"] for k in module.state_dict()})
     return config
+
+
+def checked_adapter(model: nn.Module, adapter_dir: str | Path,
+                    allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors, checked to fit ``model`` exactly (a weightless meta-device model will do)."""
+    folder = _adapter_folder(adapter_dir)
+    config = read_adapter_config(folder)
+    tensors = read_adapter_tensors(folder, allow_pickle=allow_pickle)
+    _check_tensors(tensors, _expected_shapes(model, config, folder), config, folder)
+    return config, tensors
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig, folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -113,14 +113,18 @@ def _raw_checkpoint_tensors(files: WeightFiles, label: str) -> Iterator[tuple[st
             raise ModelError(f"--model {label}: cannot load its weights from {path.name} ({exception_line(exc)})") from None
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def open_safetensors(path: Path):
+    """A safetensors handle that reads each tensor with positional reads (a memory map where that is missing)."""
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
     except TypeError:  # safetensors without the pread backend: memory-mapped instead
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    with handle as f:
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with open_safetensors(path) as f:
         for key in f.keys():
             yield key, f.get_tensor(key)
             release_freed_memory()

@@ -164,10 +164,10 @@ def _fused_loss(model: nn.Module) -> bool:
 
 
 def _lean_blocks(model: nn.Module) -> bool:
-    from loraq.kernels.norm_gate import GATED_MLP_CLASSES, RMSNORM_CLASSES
+    from loraq.kernels.families import GATED_MLP_CLASSES, RMSNORM_CLASSES
 
     names = {type(m).__name__ for m in model.modules()}
-    return bool(names & RMSNORM_CLASSES) and bool(names & GATED_MLP_CLASSES)
+    return bool(names & RMSNORM_CLASSES.keys()) and bool(names & GATED_MLP_CLASSES.keys())
 
 
 def _stored_bytes(files: tuple[Path, ...], fmt: str) -> tuple[int, int]:
