@@ -131,9 +131,10 @@ def test_requantized_merge_reports_the_error_it_adds(qlora_run, tmp_path, capsys
     assert reported == pytest.approx((err_sq / ref_sq) ** 0.5, rel=2e-2)
 
 
-@pytest.mark.parametrize("init", ["pissa", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "loftq", "calibrated"])
 def test_a_base_changed_by_the_init_is_rebuilt_exactly(init, tiny_llama_dir, files, tmp_path, capsys):
-    """PiSSA / LoftQ changed the frozen 4-bit base: eval replays the init and gets the run's own loss."""
+    """PiSSA / LoftQ changed the frozen 4-bit base: eval replays the init and gets the run's own loss; the
+    calibrated init kept the plain 4-bit base and changed the function through its initial factors."""
     result = _train(tiny_llama_dir, files, tmp_path / "run", init=init, eval_samples=0, max_steps=2)
     got, err = _eval(capsys, str(files[1]), "--adapter", str(result.run_dir), "--max-examples", "0")
     assert "warning" not in err

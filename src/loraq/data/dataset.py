@@ -7,7 +7,8 @@ chosen by ``cfg.seed``; for the demo set, its eval split), tokenizes with
 masks, truncates to ``cfg.seq_len``, drops examples left without a trained
 token (counted; all dropped is a DataError), packs when ``cfg.packing``, and
 collects up to ``cfg.eval_samples`` evaluation references (from the
-validation set when there is one, else from the training set).
+validation set when there is one, else from the training set), and, for
+``--init calibrated``, the calibration rows (:func:`calibration_rows`).
 
 The train loop then takes batches from ``bundle.train_batches(...)`` (a
 :class:`~loraq.data.batches.BatchIterator`) and evaluates on
@@ -76,6 +77,7 @@ class DataBundle:
     packed: bool
     seq_len: int
     max_answer_tokens: int
+    calibration: list[list[int]] | None = None  # token rows for --init calibrated (calibration_rows)
 
     def train_batches(self, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchIterator:
         """Endless shuffled batches; rank ``rank`` gets its slice of each global batch."""
@@ -181,9 +183,27 @@ def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None) -> DataBu
                       seq_len=cfg.seq_len, packing=cfg.packing, skipped=len(skipped or []),
                       skipped_messages=list(skipped or [])[:20], train=train_stats,
                       val=val_stats if val_samples else None)
+    calibration = calibration_rows(cfg, train_examples, tokenizer) if getattr(cfg, "init", None) == "calibrated" else None
     return DataBundle(format=fmt, train=train_rows, val=val_rows, train_examples=train_examples, references=references,
                       stats=stats, pad_id=pad_token_id(tokenizer), packed=bool(cfg.packing), seq_len=cfg.seq_len,
-                      max_answer_tokens=max_answer_tokens(references, tokenizer))
+                      max_answer_tokens=max_answer_tokens(references, tokenizer), calibration=calibration)
+
+
+def calibration_rows(cfg: Any, train_examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
+    """Token rows for ``--init calibrated``: up to ``cfg.calibration_samples``, chosen by ``cfg.seed``.
+
+    From ``cfg.calibration_data`` when given (tokenized as training data is,
+    prompt included: every token the model reads counts), else the training
+    examples themselves, so the adapter starts fitted to what it will see.
+    """
+    examples = list(train_examples)
+    if cfg.calibration_data:
+        _, samples = read_samples(cfg.calibration_data, "auto")
+        examples, _ = tokenize_samples(samples, tokenizer, cfg.seq_len, train_on_inputs=True,
+                                       source=str(cfg.calibration_data))
+    order = list(range(len(examples)))
+    random.Random(f"loraq-calibration:{cfg.seed}").shuffle(order)
+    return [list(examples[i].input_ids) for i in sorted(order[:cfg.calibration_samples])]
 
 
 def _rows(examples: list[Example], seq_len: int, packing: bool) -> list[Row]:

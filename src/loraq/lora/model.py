@@ -149,7 +149,9 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
         if config.init == "loftq":
             a, b, (packed, state) = lora_init.loftq(weight, r, s, config.loftq_iters, quantize)
         else:
-            a, b, (packed, state) = lora_init.calibrated(weight, second_moment, r, s, config.loftq_iters, quantize)
+            # one fit, no re-quantization: the base stays q(W), the plain 4-bit model (bench/NOTES.md: the
+            # alternation did not pay)
+            a, b, (packed, state) = lora_init.calibrated(weight, second_moment, r, s, 1, quantize)
         layer.base = _quantized_base(layer.base, packed, state, quant)
     with torch.no_grad():
         layer.lora_A[name].weight.copy_(a)

@@ -207,7 +207,7 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
     refs = data.references if cfg.eval_samples else []
     if refs and measure_base and not fsdp:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
-    _attach_adapters(cfg, model, lora_config, compute_dtype, data, tokenizer)
+    _attach_adapters(cfg, model, lora_config, compute_dtype, data.calibration)
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
@@ -233,13 +233,12 @@ def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
     calibrated init quantize the full-precision weights themselves, so both load unquantized."""
     from loraq.devices import resolve_dtype
     from loraq.kernels import apply_fast_paths
+    from loraq.lora.model import QUANTIZING_INITS
     from loraq.models.load import load_model
 
-    from loraq.lora.model import QUANTIZING_INITS
-
-    loftq = cfg.init in QUANTIZING_INITS
-    loaded = load_model(source, method="lora" if loftq else cfg.method,
-                        dtype="fp32" if cfg.method == "full" or loftq else cfg.dtype, quant=cfg.quant,
+    quantizes_itself = cfg.init in QUANTIZING_INITS
+    loaded = load_model(source, method="lora" if quantizes_itself else cfg.method,
+                        dtype="fp32" if cfg.method == "full" or quantizes_itself else cfg.dtype, quant=cfg.quant,
                         double_quant=cfg.double_quant, blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     apply_fast_paths(loaded.model)
@@ -258,21 +257,19 @@ def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
 
 
 def _attach_adapters(cfg: TrainConfig, model: nn.Module, lora_config: LoraConfig | None,
-                     compute_dtype: torch.dtype, data: DataBundle, tokenizer: PreTrainedTokenizerBase) -> None:
+                     compute_dtype: torch.dtype, calibration: list[list[int]] | None) -> None:
     """LoRA on the targets (LoftQ and the calibrated init quantize them as they go), or every weight trainable
     for --method full."""
     if lora_config is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return
-    from loraq.data.calibration import calibration_rows
     from loraq.lora.model import QUANTIZING_INITS, cast_frozen, inject_lora
 
     quant = None
     if cfg.init in QUANTIZING_INITS:
         quant = {"quant_type": cfg.quant, "double_quant": cfg.double_quant, "blocksize": cfg.blocksize,
                  "compute_dtype": compute_dtype}
-    calibration = calibration_rows(cfg, data.train_examples, tokenizer) if cfg.init == "calibrated" else None
     inject_lora(model, lora_config, quant=quant, calibration=calibration)
     if cfg.init in QUANTIZING_INITS:
         cast_frozen(model, compute_dtype)
