@@ -35,6 +35,7 @@ tokens of the same text (key ``calibrated``), stdlib docstrings
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -140,19 +141,37 @@ def suite(args: argparse.Namespace) -> dict:
     tokenizer = loraq.load_for_inference(None, say=lambda _m: None).tokenizer
     blocks = text_blocks(tokenizer, args.ppl_seqs)
     if ("base", 0) not in done:
-        done[("base", 0)] = {"method": "base", "seed": 0, "perplexity": model_perplexity(blocks)}
+        with held(args.lock):
+            done[("base", 0)] = {"method": "base", "seed": 0, "perplexity": model_perplexity(blocks)}
         _append(results, done[("base", 0)])
     for seed in args.seeds:
         for method in args.methods:
             if (method, seed) in done:
                 continue
-            print(f"== {method}, seed {seed}", flush=True)
-            done[(method, seed)] = train_one(method, seed, train, val, out, blocks, args)
+            with held(args.lock):
+                print(f"== {method}, seed {seed}", flush=True)
+                done[(method, seed)] = train_one(method, seed, train, val, out, blocks, args)
             _append(results, done[(method, seed)])
     return {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "steps": args.steps, "seeds": args.seeds, "train": str(train), "val": str(val),
             "base_perplexity": done[("base", 0)]["perplexity"],
             "runs": [r for k, r in done.items() if k[0] != "base" and k[0] in args.methods and k[1] in args.seeds]}
+
+
+@contextlib.contextmanager
+def held(lock: str | None):
+    """``flock(lock)`` around one run (others' heavy jobs may go between runs), or nothing."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -221,25 +240,58 @@ def init_only(args: argparse.Namespace) -> dict:
         result[key] = perplexity(calibrated, blocks)
         result[key + "_seconds"] = round(time.perf_counter() - t0, 1)
         result[key + "_tokens"] = sum(len(r) for r in rows)
+    t0 = time.perf_counter()
+    result["calibrated_requantized_5"] = perplexity(alternated_model(model, sources["calibrated"], iters=5), blocks)
+    result["calibrated_requantized_5_seconds"] = round(time.perf_counter() - t0, 1)
     gap = result["nf4"] - result["full"]
     result["recovered"] = {k: round((result["nf4"] - result[k]) / gap, 3)
-                           for k in ("loftq", *sources) if isinstance(result.get(k), float)}
+                           for k in ("loftq", *sources, "calibrated_requantized_5") if isinstance(result.get(k), float)}
     result.update(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
                   tokens=int(blocks.numel()))
     return result
 
 
+def alternated_model(model, rows: list[list[int]], iters: int):
+    """A copy whose linear layers hold ``Q_t + s B_t A_t`` of :func:`loraq.lora.init.calibrated` with ``iters``
+    alternations (re-quantizing ``W - s B A`` between fits, as LoftQ does), as dense fp32 weights."""
+    import copy
+
+    import torch
+    from loftq_table import NF4
+
+    from loraq.lora.calibrate import block_second_moments
+    from loraq.lora.config import LoraConfig
+    from loraq.lora.init import calibrated
+    from loraq.lora.targeting import find_targets
+    from loraq.quant.functional import dequantize_4bit, quantize_4bit
+
+    def quantize(w):
+        packed, state = quantize_4bit(w, NF4["blocksize"], NF4["quant_type"], NF4["double_quant"])
+        q = dequantize_4bit(packed, state, dtype=torch.float32)
+        return q, q  # the "quantized" handed back is the dequantized Q the last fit was made for
+
+    model = copy.deepcopy(model)
+    for moments in block_second_moments(model, find_targets(model, LoraConfig()), rows):
+        for name, h in moments.items():
+            layer = model.get_submodule(name)
+            w = layer.weight.detach().float()
+            a, b, q = calibrated(w, h, 16, 2.0, iters, quantize)
+            with torch.no_grad():
+                layer.weight.copy_(q + 2.0 * (b @ a))
+    return model
+
+
 def docstring_rows(tokenizer, n: int) -> list[list[int]]:
     """``n`` rows of up to 512 tokens of the standard library's module docstrings (prose unlike pydoc's topics)."""
     import importlib
-    import pkgutil
 
+    skip = {"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data", "pydoc"}
     texts = []
-    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if info.name.startswith("_") or info.name in ("this", "antigravity", "idlelib", "tkinter", "turtle"):
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in skip:
             continue
         try:
-            doc = importlib.import_module(info.name).__doc__
+            doc = importlib.import_module(name).__doc__
         except Exception:  # noqa: BLE001 - a module that cannot be imported here simply gives no text
             continue
         if doc and len(doc) > 200:
@@ -275,12 +327,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA runs")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning")
-    parser.add_argument("--train-per-skill", type=int, default=200)
+    parser.add_argument("--train-per-skill", type=int, default=120,
+                        help="training examples per skill (bench/skills.py has 144 distinct initials prompts)")
     parser.add_argument("--val-per-skill", type=int, default=20)
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="calibration rows (default: 64 text rows of 512 tokens for --init-only, 256 training rows)")
     parser.add_argument("--ppl-seqs", type=int, default=16, help="512-token rows of pydoc_data.topics scored")
     parser.add_argument("--no-merges", action="store_true")
+    parser.add_argument("--lock", default=None, help="a file to flock around each training run (a shared machine)")
     args = parser.parse_args()
     if args.init_only:
         args.calibration_samples = args.calibration_samples or 64
