@@ -74,6 +74,8 @@ class TrainConfig:
                                         "the paper suggests ~16", lo=0, hi=1e6)
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
+    calibration_data: str | None = opt(None, "data file whose activations --init calibrated fits the adapter to (default: the training data)")
+    calibration_samples: int = opt(256, "rows of the calibration data used by --init calibrated", lo=1, hi=1 << 20)
     # --- data ------------------------------------------------------------
     data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk "
                                  "folder or a hub dataset id (default: the bundled demo set)")
@@ -197,8 +199,11 @@ class TrainConfig:
                     raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; drop it or use --method lora/qlora")
         if self.loraplus_lr_ratio <= 0:
             raise ConfigError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio} must be > 0 (1 = plain LoRA)")
-        if self.init == "loftq" and self.method != "qlora":
-            raise ConfigError("--init loftq corrects 4-bit quantization error and needs --method qlora")
+        if self.init in ("loftq", "calibrated") and self.method != "qlora":
+            raise ConfigError(f"--init {self.init} corrects 4-bit quantization error and needs --method qlora")
+        for key in ("calibration_data", "calibration_samples"):
+            if key in self.explicit and self.init != "calibrated":
+                raise ConfigError(f"{_flag(key)} applies to --init calibrated only; drop it or add --init calibrated")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite replaces it")
         if self.val_data and self.val_fraction:

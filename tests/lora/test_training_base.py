@@ -131,10 +131,11 @@ def test_requantized_merge_reports_the_error_it_adds(qlora_run, tmp_path, capsys
     assert reported == pytest.approx((err_sq / ref_sq) ** 0.5, rel=2e-2)
 
 
-@pytest.mark.parametrize("init,dora", [("pissa", False), ("loftq", False), ("pissa", True)])
+@pytest.mark.parametrize("init,dora", [("pissa", False), ("loftq", False), ("calibrated", False), ("pissa", True)])
 def test_a_base_changed_by_the_init_is_rebuilt_exactly(init, dora, tiny_llama_dir, files, tmp_path, capsys):
     """PiSSA / LoftQ changed the frozen 4-bit base: eval replays the init and gets the run's own loss (a DoRA
-    adapter's magnitudes carried over from the file's rank-2r form)."""
+    adapter's magnitudes carried over from the file's rank-2r form); the calibrated init kept the plain 4-bit
+    base and changed the function through its initial factors."""
     result = _train(tiny_llama_dir, files, tmp_path / "run", init=init, eval_samples=0, max_steps=2, dora=dora)
     got, err = _eval(capsys, str(files[1]), "--adapter", str(result.run_dir), "--max-examples", "0")
     assert "warning" not in err

@@ -7,7 +7,8 @@ chosen by ``cfg.seed``; for the demo set, its eval split), tokenizes with
 masks, truncates to ``cfg.seq_len``, drops examples left without a trained
 token (counted; all dropped is a DataError), packs when ``cfg.packing``, and
 collects up to ``cfg.eval_samples`` evaluation references (from the
-validation set when there is one, else from the training set).
+validation set when there is one, else from the training set), and, for
+``--init calibrated``, the calibration rows (:func:`calibration_rows`).
 
 The train loop then takes batches from ``bundle.train_batches(...)`` (a
 :class:`~loraq.data.batches.BatchIterator`) and evaluates on
@@ -85,6 +86,7 @@ class DataBundle:
     seq_len: int
     max_answer_tokens: int
     store_paths: list[str] = field(default_factory=list)  # the token stores read (train, then validation)
+    calibration: list[list[int]] | None = None  # token rows for --init calibrated (calibration_rows)
 
     def train_batches(self, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchIterator:
         """Endless shuffled batches; rank ``rank`` gets its slice of each global batch."""
@@ -239,11 +241,31 @@ def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None, *, worker
     stats = DataStats(format=fmt, path=str(path), val_path=None if val_path is None else str(val_path),
                       seq_len=cfg.seq_len, packing=cfg.packing, skipped=skipped, skipped_messages=messages[:20],
                       train=train.stats, val=val.stats if val is not None else None)
+    calibration = calibration_rows(cfg, train.examples, tokenizer) if getattr(cfg, "init", None) == "calibrated" \
+        else None
     return DataBundle(format=fmt, train=train.rows, val=val.rows if val is not None else [],
                       train_examples=train.examples, references=references, stats=stats, pad_id=pad_token_id(tokenizer),
                       packed=bool(cfg.packing), seq_len=cfg.seq_len,
                       max_answer_tokens=max_answer_tokens(references, tokenizer),
-                      store_paths=[str(store.folder)] + ([str(val_store.folder)] if val_path else []))
+                      store_paths=[str(store.folder)] + ([str(val_store.folder)] if val_path else []),
+                      calibration=calibration)
+
+
+def calibration_rows(cfg: Any, train_examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
+    """Token rows for ``--init calibrated``: up to ``cfg.calibration_samples``, chosen by ``cfg.seed``.
+
+    From ``cfg.calibration_data`` when given (tokenized as training data is,
+    prompt included: every token the model reads counts), else the training
+    examples themselves, so the adapter starts fitted to what it will see.
+    """
+    examples = train_examples
+    if cfg.calibration_data:
+        _, samples = read_samples(cfg.calibration_data, "auto")
+        examples, _ = tokenize_samples(samples, tokenizer, cfg.seq_len, train_on_inputs=True,
+                                       source=str(cfg.calibration_data))
+    order = list(range(len(examples)))
+    random.Random(f"loraq-calibration:{cfg.seed}").shuffle(order)
+    return [list(examples[i].input_ids) for i in sorted(order[:cfg.calibration_samples])]
 
 
 def reference_samples(source: Any, store: TokenStore, samples: np.ndarray, fmt: str, limit: int) -> list[Sample]:

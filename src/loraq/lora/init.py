@@ -18,6 +18,27 @@
   (``B_0 A_0 = 0``) for N iterations, so that ``Q + s B A`` approximates ``W``
   better than ``q(W)`` alone. ``q`` is loraq's own 4-bit quantizer; everything
   runs on whatever device holds ``W`` (a CPU is fine).
+* ``calibrated``: LoftQ's goal measured where it matters, on the layer's
+  output for real inputs. With ``H = sum_x x x^T`` over calibration
+  activations ``x`` (the layer's inputs in the full-precision model) and
+  ``E = W - Q``, ``Q = q(W)``, choose ``s B A`` of rank r to minimise::
+
+      sum_x ||(E - s B A) x||^2 + lam ||E - s B A||_F^2  =  ||(E - s B A) L||_F^2,   L L^T = H + lam I
+
+  (``lam = damp * mean(diag H)``: a little weight-space error in the
+  objective, so directions the calibration data never excites stay
+  determined, as GPTQ damps its Hessian). With ``M = s B A`` and ``N = M L``
+  this is the rank-r approximation of ``E L`` (Eckart-Young): ``N = U_r S_r
+  V_r^T = SVD_r(E L)``, ``M = N L^{-1}``, so::
+
+      B = U_r sqrt(S_r / s) c,    A = c^{-1} sqrt(S_r / s) V_r^T L^{-1}
+
+  with ``c`` the per-direction balance that gives each column of B the norm
+  of the matching row of A (the product is unchanged; neither factor starts
+  much larger than the other, which keeps the optimizer's relative step
+  alike on both). With ``iters > 1``, alternate as LoftQ does:
+  ``Q_t = q(W - s B_{t-1} A_{t-1})`` and refit. ``H = I`` (``lam -> inf``)
+  gives LoftQ's weight-space fit back.
 
 The functions here work on tensors; :mod:`loraq.lora.model` applies them to
 layers.
@@ -107,5 +128,56 @@ def loftq(
     for _ in range(iters):
         quantized, q = quantize(to_quantize)
         a, b = low_rank_factors(w - q, r, scale)
+        to_quantize = w - scale * (b @ a)
+    return a, b, quantized
+
+
+def whitened_low_rank_factors(residual: torch.Tensor, second_moment: torch.Tensor, r: int, scale: float,
+                              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``scale * B @ A`` the rank-r ``M`` minimising ``||(residual - M) L||_F``, ``L L^T = H + lam I``.
+
+    ``second_moment`` is ``H = sum x x^T`` (``[in, in]``); ``lam = damp *
+    mean(diag H)``. Computed in float64 (Cholesky, exact top-r SVD of
+    ``residual @ L``, triangular solve), returned balanced (see the module
+    docstring) as float32.
+    """
+    h = second_moment.detach().double()
+    lam = damp * h.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    chol = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+    u, s, vh = top_singular_triplets(residual.detach().double() @ chol, r)
+    a = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # V_r^T L^{-1}
+    root = torch.sqrt(s / scale)
+    b = u * root
+    a = root[:, None] * a
+    # c_i = sqrt(|a_i| / |b_i|), so that |b_i c_i| = |a_i / c_i|
+    balance = torch.sqrt(a.norm(dim=1) / b.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny))
+    balance = torch.where(s > 0, balance, torch.ones_like(balance))
+    b, a = b * balance, a / balance[:, None]
+    if a.shape[0] < r:  # r above the matrix's smaller side: pad with zero directions
+        a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
+    return a.float().contiguous(), b.float().contiguous()
+
+
+def calibrated(
+    weight: torch.Tensor,
+    second_moment: torch.Tensor,
+    r: int,
+    scale: float,
+    iters: int,
+    quantize: Callable[[torch.Tensor], tuple[Any, torch.Tensor]],
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The calibrated initialisation: ``(A, B, quantized)`` with ``dequantize(quantized) + scale * B @ A`` close
+    to ``weight`` on the inputs whose second moment is ``second_moment`` (module docstring).
+
+    ``quantize`` as for :func:`loftq`. With ``iters == 1`` the base is exactly ``q(weight)``.
+    """
+    w = weight.float()
+    to_quantize = w
+    a = b = quantized = None
+    for _ in range(iters):
+        quantized, q = quantize(to_quantize)
+        a, b = whitened_low_rank_factors(w - q, second_moment, r, scale, damp)
         to_quantize = w - scale * (b @ a)
     return a, b, quantized

@@ -27,6 +27,7 @@ from loraq.lora.targeting import find_targets, iter_modules, resolve_modules_to_
 from loraq.modules import dense_layer, is_conv1d
 
 CONFIGS_ATTR = "_loraq_adapters"
+QUANTIZING_INITS = ("loftq", "calibrated")  # inits that quantize the base themselves
 PEFT_PREFIX = "base_model.model."
 MAGNITUDE_KEY = "lora_magnitude_vector"  # a DoRA magnitude in PEFT's files: <prefix><module>.lora_magnitude_vector
 
@@ -60,6 +61,7 @@ def inject_lora(
     quant: dict | None = None,
     initialise: bool = True,
     generator: torch.Generator | None = None,
+    calibration: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
     """Add adapter ``adapter_name`` to every layer ``config`` targets; returns their names.
 
@@ -71,6 +73,8 @@ def inject_lora(
     (the keyword arguments of ``Linear4bit.from_linear``: ``quant_type``,
     ``double_quant``, ``blocksize``, ``compute_dtype``): each targeted
     ``nn.Linear`` becomes ``LoraLinear(Linear4bit(Q))`` with LoftQ's Q, A, B.
+    ``config.init == "calibrated"`` needs the same, and ``calibration``: token-id
+    rows run through the model to measure each layer's inputs (calibrate.py).
     ``initialise=False`` leaves A and B zero (for loading saved weights).
     """
     config.validate()
@@ -79,8 +83,9 @@ def inject_lora(
         raise ConfigError(f"the model already has an adapter named {adapter_name!r}; pick another name")
     targets = find_targets(model, config)
     save_names = resolve_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    if initialise and config.init == "loftq":
-        _check_loftq(model, targets, quant)
+    if initialise and config.init in QUANTIZING_INITS:
+        _check_quantizing_init(model, config.init, targets, quant)
+    layers: dict[str, LoraLinear] = {}
     for name in targets:
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLinear) else LoraLinear(module)
@@ -88,10 +93,12 @@ def inject_lora(
             set_submodule(model, name, layer)
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.use_rslora,
                           config.dropout, use_dora=config.use_dora)
-        if initialise:
-            _initialise(layer, adapter_name, config, quant, generator)
-        if initialise and config.use_dora:
-            layer.init_magnitude(adapter_name)
+        layers[name] = layer
+    if initialise:
+        for name, second_moment in _input_moments(model, config, targets, calibration):
+            _initialise(layers[name], adapter_name, config, quant, generator, second_moment)
+            if config.use_dora:
+                layers[name].init_magnitude(adapter_name)
     for name in save_names:
         module = model.get_submodule(name)
         if is_4bit(module):
@@ -106,19 +113,34 @@ def inject_lora(
     return targets
 
 
-def _check_loftq(model: nn.Module, targets: list[str], quant: dict | None) -> None:
+def _check_quantizing_init(model: nn.Module, init: str, targets: list[str], quant: dict | None) -> None:
     if quant is None:
-        raise ConfigError("--init loftq fits the adapter to a 4-bit base: use it with --method qlora (quantization settings missing)")
+        raise ConfigError(f"--init {init} fits the adapter to a 4-bit base: use it with --method qlora (quantization settings missing)")
     for name in targets:
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLinear) else module
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-            raise ConfigError(f"--init loftq needs the full-precision weight of {name}, which is already quantized; "
+            raise ConfigError(f"--init {init} needs the full-precision weight of {name}, which is already quantized; "
                               "apply LoRA before quantizing (load the model in full precision)")
 
 
+def _input_moments(model: nn.Module, config: LoraConfig, targets: list[str],
+                   calibration: Sequence[Sequence[int]] | None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """``(layer name, H)`` in the order the layers are initialised: the targets in order, with ``H = None``,
+    except for ``calibrated``: block by block, each layer's input second moment (calibrate.py)."""
+    if config.init != "calibrated":
+        yield from ((name, None) for name in targets)
+        return
+    from loraq.lora.calibrate import block_second_moments
+
+    if not calibration:
+        raise ConfigError("--init calibrated needs calibration rows (--calibration-data, or the training data)")
+    for moments in block_second_moments(model, targets, calibration):
+        yield from moments.items()
+
+
 def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | None,
-                generator: torch.Generator | None) -> None:
+                generator: torch.Generator | None, second_moment: torch.Tensor | None = None) -> None:
     r, s = layer.r[name], layer.scaling[name]
     if config.init in ("default", "gaussian"):
         make_a = lora_init.kaiming_uniform_a if config.init == "default" else lora_init.gaussian_a
@@ -126,27 +148,43 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
     elif config.init == "pissa":
         a, b, residual = lora_init.pissa(layer.base_weight(torch.float32), r, s)
         layer.base = rebuilt_base(layer.base, residual)
-    else:  # loftq
-        from loraq.quant.functional import dequantize_4bit, quantize_4bit
-        from loraq.quant.linear import Linear4bit
-
-        settings = {k: quant[k] for k in ("quant_type", "double_quant", "blocksize") if k in quant}
-
-        def quantize(w: torch.Tensor):
-            packed, state = quantize_4bit(w, **settings)
-            return (packed, state), dequantize_4bit(packed, state, dtype=torch.float32)
-
-        a, b, (packed, state) = lora_init.loftq(layer.base_weight(torch.float32), r, s, config.loftq_iters, quantize)
-        state = dataclasses.replace(state, dtype=layer.base.weight.dtype)  # the dtype of the weight it stands for
-        bias = None if layer.base.bias is None else layer.base.bias.detach().clone()
-        layer.base = Linear4bit(packed, state, bias, quant.get("compute_dtype", torch.bfloat16),
-                                conv1d=is_conv1d(layer.base))
+    else:  # loftq, calibrated: the base becomes the 4-bit Q they fitted A and B to
+        quantize = _quantizer(quant)
+        weight = layer.base_weight(torch.float32)
+        if config.init == "loftq":
+            a, b, (packed, state) = lora_init.loftq(weight, r, s, config.loftq_iters, quantize)
+        else:
+            # one fit, no re-quantization: the base stays q(W), the plain 4-bit model (bench/NOTES.md: the
+            # alternation did not pay)
+            a, b, (packed, state) = lora_init.calibrated(weight, second_moment, r, s, 1, quantize)
+        layer.base = _quantized_base(layer.base, packed, state, quant)
     with torch.no_grad():
         layer.lora_A[name].weight.copy_(a)
         if b is not None:
             layer.lora_B[name].weight.copy_(b)
-    if config.init in ("pissa", "loftq"):
+    if config.init in ("pissa", *QUANTIZING_INITS):
         layer.initial_factors[name] = (a.detach().clone(), b.detach().clone())
+
+
+def _quantizer(quant: dict):
+    """``w -> ((packed, state), dequantized float32)`` with the run's 4-bit settings."""
+    from loraq.quant.functional import dequantize_4bit, quantize_4bit
+
+    settings = {k: quant[k] for k in ("quant_type", "double_quant", "blocksize") if k in quant}
+
+    def quantize(w: torch.Tensor):
+        packed, state = quantize_4bit(w, **settings)
+        return (packed, state), dequantize_4bit(packed, state, dtype=torch.float32)
+
+    return quantize
+
+
+def _quantized_base(base: nn.Linear, packed: torch.Tensor, state, quant: dict) -> nn.Module:
+    from loraq.quant.linear import Linear4bit
+
+    state = dataclasses.replace(state, dtype=base.weight.dtype)  # the dtype of the weight it stands for
+    bias = None if base.bias is None else base.bias.detach().clone()
+    return Linear4bit(packed, state, bias, quant.get("compute_dtype", torch.bfloat16), conv1d=is_conv1d(base))
 
 
 def quant_settings(linear4bit: nn.Module) -> dict:

@@ -15,11 +15,12 @@ needed to rebuild the base it trained against::
      "base_model": {"name_or_path": "...", "kind": "default|dir|hub|gguf|bnb4bit", "fingerprint": "sampled-sha256:..."}}
 
 ``initial_factors_appended``: the init changed the model's function at the
-start (PiSSA, LoftQ: see :mod:`loraq.lora.files`), so the file holds the
-update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank 2r; the
-trained factors are the first r of each. PiSSA and LoftQ also changed the
-frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying the
-initialisation. An adapter made elsewhere has no record; a record that cannot
+start (PiSSA, LoftQ, calibrated: see :mod:`loraq.lora.files`), so the file
+holds the update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank
+2r; the trained factors are the first r of each. PiSSA and LoftQ also changed
+the frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying
+the initialisation; the calibrated init leaves it ``q(W)``, the plain 4-bit
+base, so nothing needs replaying (nor the calibration data). An adapter made elsewhere has no record; a record that cannot
 be read is reported and ignored (the adapter is then treated as one from
 elsewhere), never a crash.
 """
@@ -35,7 +36,8 @@ from loraq.paths import atomic_write_text
 RECORD_NAME = "training_base.json"
 FORMAT = "loraq-training-base"
 VERSION = 1
-BASE_CHANGING_INITS = ("pissa", "loftq")
+BASE_CHANGING_INITS = ("pissa", "loftq")  # the frozen base is not the plain (quantized) model's
+FUNCTION_CHANGING_INITS = (*BASE_CHANGING_INITS, "calibrated")  # s B0 A0 != 0: the file appends the initial factors
 
 
 @dataclass(frozen=True)

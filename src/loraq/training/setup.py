@@ -225,7 +225,7 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
     refs = data.references if cfg.eval_samples else []
     if refs and measure_base and not fsdp and not cfg.init_adapter:  # under FSDP: once the model is sharded, below
         _record_base_accuracy(counters, say, model, tokenizer, data)
-    _attach_adapters(cfg, model, lora_config, compute_dtype)
+    _attach_adapters(cfg, model, lora_config, compute_dtype, getattr(data, "calibration", None))
     if refs and measure_base and cfg.init_adapter:  # the model this run starts from: base + the adapter it continues
         _record_base_accuracy(counters, say, model, tokenizer, data)
     trainable, total = count_parameters(model)
@@ -257,14 +257,16 @@ def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
                fsdp: bool) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.dtype, int, str]:
     """(model, tokenizer, compute dtype, 4-bit layers, the fast-paths line). FSDP loads on the CPU and moves
     each layer to the device as it shards it; full fine-tuning keeps fp32 master weights (bf16/fp16 through
-    autocast); LoftQ quantizes the full-precision weights itself, so both load unquantized."""
+    autocast); LoftQ and the calibrated init quantize the full-precision weights themselves, so both load
+    unquantized."""
     from loraq.devices import resolve_dtype
     from loraq.kernels import apply_fast_paths
+    from loraq.lora.model import QUANTIZING_INITS
     from loraq.models.load import load_model
 
-    loftq = cfg.init == "loftq"
-    loaded = load_model(source, method="lora" if loftq else cfg.method,
-                        dtype="fp32" if cfg.method == "full" or loftq else cfg.dtype, quant=cfg.quant,
+    quantizes_itself = cfg.init in QUANTIZING_INITS
+    loaded = load_model(source, method="lora" if quantizes_itself else cfg.method,
+                        dtype="fp32" if cfg.method == "full" or quantizes_itself else cfg.dtype, quant=cfg.quant,
                         double_quant=cfg.double_quant, blocksize=cfg.blocksize, allow_pickle=cfg.allow_pickle,
                         trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu") if fsdp else device)
     fast_paths = apply_fast_paths(loaded.model, device).line()
@@ -289,13 +291,14 @@ def _adapter_plan(cfg: TrainConfig, source: ModelSource, model: nn.Module,
 
 
 def _attach_adapters(cfg: TrainConfig, model: nn.Module, lora_config: LoraConfig | None,
-                     compute_dtype: torch.dtype) -> None:
-    """LoRA on the targets (LoftQ quantizes them as it goes), or every weight trainable for --method full."""
+                     compute_dtype: torch.dtype, calibration: list[list[int]] | None) -> None:
+    """LoRA on the targets (LoftQ and the calibrated init quantize them as they go), or every weight trainable
+    for --method full."""
     if lora_config is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return
-    from loraq.lora.model import cast_frozen, inject_lora
+    from loraq.lora.model import QUANTIZING_INITS, cast_frozen, inject_lora
 
     if cfg.init_adapter:
         from loraq.training.init_adapter import load_init_adapter
@@ -303,11 +306,11 @@ def _attach_adapters(cfg: TrainConfig, model: nn.Module, lora_config: LoraConfig
         load_init_adapter(model, cfg)
         return
     quant = None
-    if cfg.init == "loftq":
+    if cfg.init in QUANTIZING_INITS:
         quant = {"quant_type": cfg.quant, "double_quant": cfg.double_quant, "blocksize": cfg.blocksize,
                  "compute_dtype": compute_dtype}
-    inject_lora(model, lora_config, quant=quant)
-    if cfg.init == "loftq":
+    inject_lora(model, lora_config, quant=quant, calibration=calibration)
+    if cfg.init in QUANTIZING_INITS:
         cast_frozen(model, compute_dtype)
 
 
@@ -408,7 +411,7 @@ def training_base_record(cfg: TrainConfig, source: ModelSource, model: nn.Module
                          compute_dtype: torch.dtype) -> TrainingBase:
     """What the adapter is trained against (:mod:`loraq.lora.record`): method, 4-bit settings, init, base identity."""
     from loraq.lora.adapted import source_fingerprint
-    from loraq.lora.record import BASE_CHANGING_INITS, BaseModelId, QuantSettings
+    from loraq.lora.record import FUNCTION_CHANGING_INITS, BaseModelId, QuantSettings
 
     quant = None
     if cfg.method == "qlora":
@@ -418,7 +421,7 @@ def training_base_record(cfg: TrainConfig, source: ModelSource, model: nn.Module
     return TrainingBase(method=cfg.method, compute_dtype=dtype_name(compute_dtype), quant=quant, init=cfg.init,
                         base_model=BaseModelId(adapter_base_name(source), source.kind, source_fingerprint(source)),
                         loftq_iters=cfg.loftq_iters if cfg.init == "loftq" else None,
-                        initial_factors_appended=cfg.init in BASE_CHANGING_INITS)
+                        initial_factors_appended=cfg.init in FUNCTION_CHANGING_INITS)
 
 
 def adapter_base_name(source: ModelSource) -> str:
