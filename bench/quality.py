@@ -58,9 +58,8 @@ QUANTIZED = ("qlora", "loftq", "calibrated")
 # -- the suite -----------------------------------------------------------------------------------
 def write_suite(folder: Path, train_per_skill: int, val_per_skill: int, seed: int = 17) -> tuple[Path, Path]:
     """train.jsonl / val.jsonl: bench/skills.py's five skills and the demo's records, val prompts held out."""
-    from skills import SKILLS, generate
-
     from loraq.data.demo import generate as demo_records
+    from skills import SKILLS, generate
 
     n = len(SKILLS)
     val = generate(val_per_skill * n, seed + 1)
@@ -307,8 +306,7 @@ def suite_rows(tokenizer, args: argparse.Namespace) -> list[list[int]]:
     import tempfile
 
     from loraq.config import TrainConfig
-    from loraq.data.dataset import calibration_rows
-    from loraq.data.dataset import build_data
+    from loraq.data.dataset import build_data, calibration_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         train, val = write_suite(Path(tmp), args.train_per_skill, args.val_per_skill)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from loraq.choices import (
     COMPUTE_DTYPES,
@@ -143,13 +144,13 @@ class TrainConfig:
         return [f.name for f in fields(cls) if not f.metadata.get("internal")]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping whose keys may use '-' or '_'; unknown keys and wrong types are errors."""
         cfg = cls()
         cfg.update(values, source)
         return cfg
 
-    def update(self, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def update(self, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name: f for f in fields(self) if not f.metadata.get("internal")}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
@@ -164,7 +165,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Ranges, choices and contradictions; raises ConfigError naming the flag."""
         for f in fields(self):
             if f.metadata.get("internal"):

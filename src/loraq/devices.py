@@ -23,7 +23,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX-BF16, read from /proc/cpuinfo (Linux) or torch's own probe."""
     try:

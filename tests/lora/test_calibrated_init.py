@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-
 from lora_helpers import VOCAB, tiny_model
+
 from loraq.errors import ConfigError
 from loraq.lora.calibrate import block_second_moments
 from loraq.lora.config import LoraConfig

@@ -110,7 +110,7 @@ def loraq_step(model, pairs, tok, name: str, fresh: bool = True, **kwargs):
     """loraq's loss for one batch of every pair (reference: the adapter switched off), and its backward."""
     from loraq.data.preference import PreferenceData, collate_pairs
     from loraq.training.logps import SequenceLogps
-    from loraq.training.preference import PairCounts, PreferenceObjective
+    from loraq.training.preference import PreferenceObjective
     from loraq.training.reference import compute_reference, reference_context
 
     module = SequenceLogps(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from loraq.choices import COMPUTE_DTYPES, INFERENCE_QUANT
 from loraq.models.load import LoadedModel

@@ -16,8 +16,9 @@ and the tokenizer with its chat template: transformers loads it without loraq.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from loraq.data.packing import Batch, Row, collate
 from loraq.errors import DataError

@@ -29,8 +29,9 @@ trained).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from loraq.data.formats import Sample
 from loraq.errors import DataError

@@ -44,7 +44,7 @@ class LoraConfig:
 
     # ------------------------------------------------------------------
     @classmethod
-    def from_train_config(cls, cfg: Any) -> "LoraConfig":
+    def from_train_config(cls, cfg: Any) -> LoraConfig:
         """The LoRA part of a :class:`loraq.config.TrainConfig`."""
         return cls(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                    exclude_modules=list(cfg.exclude_modules), layers_to_transform=[int(i) for i in cfg.layers_to_transform],
@@ -53,7 +53,7 @@ class LoraConfig:
                    use_dora=bool(cfg.dora), init=cfg.init,
                    loftq_iters=cfg.loftq_iters, base_model_name_or_path=cfg.model).validate()
 
-    def validate(self) -> "LoraConfig":
+    def validate(self) -> LoraConfig:
         """Ranges and choices; raises ConfigError naming the setting."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRA rank {self.r!r} must be a positive integer (--rank)")
@@ -121,7 +121,7 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Read PEFT's fields; features loraq does not implement are errors, not silent drops.
 
         ``fan_in_fan_out`` describes the base layers' storage (Conv1D), which loraq reads from the model
@@ -166,7 +166,7 @@ class LoraConfig:
             raise AdapterError(f"{source}: malformed field ({exc})") from None
         return cfg
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> LoraConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return LoraConfig(**values)

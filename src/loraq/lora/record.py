@@ -27,9 +27,10 @@ elsewhere), never a crash.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loraq.paths import atomic_write_text
 
@@ -86,7 +87,7 @@ class TrainingBase:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingBase":
+    def from_dict(cls, data: dict[str, Any]) -> TrainingBase:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r} is not "
                              f"{FORMAT!r} version {VERSION}")

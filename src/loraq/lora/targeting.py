@@ -20,7 +20,7 @@ never LoRA targets (they are trained in full instead).
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 

@@ -9,8 +9,9 @@ are split into shards of at most ``max_shard_bytes`` with the usual
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file

@@ -84,7 +84,7 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
 
 
 def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,
-                       chunk_numel: int | None = None) -> tuple[torch.Tensor, "QuantState"]:
+                       chunk_numel: int | None = None) -> tuple[torch.Tensor, QuantState]:
     """``quantize_4bit(weight)``, bit for bit, with temporaries bounded by ``chunk_numel`` elements.
 
     Blocks are independent: the flattened weight is cut at multiples of

@@ -14,7 +14,8 @@ is :mod:`loraq.models.bnb_folder` and :mod:`loraq.models.prequantized`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

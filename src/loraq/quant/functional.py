@@ -99,7 +99,7 @@ class QuantState:
             bits += self.nested_absmax.numel() * 32
         return bits
 
-    def to(self, device: torch.device | str) -> "QuantState":
+    def to(self, device: torch.device | str) -> QuantState:
         """A copy with every tensor on ``device``."""
         return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
 

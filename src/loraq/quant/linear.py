@@ -67,7 +67,7 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-                    compute_dtype: torch.dtype | str = torch.bfloat16, name: str = "weight") -> "Linear4bit":
+                    compute_dtype: torch.dtype | str = torch.bfloat16, name: str = "weight") -> Linear4bit:
         """Quantize the ``[out, in]`` weight of an ``nn.Linear`` or ``Conv1D`` as given (its own dtype); the bias
         is kept as is. ``name`` labels errors."""
         weight = linear_weight(linear).detach()

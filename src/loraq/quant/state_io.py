@@ -17,7 +17,7 @@ checkpoint holds, besides the packed uint8 ``W`` itself:
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

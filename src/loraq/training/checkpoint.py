@@ -31,14 +31,15 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LRScheduler
 
 from loraq import faults
 from loraq.data.batches import BatchIterator
