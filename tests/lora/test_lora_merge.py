@@ -64,7 +64,7 @@ def test_merged_weight_is_w_plus_s_b_a_and_gives_the_same_output(rslora):
 def test_merge_then_unmerge_in_place():
     ids = token_ids()
     model = _adapted()
-    before = {n: l.base.weight.detach().clone() for n, l in lora_layers(model)}
+    before = {n: layer.base.weight.detach().clone() for n, layer in lora_layers(model)}
     out = logits(model, ids)
     for _, layer in lora_layers(model):
         assert layer.merge() == ["default"]

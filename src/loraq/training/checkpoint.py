@@ -378,7 +378,7 @@ def _check_rng(tensors: dict[str, torch.Tensor]) -> None:
 def resume_latest(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: LRScheduler, warn: Callable[[str], None], data: BatchIterator | None = None) -> LoadedCheckpoint | None:
     """Load the newest checkpoint that reads back whole; skip (and warn about) broken ones."""
-    for step, path in list_checkpoints(run_dir):
+    for _step, path in list_checkpoints(run_dir):
         try:
             apply = read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
         except LoraqError:
