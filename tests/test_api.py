@@ -12,7 +12,8 @@ import loraq
 
 @pytest.fixture
 def chat_file(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."}, {"role": "assistant", "content": f"{a}-{b}"}]}
+    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."},
+                          {"role": "assistant", "content": f"{a}-{b}"}]}
             for a, b in [("red", "sun"), ("blue", "cat"), ("green", "dog"), ("one", "two")]]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -57,4 +57,5 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str | None = N
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return names.get(dtype, str(dtype).replace("torch.", ""))

@@ -124,7 +124,8 @@ def test_pissa_moves_the_principal_part_and_keeps_the_output(rslora):
     ids = token_ids()
     original = tiny_model()
     model = tiny_model()
-    inject_lora(model, LoraConfig(r=4, alpha=8, use_rslora=rslora, init="pissa", target_modules=["q_proj", "down_proj"]))
+    inject_lora(model, LoraConfig(r=4, alpha=8, use_rslora=rslora, init="pissa",
+                                  target_modules=["q_proj", "down_proj"]))
     for name, layer in lora_layers(model):
         w = original.get_submodule(name).weight.detach().double()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)

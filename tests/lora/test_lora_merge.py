@@ -170,7 +170,8 @@ def test_linear_combination_is_the_weighted_sum_of_products_not_of_factors():
         assert rel_err(low, best2) < 1e-5, name
     # where both adapters share a layer, summing A's and B's separately would be wrong: make sure we are not that
     layer = dict(lora_layers(model))["model.layers.0.self_attn.v_proj"]
-    naive = (0.5 * layer.scaling["one"]) * (layer.lora_B["one"].weight.double()[:, :3] + layer.lora_B["two"].weight.double()) \
+    naive = (0.5 * layer.scaling["one"]) * (layer.lora_B["one"].weight.double()[:, :3]
+                                            + layer.lora_B["two"].weight.double()) \
         @ (layer.lora_A["one"].weight.double()[:3] + layer.lora_A["two"].weight.double())
     assert rel_err(naive, _weighted_sum64(layer, {"one": 0.5, "two": 2.0})) > 0.1
 

@@ -47,7 +47,8 @@ class LoraConfig:
     def from_train_config(cls, cfg: Any) -> LoraConfig:
         """The LoRA part of a :class:`loraq.config.TrainConfig`."""
         return cls(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                   exclude_modules=list(cfg.exclude_modules), layers_to_transform=[int(i) for i in cfg.layers_to_transform],
+                   exclude_modules=list(cfg.exclude_modules),
+                   layers_to_transform=[int(i) for i in cfg.layers_to_transform],
                    rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
                    modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora),
                    use_dora=bool(cfg.dora), init=cfg.init,
@@ -135,9 +136,11 @@ class LoraConfig:
         if data.get("lora_bias") is True:
             raise AdapterError(f"{source}: lora_bias=true (LoRA bias terms) is not supported by loraq")
         if data.get("bias", "none") not in ("none", None):
-            raise AdapterError(f"{source}: bias={data['bias']!r} is not supported; loraq adapters train no bias (bias 'none')")
+            raise AdapterError(f"{source}: bias={data['bias']!r} is not supported; "
+                               "loraq adapters train no bias (bias 'none')")
         if data.get("layers_pattern"):
-            raise AdapterError(f"{source}: layers_pattern is not supported; use layers_to_transform with '.layers.N.' names")
+            raise AdapterError(f"{source}: layers_pattern is not supported; "
+                               "use layers_to_transform with '.layers.N.' names")
         for key in ("r", "lora_alpha"):
             if key not in data:
                 raise AdapterError(f"{source}: missing {key!r}; a LoRA config must state r and lora_alpha")

@@ -20,7 +20,8 @@ holds the update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank
 2r; the trained factors are the first r of each. PiSSA and LoftQ also changed
 the frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying
 the initialisation; the calibrated init leaves it ``q(W)``, the plain 4-bit
-base, so nothing needs replaying (nor the calibration data). An adapter made elsewhere has no record; a record that cannot
+base, so nothing needs replaying (nor the calibration data). An adapter made
+elsewhere has no record; a record that cannot
 be read is reported and ignored (the adapter is then treated as one from
 elsewhere), never a crash.
 """

@@ -62,7 +62,8 @@ def write_state_dict(
             shards.append({})
             size = 0
         # safetensors refuses views that share storage; give each tensor its own
-        shards[-1][key] = tensor.detach().contiguous().clone() if _shares_storage(tensor) else tensor.detach().contiguous()
+        shards[-1][key] = (tensor.detach().contiguous().clone() if _shares_storage(tensor)
+                           else tensor.detach().contiguous())
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata=metadata)

@@ -104,7 +104,8 @@ class Linear4bit(nn.Module):
         for suffix, tensor in state_to_tensors(self.quant_state).items():
             destination[f"{prefix}weight.{suffix}"] = tensor
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
         key = prefix + "weight"
         if key not in state_dict:
             missing_keys.append(key)

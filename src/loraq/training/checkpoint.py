@@ -268,7 +268,8 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         if state.get(key) is not None and not isinstance(state[key], kind):
             raise ValueError(f"state.json: {key} is not a {kind.__name__}")
     if data is not None:
-        if not isinstance(state.get("data"), dict) or not all(isinstance(state["data"].get(k), int) for k in ("epoch", "index")):
+        if not isinstance(state.get("data"), dict) or not all(isinstance(state["data"].get(k), int)
+                                                              for k in ("epoch", "index")):
             raise ValueError("state.json: the data position is missing or malformed")
         copy.copy(data).load_state_dict(state["data"])  # a dry run: raises DataError for other data/settings
 
@@ -376,7 +377,8 @@ def _check_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def resume_latest(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: LRScheduler, warn: Callable[[str], None], data: BatchIterator | None = None) -> LoadedCheckpoint | None:
+                  scheduler: LRScheduler, warn: Callable[[str], None],
+                  data: BatchIterator | None = None) -> LoadedCheckpoint | None:
     """Load the newest checkpoint that reads back whole; skip (and warn about) broken ones."""
     for _step, path in list_checkpoints(run_dir):
         try:
