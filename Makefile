@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test test test-fast demo bench clean
+.PHONY: install install-test lint test test-fast demo bench clean
 
 # Runtime install: torch is pinned first so pip never swaps in a multi-GB CUDA build.
 $(VENV)/.runtime: pyproject.toml
@@ -20,8 +20,12 @@ $(VENV)/.test: $(VENV)/.runtime
 install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
-# The whole suite, slow tests included (CI runs exactly this).
-test: $(VENV)/.test
+# ruff with pyproject.toml's rules; `make test` (and so CI) runs it first and stops on a finding.
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+
+# The linter, then the whole suite, slow tests included (CI runs exactly this).
+test: $(VENV)/.test lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(VENV)/.test

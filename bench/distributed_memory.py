@@ -89,7 +89,8 @@ def main() -> int:
                 held = max(s["training_memory_bytes_per_rank"])
                 weights = counted["fsdp"] if fsdp else counted["ddp"]
                 rows.append((method, label, peak / MB, (peak - base) / MB, held / MB, (held - base) / MB, weights / MB))
-            print(f"{method}: frozen {counted['frozen'] / MB:.1f} MB, 4-bit stats {counted['quant_stats'] / MB:.1f} MB, "
+            print(f"{method}: frozen {counted['frozen'] / MB:.1f} MB, "
+                  f"4-bit stats {counted['quant_stats'] / MB:.1f} MB, "
                   f"adapters+grads+AdamW {counted['adapter_with_grads_and_adam'] / MB:.1f} MB, "
                   f"buffers {counted['buffers'] / MB:.1f} MB")
     print("\n| method | run | peak RSS / rank | minus baseline | RSS while training / rank | minus baseline "

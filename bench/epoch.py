@@ -90,7 +90,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         label = name + ("+bnb" if name.startswith("peft") and args.method == "qlora" else "")
-        print(f"| {label} | {r['steps']:.0f} | {r['train_seconds']:.1f} s | {ref['train_seconds'] / r['train_seconds']:.2f}x"
+        print(f"| {label} | {r['steps']:.0f} | {r['train_seconds']:.1f} s | "
+              f"{ref['train_seconds'] / r['train_seconds']:.2f}x"
               f" | {r['wall_seconds']:.1f} s | {r['peak_rss_bytes'] / 2**30:.2f} GB | "
               f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x |")
     if args.json:

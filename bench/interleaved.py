@@ -42,10 +42,10 @@ from throughput import ALPHA, BATCH, RANK, SEQ, docs_jsonl  # noqa: E402
 def measure(method: str, steps: int, model_dir: Path, data: Path, out: Path) -> dict[str, list[float]]:
     """Step times of both tools, alternating: PEFT step n, then loraq step n, for n in 1..steps."""
     import torch
-    from peft_run import build, load_batches, step
 
     from loraq.api.train import train
     from loraq.training.hooks import Callback
+    from peft_run import build, load_batches, step
 
     torch.manual_seed(0)
     model, opt, tok = build(method, str(model_dir), RANK, ALPHA)

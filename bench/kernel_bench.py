@@ -37,7 +37,8 @@ def main() -> None:
     from loraq.kernels.native import dequantize_native
     from loraq.quant.functional import dequantize_4bit_eager, quantize_4bit
 
-    print(f"# dequantization kernels vs the eager path -- {dt.date.today()} -- {platform.processor() or platform.machine()}, "
+    print(f"# dequantization kernels vs the eager path -- {dt.date.today()} -- "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
     print("| NF4 + DQ dequantize -> bf16 | eager | generated | C kernel | generated vs eager | C vs generated |")
     print("|---|---|---|---|---|---|")

@@ -120,7 +120,8 @@ def child(method: str, model_spec: str | None, dtype: str) -> None:
 
 
 def run_child(method: str, model_spec: str | None, dtype: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--dtype", dtype] + (["--model", model_spec] if model_spec else [])
+    cmd = ([sys.executable, __file__, "--child", method, "--dtype", dtype]
+           + (["--model", model_spec] if model_spec else []))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -56,7 +56,8 @@ def _data_settings(run: str | Path) -> dict:
     from loraq.api.evaluate import data_settings
 
     settings = data_settings(run, {})
-    return {"format": settings["format"], "seq_len": settings["seq_len"], "train_on_inputs": settings["train_on_inputs"]}
+    return {"format": settings["format"], "seq_len": settings["seq_len"],
+            "train_on_inputs": settings["train_on_inputs"]}
 
 
 def train_demo(out: Path) -> tuple[Path, Path]:

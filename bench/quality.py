@@ -1,6 +1,6 @@
 """Does the adapter recover what 4-bit lost? Exact match, held-out loss and forgetting, five ways, three seeds.
 
-    python bench/quality.py                          # the suite: 5 methods x 3 seeds, then the merges (hours on 2 cores)
+    python bench/quality.py                          # the suite: 5 methods x 3 seeds, then the merges (hours, 2 cores)
     python bench/quality.py --init-only --json       # perplexity at initialisation: full, nf4, loftq, calibrated
     python bench/quality.py --steps 2 --seeds 0 --train-per-skill 8 --val-per-skill 2 --ppl-seqs 1   # a quick check
 
@@ -58,9 +58,8 @@ QUANTIZED = ("qlora", "loftq", "calibrated")
 # -- the suite -----------------------------------------------------------------------------------
 def write_suite(folder: Path, train_per_skill: int, val_per_skill: int, seed: int = 17) -> tuple[Path, Path]:
     """train.jsonl / val.jsonl: bench/skills.py's five skills and the demo's records, val prompts held out."""
-    from skills import SKILLS, generate
-
     from loraq.data.demo import generate as demo_records
+    from skills import SKILLS, generate
 
     n = len(SKILLS)
     val = generate(val_per_skill * n, seed + 1)
@@ -307,8 +306,7 @@ def suite_rows(tokenizer, args: argparse.Namespace) -> list[list[int]]:
     import tempfile
 
     from loraq.config import TrainConfig
-    from loraq.data.dataset import calibration_rows
-    from loraq.data.dataset import build_data
+    from loraq.data.dataset import build_data, calibration_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         train, val = write_suite(Path(tmp), args.train_per_skill, args.val_per_skill)
@@ -331,7 +329,8 @@ def main() -> None:
                         help="training examples per skill (bench/skills.py has 144 distinct initials prompts)")
     parser.add_argument("--val-per-skill", type=int, default=20)
     parser.add_argument("--calibration-samples", type=int, default=None,
-                        help="calibration rows (default: 64 text rows of 512 tokens for --init-only, 256 training rows)")
+                        help="calibration rows (default: 64 text rows of 512 tokens for --init-only, "
+                             "256 training rows)")
     parser.add_argument("--ppl-seqs", type=int, default=16, help="512-token rows of pydoc_data.topics scored")
     parser.add_argument("--no-merges", action="store_true")
     parser.add_argument("--lock", default=None, help="a file to flock around each training run (a shared machine)")

@@ -12,7 +12,8 @@ import loraq
 
 @pytest.fixture
 def chat_file(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."}, {"role": "assistant", "content": f"{a}-{b}"}]}
+    rows = [{"messages": [{"role": "user", "content": f"Join {a} and {b}."},
+                          {"role": "assistant", "content": f"{a}-{b}"}]}
             for a, b in [("red", "sun"), ("blue", "cat"), ("green", "dog"), ("one", "two")]]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -62,8 +63,8 @@ def test_inspect_data_counts_what_the_tokenizer_counts(chat_file, tiny_llama_dir
 
 
 def test_evaluate_gives_transformers_own_loss(chat_file, tiny_llama_dir, tiny_tokenizer):
-    from loraq.data.tokenize import tokenize_sample
     from loraq.data.formats import Sample
+    from loraq.data.tokenize import tokenize_sample
 
     result = loraq.evaluate(chat_file, model=str(tiny_llama_dir), dtype="fp32", max_examples=2)
     model, total, count = _hf(tiny_llama_dir), 0.0, 0

@@ -18,7 +18,8 @@ def test_chat_second_turn_matches_transformers_greedy(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
 
     def reply(messages):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
         out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -32,7 +33,8 @@ def test_chat_second_turn_matches_transformers_greedy(tiny_llama_dir):
 def test_eval_loss_matches_transformers_loss(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = [{"prompt": "The quick brown", "completion": " fox jumps"}, {"prompt": "Numbers: 1 2", "completion": " 3 4 5"}]
+    rows = [{"prompt": "The quick brown", "completion": " fox jumps"},
+            {"prompt": "Numbers: 1 2", "completion": " 3 4 5"}]
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = subprocess.run([sys.executable, "-m", "loraq", "eval", "--model", str(tiny_llama_dir), "--dtype", "fp32",

@@ -17,7 +17,8 @@ from loraq.errors import LoraqError
 COMMANDS = {
     "train": "fine-tune a model with QLoRA (default), LoRA or full fine-tuning",
     "quantize": "write a 4-bit (NF4/FP4) copy of a model in the bitsandbytes format",
-    "export": "write a model (an adapter merged in, or the adapter alone) as a GGUF file for llama.cpp / Ollama / LM Studio",
+    "export": "write a model (an adapter merged in, or the adapter alone) as a GGUF file "
+              "for llama.cpp / Ollama / LM Studio",
     "merge": "merge an adapter into its base model and write a plain HF folder",
     "generate": "generate text from a prompt (optionally with an adapter)",
     "chat": "chat with a model interactively",

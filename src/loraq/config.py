@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from loraq.choices import (
     COMPUTE_DTYPES,
@@ -47,13 +48,17 @@ def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = 
 @dataclass
 class TrainConfig:
     # --- model -----------------------------------------------------------
-    model: str | None = opt(None, "HF folder, hub id, .gguf file or pre-quantized folder (default: SmolLM2-135M-Instruct)")
-    method: str = opt("qlora", "qlora: 4-bit frozen base + LoRA; lora: LoRA on a 16/32-bit base; full: every weight", choices=METHODS)
-    dtype: str = opt("auto", "compute dtype; auto = bf16 where the hardware computes it natively, else fp32", choices=COMPUTE_DTYPES)
+    model: str | None = opt(None, "HF folder, hub id, .gguf file or pre-quantized folder "
+                                  "(default: SmolLM2-135M-Instruct)")
+    method: str = opt("qlora", "qlora: 4-bit frozen base + LoRA; lora: LoRA on a 16/32-bit base; "
+                               "full: every weight", choices=METHODS)
+    dtype: str = opt("auto", "compute dtype; "
+                             "auto = bf16 where the hardware computes it natively, else fp32", choices=COMPUTE_DTYPES)
     quant: str = opt("nf4", "4-bit code for --method qlora", choices=QUANT_TYPES)
     double_quant: bool = opt(True, "quantize the 4-bit scales again (QLoRA's double quantization)")
     blocksize: int = opt(64, "4-bit quantization block size (power of two, 32..4096)", lo=32, hi=4096)
-    allow_pickle: bool = opt(False, "allow loading .bin/.pt pickle weight files (runs code from the file: only for files you trust)")
+    allow_pickle: bool = opt(False, "allow loading .bin/.pt pickle weight files "
+                                    "(runs code from the file: only for files you trust)")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code to run")
     # --- LoRA ------------------------------------------------------------
     rank: int = opt(16, "LoRA rank r", lo=1, hi=4096)
@@ -63,10 +68,13 @@ class TrainConfig:
                                list_sep=True, factory=lambda: ["all-linear"])
     exclude_modules: list = opt(help="comma-separated module-name suffixes (or 're:<regex>') to leave out",
                                 list_sep=True, factory=list)
-    layers_to_transform: list = opt(help="comma-separated layer indices to adapt (default: all)", list_sep=True, factory=list)
+    layers_to_transform: list = opt(help="comma-separated layer indices to adapt (default: all)",
+                                    list_sep=True, factory=list)
     rank_pattern: dict = opt(help="per-module rank overrides (recipe only): {pattern: rank}", factory=dict, cli=False)
-    alpha_pattern: dict = opt(help="per-module alpha overrides (recipe only): {pattern: alpha}", factory=dict, cli=False)
-    modules_to_save: list = opt(help="comma-separated modules trained in full and saved with the adapter", list_sep=True, factory=list)
+    alpha_pattern: dict = opt(help="per-module alpha overrides (recipe only): {pattern: alpha}",
+                              factory=dict, cli=False)
+    modules_to_save: list = opt(help="comma-separated modules trained in full and saved with the adapter",
+                                list_sep=True, factory=list)
     rslora: bool = opt(False, "rank-stabilised LoRA: scale alpha/sqrt(r)")
     dora: bool = opt(False, "DoRA, weight-decomposed LoRA: a trained magnitude per output row besides B A "
                             "(PEFT's use_dora)")
@@ -74,7 +82,8 @@ class TrainConfig:
                                         "the paper suggests ~16", lo=0, hi=1e6)
     init: str = opt("default", "adapter initialisation", choices=INITS)
     loftq_iters: int = opt(5, "LoftQ alternating iterations (with --init loftq)", lo=1, hi=100)
-    calibration_data: str | None = opt(None, "data file whose activations --init calibrated fits the adapter to (default: the training data)")
+    calibration_data: str | None = opt(None, "data file whose activations --init calibrated fits the adapter to "
+                                             "(default: the training data)")
     calibration_samples: int = opt(256, "rows of the calibration data used by --init calibrated", lo=1, hi=1 << 20)
     # --- data ------------------------------------------------------------
     data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk "
@@ -87,7 +96,8 @@ class TrainConfig:
     seq_len: int = opt(512, "maximum tokens per sequence", lo=8, hi=1 << 20)
     packing: bool = opt(False, "pack several examples per sequence (attention never crosses examples)")
     train_on_inputs: bool = opt(False, "also train on prompt tokens (default: assistant/completion tokens only)")
-    skip_bad_examples: bool = opt(False, "leave malformed records out (counted and reported) instead of stopping at the first")
+    skip_bad_examples: bool = opt(False, "leave malformed records out (counted and reported) "
+                                         "instead of stopping at the first")
     # --- the objective ---------------------------------------------------
     objective: str = opt("sft", "sft: next-token loss on the answers; dpo: direct preference optimisation on "
                                 "prompt/chosen/rejected pairs; orpo: SFT loss plus the odds-ratio term (no reference)",
@@ -114,7 +124,8 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)", lo=0)
     grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, more time")
     seed: int = opt(0, "random seed (data order, initialisation, dropout)", lo=0)
-    nonfinite: str = opt("stop", "on a NaN/inf loss or gradient: stop naming the step, or skip the step and count it", choices=NONFINITE)
+    nonfinite: str = opt("stop", "on a NaN/inf loss or gradient: stop naming the step, "
+                                 "or skip the step and count it", choices=NONFINITE)
     # --- evaluation, logging and files ------------------------------------
     eval_every: int = opt(0, "evaluate the validation loss every N steps (0: at the end only)", lo=0)
     eval_samples: int = opt(64, "examples with reference answers used for exact-match accuracy (0: none)", lo=0)
@@ -143,18 +154,19 @@ class TrainConfig:
         return [f.name for f in fields(cls) if not f.metadata.get("internal")]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping whose keys may use '-' or '_'; unknown keys and wrong types are errors."""
         cfg = cls()
         cfg.update(values, source)
         return cfg
 
-    def update(self, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def update(self, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name: f for f in fields(self) if not f.metadata.get("internal")}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in known:
-                hint = [OTHER_TOOLS_NAMES[key]] if key in OTHER_TOOLS_NAMES else difflib.get_close_matches(key, known, n=1)
+                hint = ([OTHER_TOOLS_NAMES[key]] if key in OTHER_TOOLS_NAMES
+                        else difflib.get_close_matches(key, known, n=1))
                 more = f" (did you mean '{hint[0].replace('_', '-')}'?)" if hint else ""
                 raise ConfigError(f"{source}: unknown key '{raw_key}'{more}; see `loraq train --help` for the keys")
             setattr(self, key, _coerce(known[key], value, source, raw_key))
@@ -164,7 +176,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Ranges, choices and contradictions; raises ConfigError naming the flag."""
         for f in fields(self):
             if f.metadata.get("internal"):
@@ -186,17 +198,7 @@ class TrainConfig:
                     raise ConfigError(f"{flag} {value} is above its maximum {hi}")
         if self.blocksize & (self.blocksize - 1):
             raise ConfigError(f"--blocksize {self.blocksize} must be a power of two between 32 and 4096")
-        if self.method != "qlora":
-            for key in ("quant", "double_quant", "blocksize"):
-                if key in self.explicit:
-                    raise ConfigError(f"{_flag(key)} applies to --method qlora only, not --method {self.method}; drop it or use --method qlora")
-        if self.method == "full":
-            lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
-                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora",
-                         "loraplus_lr_ratio")
-            for key in lora_keys:
-                if key in self.explicit:
-                    raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; drop it or use --method lora/qlora")
+        self._validate_method_flags()
         if self.loraplus_lr_ratio <= 0:
             raise ConfigError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio} must be > 0 (1 = plain LoRA)")
         if self.init in ("loftq", "calibrated") and self.method != "qlora":
@@ -205,7 +207,8 @@ class TrainConfig:
             if key in self.explicit and self.init != "calibrated":
                 raise ConfigError(f"{_flag(key)} applies to --init calibrated only; drop it or add --init calibrated")
         if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite replaces it")
+            raise ConfigError("--resume and --overwrite contradict each other: "
+                              "--resume continues the run in --output-dir, --overwrite replaces it")
         if self.val_data and self.val_fraction:
             raise ConfigError("--val-data and --val-fraction both give a validation set; use one")
         if self.max_steps == 0:
@@ -222,6 +225,22 @@ class TrainConfig:
             if not isinstance(idx, int) or idx < 0:
                 raise ConfigError(f"--layers-to-transform takes non-negative layer indices, got {idx!r}")
         return self
+
+    def _validate_method_flags(self) -> None:
+        """Flags given explicitly that the chosen --method does not use."""
+        if self.method != "qlora":
+            for key in ("quant", "double_quant", "blocksize"):
+                if key in self.explicit:
+                    raise ConfigError(f"{_flag(key)} applies to --method qlora only, not --method {self.method}; "
+                                      "drop it or use --method qlora")
+        if self.method == "full":
+            lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
+                         "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora",
+                         "loraplus_lr_ratio")
+            for key in lora_keys:
+                if key in self.explicit:
+                    raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; "
+                                      "drop it or use --method lora/qlora")
 
     def _validate_objective(self) -> None:
         preference = self.objective in PREFERENCE_OBJECTIVES
@@ -400,7 +419,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         if bundled.is_file():
             p = bundled
         else:
-            raise ConfigError(f"recipe {path}: no such file; give a YAML file (bundled recipes: {', '.join(bundled_recipes()) or 'none'})")
+            raise ConfigError(f"recipe {path}: no such file; give a YAML file "
+                              f"(bundled recipes: {', '.join(bundled_recipes()) or 'none'})")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -408,7 +428,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        raise ConfigError(f"recipe {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                          "fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX-BF16, read from /proc/cpuinfo (Linux) or torch's own probe."""
     try:
@@ -57,4 +57,5 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str | None = N
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return names.get(dtype, str(dtype).replace("torch.", ""))

@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Iterable
+from collections.abc import Iterable
 
 CRASH_ENV = "LORAQ_CRASH_AT"
 FAULT_ENV = "LORAQ_FAULT"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from loraq.errors import ConfigError
 

@@ -31,7 +31,7 @@ def test_val_fraction_is_a_deterministic_disjoint_split(tmp_path, tiny_tokenizer
     # references come from the held-out records, in file order; none of them is trained on
     held = [int(x) for x in answers(a)]
     assert held == sorted(held)
-    train_answers = {tiny_tokenizer.decode([t for t, l in zip(e.input_ids, e.labels) if l != -100])
+    train_answers = {tiny_tokenizer.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != -100])
                      for e in a.train_examples}
     assert {f"{i}<|im_end|>" for i in held}.isdisjoint(train_answers)
     assert len(train_answers) == 30

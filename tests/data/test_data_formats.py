@@ -27,8 +27,10 @@ def test_disagreeing_record_is_named():
 def test_conversions_to_messages():
     _, [s] = to_samples(recs(SHAREGPT))
     assert s.messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
-    _, [a, b] = to_samples(recs(ALPACA, {"instruction": "Greet.", "input": "", "output": "Hello", "system": "Be kind."}))
-    assert a.messages == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    _, [a, b] = to_samples(recs(ALPACA,
+                                {"instruction": "Greet.", "input": "", "output": "Hello", "system": "Be kind."}))
+    assert a.messages == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                          {"role": "assistant", "content": "5"}]
     assert b.messages == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Greet."},
                           {"role": "assistant", "content": "Hello"}]
     _, [c] = to_samples(recs(COMPLETION))
@@ -48,12 +50,14 @@ def test_explicit_format_overrides_detection():
 
 @pytest.mark.parametrize("record, needles", [
     ({"messages": [{"role": "bot", "content": "x"}]}, ["unknown role 'bot'", "assistant"]),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, ["message 2", "empty content"]),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+     ["message 2", "empty content"]),
     ({"messages": [{"role": "user", "content": "x"}]}, ["no assistant turn"]),
     ({"messages": []}, ["empty"]),
     ({"messages": "hello"}, ["'messages' must be a list"]),
     ({"messages": [{"role": "user"}]}, ["message 1 has no 'content'"]),
-    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, ["must be a string", "a number"]),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
+     ["must be a string", "a number"]),
     ({"messages": ["hi"]}, ["message 1 must be an object"]),
     ({"conversations": [{"from": "robot", "value": "x"}]}, ["unknown speaker 'robot'"]),
     ({"conversations": [{"from": "human"}]}, ["turn 1 has no 'value'"]),

@@ -24,7 +24,8 @@ def examples(tiny_tokenizer) -> list[Example]:
     out = []
     for i, (user, answer) in enumerate(PROMPTS):
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        out.append(tokenize_sample(Sample("chat", f"f:{i}", messages=messages), tiny_tokenizer, train_on_inputs=i % 2 == 1))
+        out.append(tokenize_sample(Sample("chat", f"f:{i}", messages=messages), tiny_tokenizer,
+                                   train_on_inputs=i % 2 == 1))
     return out
 
 

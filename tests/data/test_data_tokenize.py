@@ -115,7 +115,7 @@ def test_template_that_is_not_prefix_consistent(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = ("{% for message in messages %}{% if loop.last %}{{ 'answer follows\\n' }}{% endif %}"
                          + GENERATION_TAGGED_CHATML[len("{% for message in messages %}"):])
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]  # answer repeats the question
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]  # the answer is the question
     example = tokenize_sample(chat(messages), tok)
     ids, mask = reference(tok, messages)
     assert example.input_ids == ids and [int(label != -100) for label in example.labels] == mask
@@ -127,8 +127,8 @@ def test_template_without_end_of_turn_gets_a_trained_eos(tiny_tokenizer):
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     example = tokenize_sample(chat(messages), tok)
-    assert example.input_ids == list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) + [
-        tok.eos_token_id]
+    assert example.input_ids == (list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+                                 + [tok.eos_token_id])
     # "assistant: hello" tokenizes as ... ":", " hello": the token straddling the answer's start is trained
     assert trained_runs(tok, example.input_ids, example.labels) == [" hello", "<|im_end|>"]
 

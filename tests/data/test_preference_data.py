@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from loraq.data.preference import build_preference_data, read_pairs, tokenize_pair, to_preference_sample
+from loraq.data.preference import build_preference_data, read_pairs, to_preference_sample, tokenize_pair
 from loraq.data.readers import Record
 from loraq.errors import DataError
 

@@ -61,4 +61,5 @@ def test_switched_off_by_environment(monkeypatch):
     packed, state = quantize_4bit(torch.randn(64, 64), 64, "nf4", True)
     monkeypatch.setenv("LORAQ_COMPILE", "0")
     assert dequantize_generated(packed, state, torch.float32) is None
-    assert torch.equal(dequantize_4bit(packed, state, torch.float32), dequantize_4bit_eager(packed, state, torch.float32))
+    assert torch.equal(dequantize_4bit(packed, state, torch.float32),
+                       dequantize_4bit_eager(packed, state, torch.float32))

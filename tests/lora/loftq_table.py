@@ -85,7 +85,8 @@ def main(n_seq: int = 16) -> None:
     rows = [("full precision (fp32)", lambda: model)]
     rows.append(("NF4 + DQ", lambda: nf4_model(model)))
     for r, iters in ((16, 1), (16, 5), (64, 5)):
-        rows.append((f"LoftQ r={r}, {iters} iteration{'s' * (iters > 1)}", lambda r=r, iters=iters: loftq_model(model, r, iters)))
+        rows.append((f"LoftQ r={r}, {iters} iteration{'s' * (iters > 1)}",
+                     lambda r=r, iters=iters: loftq_model(model, r, iters)))
     print(f"| model ({n_seq} x 512 tokens) | perplexity | init time |")
     print("|---|---|---|")
     for label, build in rows:

@@ -62,7 +62,7 @@ def copy_ours_to_peft(ours, pm, adapter_name: str = "default") -> None:
     from loraq.lora.model import lora_layers
 
     theirs = {n: m for n, m in peft_lora_layers(pm).items() if adapter_name in m.lora_A}
-    mine = {n: l for n, l in lora_layers(ours) if adapter_name in l.lora_A}
+    mine = {n: layer for n, layer in lora_layers(ours) if adapter_name in layer.lora_A}
     assert set(mine) == set(theirs), (sorted(mine), sorted(theirs))
     with torch.no_grad():
         for n, layer in mine.items():
@@ -71,7 +71,7 @@ def copy_ours_to_peft(ours, pm, adapter_name: str = "default") -> None:
 
 
 def assert_one_line(text: str, *needles: str) -> None:
-    lines = [l for l in text.strip().splitlines() if l.strip()]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
     assert len(lines) == 1, text
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])

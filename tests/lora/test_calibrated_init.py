@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-
 from lora_helpers import VOCAB, tiny_model
+
 from loraq.errors import ConfigError
 from loraq.lora.calibrate import block_second_moments
 from loraq.lora.config import LoraConfig
@@ -136,7 +136,7 @@ def test_the_base_is_plain_nf4_and_the_file_holds_the_update_relative_to_the_unt
         assert torch.equal(layer.base.weight, plain.weight), name  # the same codes as loading the model 4-bit
     save_adapter(model, tmp_path / "a")
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    for name, layer in lora_layers(model):  # untrained: the update relative to W is zero
+    for name, _layer in lora_layers(model):  # untrained: the update relative to W is zero
         key = f"base_model.model.{name}.lora_"
         assert float((tensors[key + "B.weight"] @ tensors[key + "A.weight"]).abs().max()) < 1e-6
 

@@ -62,7 +62,7 @@ def test_forward_over_4bit_matches_peft_on_the_dequantized_weights():
     ours = quantized()
     inject_lora(ours, LoraConfig(r=4, alpha=8, use_rslora=True, rank_pattern={"down_proj": 2}))
     randomize_lora(ours)
-    assert all(isinstance(l.base, Linear4bit) for _, l in lora_layers(ours))
+    assert all(isinstance(layer.base, Linear4bit) for _, layer in lora_layers(ours))
     pm = peft_model(dequantized_copy(ours), r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
                     rank_pattern={"down_proj": 2})
     copy_ours_to_peft(ours, pm)
@@ -100,7 +100,7 @@ def test_merge_dequantizes_to_the_chosen_dtype_and_never_requantizes(dtype):
     model = quantized()
     inject_lora(model, LoraConfig(r=4, alpha=8))
     randomize_lora(model)
-    expected = {n: l.base.dequantize(torch.float64) + _delta64(l) for n, l in lora_layers(model)}
+    expected = {n: layer.base.dequantize(torch.float64) + _delta64(layer) for n, layer in lora_layers(model)}
     out = logits(model, ids)
     report = merge_and_unload(model, dtype=dtype)
     assert not report.requantized and report.requantize_error_overall is None
@@ -122,7 +122,7 @@ def test_requantize_is_explicit_and_reports_the_error_it_adds():
     model = quantized(blocksize=128, double_quant=False)
     inject_lora(model, LoraConfig(r=4, alpha=8))
     randomize_lora(model)
-    merged64 = {n: l.base.dequantize(torch.float64) + _delta64(l) for n, l in lora_layers(model)}
+    merged64 = {n: layer.base.dequantize(torch.float64) + _delta64(layer) for n, layer in lora_layers(model)}
     report = merge_and_unload(model, requantize=True)
     assert sorted(report.requantized) == sorted(merged64)
     err_sq = ref_sq = 0.0
@@ -144,7 +144,7 @@ def test_merge_and_unmerge_on_a_4bit_base_restore_the_4bit_layer():
     inject_lora(model, LoraConfig(r=4, alpha=8))
     randomize_lora(model)
     out = logits(model, ids)
-    bases = {n: l.base for n, l in lora_layers(model)}
+    bases = {n: layer.base for n, layer in lora_layers(model)}
     for _, layer in lora_layers(model):
         layer.merge(torch.float32)
         assert type(layer.base) is nn.Linear
@@ -202,8 +202,8 @@ def test_loftq_adapter_is_saved_relative_to_the_full_precision_base(tmp_path):
 
     model = tiny_model()
     inject_lora(model, LoraConfig(r=4, alpha=8, init="loftq", loftq_iters=2, target_modules=["v_proj"]), quant=NF4)
-    start = {n: (l.lora_A["default"].weight.double().clone(), l.lora_B["default"].weight.double().clone())
-             for n, l in lora_layers(model)}
+    start = {n: (layer.lora_A["default"].weight.double().clone(), layer.lora_B["default"].weight.double().clone())
+             for n, layer in lora_layers(model)}
     randomize_lora(model, std=0.02)  # "training"
     save_adapter(model, tmp_path / "a")
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")

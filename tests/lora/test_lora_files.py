@@ -60,9 +60,11 @@ def test_our_keys_shapes_and_config_fields_are_peft_s(tmp_path):
     ours = tiny_model()
     inject_lora(ours, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "up_proj"], use_rslora=True))
     save_adapter(ours, tmp_path / "ours")
-    pm = peft_model(tiny_model(), r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "up_proj"], use_rslora=True)
+    pm = peft_model(tiny_model(), r=4, lora_alpha=8, lora_dropout=0.1,
+                    target_modules=["q_proj", "up_proj"], use_rslora=True)
     pm.save_pretrained(str(tmp_path / "peft"))
-    mine, theirs = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert {k: (v.shape, v.dtype) for k, v in mine.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
     ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

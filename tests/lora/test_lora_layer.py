@@ -114,9 +114,9 @@ def test_default_init_is_kaiming_uniform_a_and_zero_b_so_output_is_unchanged():
 def test_gaussian_init_std_is_one_over_r():
     model = tiny_model()
     inject_lora(model, LoraConfig(r=8, alpha=16, init="gaussian"))
-    a = torch.cat([l.lora_A["default"].weight.flatten() for _, l in lora_layers(model)])
+    a = torch.cat([layer.lora_A["default"].weight.flatten() for _, layer in lora_layers(model)])
     assert abs(a.std().item() - 1 / 8) < 0.01
-    assert all(torch.count_nonzero(l.lora_B["default"].weight) == 0 for _, l in lora_layers(model))
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) == 0 for _, layer in lora_layers(model))
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -124,7 +124,8 @@ def test_pissa_moves_the_principal_part_and_keeps_the_output(rslora):
     ids = token_ids()
     original = tiny_model()
     model = tiny_model()
-    inject_lora(model, LoraConfig(r=4, alpha=8, use_rslora=rslora, init="pissa", target_modules=["q_proj", "down_proj"]))
+    inject_lora(model, LoraConfig(r=4, alpha=8, use_rslora=rslora, init="pissa",
+                                  target_modules=["q_proj", "down_proj"]))
     for name, layer in lora_layers(model):
         w = original.get_submodule(name).weight.detach().double()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)

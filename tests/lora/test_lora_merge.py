@@ -64,7 +64,7 @@ def test_merged_weight_is_w_plus_s_b_a_and_gives_the_same_output(rslora):
 def test_merge_then_unmerge_in_place():
     ids = token_ids()
     model = _adapted()
-    before = {n: l.base.weight.detach().clone() for n, l in lora_layers(model)}
+    before = {n: layer.base.weight.detach().clone() for n, layer in lora_layers(model)}
     out = logits(model, ids)
     for _, layer in lora_layers(model):
         assert layer.merge() == ["default"]
@@ -170,7 +170,8 @@ def test_linear_combination_is_the_weighted_sum_of_products_not_of_factors():
         assert rel_err(low, best2) < 1e-5, name
     # where both adapters share a layer, summing A's and B's separately would be wrong: make sure we are not that
     layer = dict(lora_layers(model))["model.layers.0.self_attn.v_proj"]
-    naive = (0.5 * layer.scaling["one"]) * (layer.lora_B["one"].weight.double()[:, :3] + layer.lora_B["two"].weight.double()) \
+    naive = (0.5 * layer.scaling["one"]) * (layer.lora_B["one"].weight.double()[:, :3]
+                                            + layer.lora_B["two"].weight.double()) \
         @ (layer.lora_A["one"].weight.double()[:3] + layer.lora_A["two"].weight.double())
     assert rel_err(naive, _weighted_sum64(layer, {"one": 0.5, "two": 2.0})) > 0.1
 

@@ -52,7 +52,8 @@ def test_merge_of_a_peft_adapter_gives_peft_s_logits(tiny_llama_dir, tmp_path, c
     assert "assuming a full-precision base" in captured.err
     out = tmp_path / "merged"
     files = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {"model.safetensors", "config.json", "generation_config.json",
+            "tokenizer.json", "tokenizer_config.json"} <= files
     assert "chat_template.jinja" in files or "chat_template" in (out / "tokenizer_config.json").read_text()
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
     assert "lm_head.weight" not in load_file(out / "model.safetensors")  # tied to the embeddings
@@ -124,7 +125,8 @@ def test_user_mistakes_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys, ca
     model = ["--model", str(tiny_llama_dir)]
     if case == "gone-base":  # no --model, and the adapter's own base has been deleted
         cfg = json.loads((adapter / "adapter_config.json").read_text())
-        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                                 "base_model_name_or_path": str(tmp_path / "gone")}))
         model = []
     capsys.readouterr()
     code = main(["merge", *model, "--adapter", str(adapter), "--out", str(out), *extra])

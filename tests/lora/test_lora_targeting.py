@@ -18,7 +18,7 @@ from loraq.lora.model import (
 def _ours(config: LoraConfig, **kw):
     model = tiny_model(**kw)
     inject_lora(model, config)
-    return model, {n: l for n, l in lora_layers(model)}
+    return model, {n: layer for n, layer in lora_layers(model)}
 
 
 @pytest.mark.parametrize("ours_kw, peft_kw", [

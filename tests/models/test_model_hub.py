@@ -46,7 +46,7 @@ def test_missing_repository(monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def not_found(repo_id, **kw):
-        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as raised after a 404; no response object needed
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as raised on a 404; needs no response object
         Exception.__init__(error, "404 Client Error\nRepository Not Found")
         raise error
 

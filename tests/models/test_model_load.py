@@ -29,11 +29,13 @@ def test_tokenizer_and_chat_template_come_with_the_model(tiny_llama_dir, tiny_to
     messages = [{"role": "user", "content": "hello"}]
     for tok in (loaded.tokenizer, load_tokenizer(str(tiny_llama_dir))):
         assert tok.chat_template == tiny_tokenizer.chat_template
-        assert tok.apply_chat_template(messages, tokenize=False) == tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+        assert (tok.apply_chat_template(messages, tokenize=False)
+                == tiny_tokenizer.apply_chat_template(messages, tokenize=False))
         assert tok("The capital of France")["input_ids"] == tiny_tokenizer("The capital of France")["input_ids"]
 
 
-def test_gguf_loads_like_the_model_it_was_written_from(loraq_cache, tiny_gguf, tiny_reference, probe_ids, tiny_tokenizer):
+def test_gguf_loads_like_the_model_it_was_written_from(loraq_cache, tiny_gguf, tiny_reference,
+                                                       probe_ids, tiny_tokenizer):
     # the GGUF holds q/k permuted the llama.cpp way; transformers must undo it to match the original exactly
     loaded = load_model(str(tiny_gguf), method="lora", dtype="fp32", device="cpu")
     assert loaded.source.kind == "gguf"

@@ -82,7 +82,8 @@ def test_missing_shard(tiny_model_copy):
     (tiny_model_copy / "model.safetensors").unlink()
     keys = sorted(state)
     save_file({k: state[k] for k in keys[:5]}, str(tiny_model_copy / "model-00001-of-00002.safetensors"))
-    index = {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(keys)}}
+    index = {"metadata": {},
+             "weight_map": {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(keys)}}
     (tiny_model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError) as err:
         load_model(str(tiny_model_copy), method="lora", device="cpu")

@@ -17,7 +17,8 @@ def _pair(in_features=96, out_features=40, bias=True, compute_dtype=torch.float3
 
 def _bnb_weight(bnbf, linear, quant_type="nf4", dtype=torch.float32):
     """The weight as bitsandbytes quantizes and dequantizes it (float64 math where its CPU kernel is off)."""
-    packed, state = bnbf.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type=quant_type, compress_statistics=True)
+    packed, state = bnbf.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type=quant_type,
+                                       compress_statistics=True)
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
     flat = packed.view(-1).long()
     nibbles = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)
@@ -89,7 +90,8 @@ def test_state_dict_is_bitsandbytes_own():
     bnb = pytest.importorskip("bitsandbytes")
     # 128 columns: whole blocks per row, where bitsandbytes' own CPU dequantization is right
     linear, layer = _pair(in_features=128, seed=3)
-    theirs = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.float32,
+                               quant_type="nf4", compress_statistics=True)
     theirs.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                       compress_statistics=True)
     theirs.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -179,8 +179,10 @@ def _rename_group_param(state: dict) -> None:
 
 
 DAMAGE = {
-    "truncated-trainable": lambda d: (d / "trainable.safetensors").write_bytes((d / "trainable.safetensors").read_bytes()[:-64]),
-    "truncated-optimizer": lambda d: (d / "optimizer.safetensors").write_bytes((d / "optimizer.safetensors").read_bytes()[:500]),
+    "truncated-trainable":
+        lambda d: (d / "trainable.safetensors").write_bytes((d / "trainable.safetensors").read_bytes()[:-64]),
+    "truncated-optimizer":
+        lambda d: (d / "optimizer.safetensors").write_bytes((d / "optimizer.safetensors").read_bytes()[:500]),
     "empty-rng": lambda d: (d / "rng.safetensors").write_bytes(b""),
     "missing-state-json": lambda d: (d / "state.json").unlink(),
     "garbled-state-json": lambda d: (d / "state.json").write_text((d / "state.json").read_text()[:200]),
@@ -249,7 +251,8 @@ def test_a_data_position_from_other_settings_is_a_one_line_error_not_damage(run,
     run.train(1)
     run.save(tmp_path / "run")
     other = Run(tiny_llama_dir, chat_data)
-    other.batches = other.batches.__class__(other.batches.rows[:-4], global_batch_size=4, pad_id=0, packed=False, seed=0)
+    other.batches = other.batches.__class__(other.batches.rows[:-4],
+                                            global_batch_size=4, pad_id=0, packed=False, seed=0)
     before = other.snapshot()
     with pytest.raises(DataError, match="same --data"):
         other.resume(tmp_path / "run", [])

@@ -76,7 +76,8 @@ def test_disk_full_on_a_real_small_filesystem(run_flags, reference_run, tmp_path
     mnt.mkdir()
     args = run_flags(mnt / "run")
     script = (f"mount -t tmpfs -o size={size} tmpfs {mnt}\n"
-              f"set +e; {shlex.join(loraq_cmd(*args))} >{tmp_path}/out.txt 2>{tmp_path}/err.txt; echo $? >{tmp_path}/rc\n"
+              f"set +e; {shlex.join(loraq_cmd(*args))} >{tmp_path}/out.txt 2>{tmp_path}/err.txt; "
+              f"echo $? >{tmp_path}/rc\n"
               f"set -e; cp -a {mnt}/run {copy}\n")
     done = in_mount_namespace(script)
     assert done.returncode == 0, done.stderr
@@ -104,7 +105,8 @@ def test_read_only_output_folder_is_one_line_and_untouched(run_flags, reference_
     lines = [f"mount --bind {run} {run}", f"mount -o remount,bind,ro {run}",
              f"mount --bind {parent} {parent}", f"mount -o remount,bind,ro {parent}", "set +e"]
     for name, args in cases.items():
-        lines.append(f"{shlex.join(loraq_cmd(*args))} >/dev/null 2>{tmp_path}/{name}.err; echo $? >{tmp_path}/{name}.rc")
+        lines.append(f"{shlex.join(loraq_cmd(*args))} >/dev/null 2>{tmp_path}/{name}.err; "
+                     f"echo $? >{tmp_path}/{name}.rc")
     done = in_mount_namespace("\n".join(lines) + "\n")
     assert done.returncode == 0, done.stderr
     for name in cases:

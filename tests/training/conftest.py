@@ -9,7 +9,7 @@ def write_chat_jsonl(path, n=24, seed=0):
     rng = random.Random(seed)
     words = ["red", "blue", "green", "cat", "dog", "fox", "one", "two", "three", "sun", "moon"]
     with open(path, "w") as fh:
-        for i in range(n):
+        for _i in range(n):
             a, b = rng.choice(words), rng.choice(words)
             fh.write(json.dumps({"messages": [
                 {"role": "user", "content": f"Join {a} and {b}."},

@@ -132,9 +132,9 @@ def write_chat(path):
 def test_eval_reports_preference_accuracy_from_the_model(tiny_llama_dir, tmp_path):
     """loraq.evaluate on pairs: the share of pairs whose chosen answer the model finds likelier, recounted from
     the model's full logits."""
-    import loraq
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import loraq
     from loraq.config import TrainConfig
     from loraq.data.preference import build_preference_data, collate_pairs
     from loraq.training.logps import sequence_logps_reference

@@ -81,7 +81,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def peft_grads(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("base_model.model."): p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and ".ref." not in n}
+    return {n.removeprefix("base_model.model."): p.grad.clone()
+            for n, p in model.named_parameters() if "lora_" in n and ".ref." not in n}
 
 
 def loraq_grads(model) -> dict[str, torch.Tensor]:
@@ -110,7 +111,7 @@ def loraq_step(model, pairs, tok, name: str, fresh: bool = True, **kwargs):
     """loraq's loss for one batch of every pair (reference: the adapter switched off), and its backward."""
     from loraq.data.preference import PreferenceData, collate_pairs
     from loraq.training.logps import SequenceLogps
-    from loraq.training.preference import PairCounts, PreferenceObjective
+    from loraq.training.preference import PreferenceObjective
     from loraq.training.reference import compute_reference, reference_context
 
     module = SequenceLogps(model)
@@ -184,7 +185,8 @@ def test_orpo_first_step_equals_trl(setting, tiny_llama_dir, tmp_path):
     records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     args = ORPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.25, max_length=256,
                       report_to=[], use_cpu=True, bf16=False)
-    trainer = ORPOTrainer(model=peft_model(tiny_llama_dir, folder), args=args, train_dataset=Dataset.from_list(records), processing_class=tok)
+    trainer = ORPOTrainer(model=peft_model(tiny_llama_dir, folder), args=args,
+                          train_dataset=Dataset.from_list(records), processing_class=tok)
     pairs = [tokenize_pair(PreferenceSample("text", f"t:{i}", prompt=p, chosen=" " + c, rejected=" " + r), tok, 256)[0]
              for i, (p, c, r) in enumerate(PAIRS)]
     batch = {}

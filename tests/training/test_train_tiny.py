@@ -20,7 +20,8 @@ def test_lora_run_writes_peft_adapter_that_peft_loads(tiny_llama_dir, chat_file,
 
     result = _train(tiny_llama_dir, chat_file, tmp_path / "run")
     run = result.run_dir
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "summary.json", "loss.png", "run.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors",
+                 "metrics.jsonl", "summary.json", "loss.png", "run.json"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     for key in ("method", "model", "steps", "tokens", "train_loss", "eval_loss", "tokens_per_second",
@@ -78,7 +79,8 @@ def test_tokens_per_second_is_the_loop_s_rate_not_diluted_by_the_final_evaluatio
 
 
 def test_loss_decreases_on_a_learnable_task(tiny_llama_dir, chat_file, tmp_path):
-    result = _train(tiny_llama_dir, chat_file, tmp_path / "run", method="full", max_steps=12, lr=1e-2, warmup=0, schedule="constant")
+    result = _train(tiny_llama_dir, chat_file, tmp_path / "run",
+                    method="full", max_steps=12, lr=1e-2, warmup=0, schedule="constant")
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert losses[-1] < 0.7 * losses[0]

@@ -3,8 +3,9 @@ preference pairs, preference accuracy (and, with an adapter, DPO's reward accura
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loraq.errors import ConfigError
 

@@ -1,7 +1,8 @@
 """``loraq generate`` and ``loraq chat`` as functions: a reply to a prompt, or to a conversation, turn by turn."""
 from __future__ import annotations
 
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from loraq.api.loading import load_for_inference
 from loraq.models.load import LoadedModel

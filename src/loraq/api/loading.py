@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from loraq.choices import COMPUTE_DTYPES, INFERENCE_QUANT
 from loraq.models.load import LoadedModel
@@ -29,8 +29,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "else full precision; none = full precision; nf4/fp4 = quantize the base to 4-bit")
     parser.add_argument("--ignore-base-fingerprint", action="store_true",
                         help="apply the adapter even if --model's weights are not those it was trained on")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle weights (only files you trust)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code to run")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .bin/.pt pickle weights (only files you trust)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model folder's own Python code to run")
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None, *, dtype: str = "auto",

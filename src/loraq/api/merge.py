@@ -16,8 +16,9 @@ and the tokenizer with its chat template: transformers loads it without loraq.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,8 +58,9 @@ def merge(
     if into not in MERGE_INTO:
         raise ConfigError(f"--into {into!r} is not one of: {', '.join(MERGE_INTO)}")
     torch_dtype, out = WEIGHT_DTYPES[dtype], Path(out)
+    # a bad adapter or base fails here, before loading
     plan = plan_base(adapter, model, base="auto", allow_pickle=allow_pickle,
-                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)  # a bad adapter or base fails before loading
+                     ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda _: None)
     into = resolve_into(into, plan.record)
     check_output_folder(out, overwrite, inputs=[Path(adapter), plan.source.path])
     loaded = load_adapted(adapter, model, base="original" if into == "original" else "trained",

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch, for the padding share")
     parser.add_argument("--packing", action="store_true", help="pack several examples per sequence")
     parser.add_argument("--train-on-inputs", action="store_true", help="also train on prompt tokens")
-    parser.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of stopping")
+    parser.add_argument("--skip-bad-examples", action="store_true",
+                        help="skip and count bad records instead of stopping")
     parser.add_argument("--show", type=int, default=1, metavar="N", help="rendered examples to show (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 

@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="base model: HF folder, hub id, .gguf file or pre-quantized folder "
                              "(default: the base the adapter was trained on, else the one it names)")
-    parser.add_argument("--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--adapter", required=True,
+                        help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--out", required=True, help="folder to write the merged model to")
     parser.add_argument("--dtype", default="bf16", choices=tuple(WEIGHT_DTYPES), help="dtype of the merged weights")
     parser.add_argument("--into", default="auto", choices=MERGE_INTO,
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge even if --model's weights are not those the adapter was trained on")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept a pickle adapter_model.bin (it can run code: only files you trust)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code to run")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model folder's own Python code to run")
 
 
 def run(args: argparse.Namespace) -> int:

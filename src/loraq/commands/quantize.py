@@ -9,12 +9,16 @@ from loraq.choices import QUANT_TYPES, WEIGHT_DTYPES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a Hugging Face model folder with safetensors (default: the default model, SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="folder to write; refused if it exists and is not empty, unless --overwrite")
+                        help="a Hugging Face model folder with safetensors "
+                             "(default: the default model, SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write; refused if it exists and is not empty, unless --overwrite")
     parser.add_argument("--quant", default="nf4", choices=QUANT_TYPES, help="4-bit data type (default nf4)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                        help="store the per-block scales in float32 instead of 8 bits (4.5 instead of 4.127 bits/param)")
-    parser.add_argument("--blocksize", type=int, default=64, help="elements per scale: 32..4096, a power of two (default 64)")
+                        help="store the per-block scales in float32 instead of 8 bits "
+                             "(4.5 instead of 4.127 bits/param)")
+    parser.add_argument("--blocksize", type=int, default=64,
+                        help="elements per scale: 32..4096, a power of two (default 64)")
     parser.add_argument("--compute-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES),
                         help="dtype the 4-bit layers compute in once loaded (default bf16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -35,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
           f"{report['blocksize']}, compute {report['compute_dtype']}) in {report['seconds']:.1f} s")
     print(f"  weights:      {report['weights_bytes_before'] / mb:8.1f} MB ({report['weights_dtype']}) -> "
           f"{report['weights_bytes_after'] / mb:8.1f} MB")
-    print(f"  whole folder: {report['folder_bytes_before'] / mb:8.1f} MB -> {report['folder_bytes_after'] / mb:8.1f} MB")
+    print(f"  whole folder: {report['folder_bytes_before'] / mb:8.1f} MB -> "
+          f"{report['folder_bytes_after'] / mb:8.1f} MB")
     print(f"  quantized layers: {report['params_quantized'] / 1e6:.1f}M parameters at "
           f"{report['bits_per_param']:.3f} bits/param (4-bit codes + scales); embeddings and head kept as stored")
     print(f"  wrote {report['out']}")

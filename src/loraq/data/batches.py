@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from loraq.data.packing import Batch, Row, collate
 from loraq.errors import DataError
@@ -46,7 +46,8 @@ class BatchIterator:
         if not rows:
             raise ValueError("BatchIterator needs at least one row")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of world size {world_size}")
+            raise ValueError(f"global batch size {global_batch_size} must be a positive "
+                             f"multiple of world size {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.rows = rows

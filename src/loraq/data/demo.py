@@ -60,7 +60,8 @@ SHAPES = [
 
 def answer_for(fields: dict) -> str:
     """The record convention: name; city; Day (3 letters); quantity; colour item."""
-    return f"{fields['name']}; {fields['city']}; {fields['day'][:3]}; {fields['qty']}; {fields['colour']} {fields['item']}"
+    return (f"{fields['name']}; {fields['city']}; {fields['day'][:3]}; "
+            f"{fields['qty']}; {fields['colour']} {fields['item']}")
 
 
 def _example(rng: random.Random) -> dict:
@@ -72,7 +73,8 @@ def _example(rng: random.Random) -> dict:
                          {"role": "assistant", "content": answer_for(fields)}]}
 
 
-def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE,
+             seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples; no user note appears in both."""
     rng = random.Random(seed)
     seen: set[str] = set()

@@ -20,8 +20,9 @@ conversation without an assistant turn is a one-line DataError naming
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from loraq.choices import DATA_FORMATS
 from loraq.data.readers import Record

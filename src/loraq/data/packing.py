@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class Batch:
             inputs["attention_mask"] = self.attention_mask
         return inputs
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
                      self.num_examples, self.num_tokens, self.num_trained_tokens, self.global_trained_tokens)

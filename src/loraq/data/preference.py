@@ -43,8 +43,8 @@ from loraq.data.formats import Sample, _chat_message, _keys, _text_field, guess_
 from loraq.data.packing import Batch, collate
 from loraq.data.prompts import pad_token_id, prompt_ids
 from loraq.data.readers import Record
-from loraq.data.sources import source_records
 from loraq.data.references import eval_references, max_answer_tokens
+from loraq.data.sources import source_records
 from loraq.data.tokenize import IGNORE_INDEX, Example, tokenize_sample, truncate
 from loraq.errors import DataError
 

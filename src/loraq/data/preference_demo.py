@@ -51,7 +51,8 @@ def _pair(rng: random.Random) -> dict:
             "rejected": [{"role": "assistant", "content": REJECTED_STYLES[style](fields)}]}
 
 
-def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE,
+             seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """(train, eval) pairs; no order note appears in both."""
     rng = random.Random(seed)
     seen: set[str] = set()

@@ -15,7 +15,8 @@ Exact match during training (:mod:`loraq.training.evaluate`), ``loraq eval``,
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from loraq.data.tokenize import chat_spans, render_chat
 from loraq.errors import DataError

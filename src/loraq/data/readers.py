@@ -23,9 +23,10 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from loraq.errors import DataError
 
@@ -73,7 +74,8 @@ def open_file(path: str | Path) -> FileSource:
     kind = SUFFIXES.get(p.suffix.lower())
     if p.suffix.lower() in NOT_DATA:
         raise DataError(f"{p}: {NOT_DATA[p.suffix.lower()]} ({p.suffix}), not a dataset; give a .jsonl, .json, .csv "
-                        f"or .parquet file" + (" (decompress it first)" if "compress" in NOT_DATA[p.suffix.lower()] else ""))
+                        f"or .parquet file"
+                        + (" (decompress it first)" if "compress" in NOT_DATA[p.suffix.lower()] else ""))
     if kind is None:
         # no known suffix: JSON if it opens like JSON, else JSON Lines
         with open(p, "rb") as fh:
@@ -236,7 +238,8 @@ def _json_document(p: Path, text: str) -> tuple[list, list[int]]:
         hint = ""
         if exc.msg.startswith("Extra data"):
             hint = " (several JSON values: is this JSON Lines? name it .jsonl)"
-        raise DataError(f"{p}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}){hint}; fix the syntax") from None
+        raise DataError(f"{p}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}){hint}; "
+                        "fix the syntax") from None
     if isinstance(document, dict) and isinstance(document.get("data"), list):
         items = document["data"]
     elif isinstance(document, list):

@@ -9,8 +9,9 @@ compares the decoded text with ``answer`` after stripping whitespace at both end
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from loraq.data.formats import Sample
 from loraq.data.prompts import prompt_ids

@@ -29,8 +29,9 @@ trained).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from loraq.data.formats import Sample
 from loraq.errors import DataError
@@ -70,7 +71,8 @@ def chat_template(tokenizer: Any) -> str:
 def render_chat(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool = False, where: str = "") -> str:
     """The conversation as text, through the tokenizer's chat template (ChatML if none)."""
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
                                              chat_template=chat_template(tokenizer))
     except Exception as exc:  # jinja's TemplateError, or a template's raise_exception(...)
         raise DataError(f"{where or 'data'}: the model's chat template refuses this conversation "
@@ -188,7 +190,8 @@ def tokenize_sample(sample: Sample, tokenizer: Any, train_on_inputs: bool = Fals
     if sample.kind == "chat":
         text, spans = chat_spans(tokenizer, sample.messages, sample.where)
         # the template writes BOS itself where the model wants one, as apply_chat_template(tokenize=True) assumes
-        ids, labels = tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False, train_on_inputs=train_on_inputs)
+        ids, labels = tokenize_with_spans(tokenizer, text, spans, add_special_tokens=False,
+                                          train_on_inputs=train_on_inputs)
         if sample.messages[-1]["role"] == "assistant" and not _closed(text, spans[-1], end_markers(tokenizer)):
             _end_with_eos(ids, labels, tokenizer.eos_token_id)
         return Example(ids, labels, sample.where)
@@ -236,5 +239,6 @@ def tokenize_documents(samples: Sequence[Sample], tokenizer: Any, seq_len: int) 
     for start in range(0, len(stream), seq_len):
         ids = stream[start:start + seq_len]
         if len(ids) > 1:
-            chunks.append(Example(ids, list(ids), f"{samples[0].where.rsplit(':', 1)[0]}: tokens {start}..{start + len(ids)}"))
+            chunks.append(Example(ids, list(ids),
+                                  f"{samples[0].where.rsplit(':', 1)[0]}: tokens {start}..{start + len(ids)}"))
     return chunks

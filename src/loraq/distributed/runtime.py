@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,7 +113,8 @@ class Runtime:
         mine = {"torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             mine["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        return {f"rank{r}/{key}": value.cpu() for r, states in enumerate(self.gather(mine)) for key, value in states.items()}
+        return {f"rank{r}/{key}": value.cpu()
+                for r, states in enumerate(self.gather(mine)) for key, value in states.items()}
 
     def restore_rng_state(self, checkpoint_dir: Path) -> None:
         """This rank's generator states from a checkpoint's ``RANK_RNG_FILE`` (if it has one)."""

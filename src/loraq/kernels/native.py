@@ -137,7 +137,7 @@ void loraq_dequant4(const uint8_t *packed, const float *code, const float *absma
                        out_kind, out, b0, b1);
     }
 }
-"""
+"""  # noqa: E501 -- C source: rewrapping it would change the kernel's cache key (a rebuild) for nothing
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

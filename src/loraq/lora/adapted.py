@@ -27,9 +27,9 @@ One line says which base was chosen.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -105,7 +105,8 @@ def _choose_weights(source: ModelSource, record: TrainingBase | None, base: str,
         note = f"; it was trained on a 4-bit base ({recorded.describe()})" if recorded else ""
         return BasePlan(source, None, _dtype(dtype, None), record, False,
                         f"applying the adapter to the full-precision base, as asked{note}")
-    return BasePlan(source, recorded, _dtype(dtype, record), record, True, f"applying the adapter to the {record.describe()}")
+    return BasePlan(source, recorded, _dtype(dtype, record), record, True,
+                    f"applying the adapter to the {record.describe()}")
 
 
 def _settings_tail(recorded: QuantSettings | None) -> tuple[bool, int]:
@@ -131,7 +132,8 @@ def resolve_adapter_base(config: LoraConfig, record: TrainingBase | None, model:
         if found is not None and found != expected:
             given = f"--model {model}" if model is not None else f"the model at {source.origin or source.name}"
             raise ModelError(f"{given} is not the base this adapter was trained on ({named}, weights {expected}; these "
-                             f"are {found}); pass that model with --model, or --ignore-base-fingerprint to apply it anyway")
+                             f"are {found}); pass that model with --model, "
+                             "or --ignore-base-fingerprint to apply it anyway")
     return source
 
 
@@ -195,7 +197,8 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None, *, base: 
 
 def _apply_trained_half(loaded: LoadedModel, adapter: str | Path, plan: BasePlan, allow_pickle: bool,
                         warn: Callable[[str], None]) -> None:
-    """The file's ``[B, -B0] [A; A0]``: replay the init that made ``A0, B0`` (when it changed the base), keep ``B, A``."""
+    """The file's ``[B, -B0] [A; A0]``: replay the init that made ``A0, B0`` (when it changed the base),
+    keep ``B, A``."""
     from loraq.devices import resolve_dtype
     from loraq.lora.files import load_adapter
     from loraq.lora.model import cast_frozen, delete_adapter, inject_lora, set_adapter

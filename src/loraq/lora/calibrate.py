@@ -25,8 +25,9 @@ and without gradients.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -61,8 +62,10 @@ def decoder_blocks(model: nn.Module, layer_names: Sequence[str]) -> tuple[str, n
             best = max(best, (inside, name, module), key=lambda t: t[0])
     count, list_name, blocks = best
     if blocks is None or count < len(layer_names):
-        outside = [n for n in layer_names if not n.startswith(f"{list_name}.")] if blocks is not None else list(layer_names)
-        raise ConfigError(f"--init calibrated fits layers inside the model's decoder blocks; {outside[0]} is not in one: "
+        outside = ([n for n in layer_names if not n.startswith(f"{list_name}.")] if blocks is not None
+                   else list(layer_names))
+        raise ConfigError("--init calibrated fits layers inside the model's decoder blocks; "
+                          f"{outside[0]} is not in one: "
                           "leave it out with --exclude-modules or use --init loftq")
     return list_name, blocks
 

@@ -44,16 +44,17 @@ class LoraConfig:
 
     # ------------------------------------------------------------------
     @classmethod
-    def from_train_config(cls, cfg: Any) -> "LoraConfig":
+    def from_train_config(cls, cfg: Any) -> LoraConfig:
         """The LoRA part of a :class:`loraq.config.TrainConfig`."""
         return cls(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                   exclude_modules=list(cfg.exclude_modules), layers_to_transform=[int(i) for i in cfg.layers_to_transform],
+                   exclude_modules=list(cfg.exclude_modules),
+                   layers_to_transform=[int(i) for i in cfg.layers_to_transform],
                    rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
                    modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora),
                    use_dora=bool(cfg.dora), init=cfg.init,
                    loftq_iters=cfg.loftq_iters, base_model_name_or_path=cfg.model).validate()
 
-    def validate(self) -> "LoraConfig":
+    def validate(self) -> LoraConfig:
         """Ranges and choices; raises ConfigError naming the setting."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRA rank {self.r!r} must be a positive integer (--rank)")
@@ -121,7 +122,7 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Read PEFT's fields; features loraq does not implement are errors, not silent drops.
 
         ``fan_in_fan_out`` describes the base layers' storage (Conv1D), which loraq reads from the model
@@ -135,9 +136,11 @@ class LoraConfig:
         if data.get("lora_bias") is True:
             raise AdapterError(f"{source}: lora_bias=true (LoRA bias terms) is not supported by loraq")
         if data.get("bias", "none") not in ("none", None):
-            raise AdapterError(f"{source}: bias={data['bias']!r} is not supported; loraq adapters train no bias (bias 'none')")
+            raise AdapterError(f"{source}: bias={data['bias']!r} is not supported; "
+                               "loraq adapters train no bias (bias 'none')")
         if data.get("layers_pattern"):
-            raise AdapterError(f"{source}: layers_pattern is not supported; use layers_to_transform with '.layers.N.' names")
+            raise AdapterError(f"{source}: layers_pattern is not supported; "
+                               "use layers_to_transform with '.layers.N.' names")
         for key in ("r", "lora_alpha"):
             if key not in data:
                 raise AdapterError(f"{source}: missing {key!r}; a LoRA config must state r and lora_alpha")
@@ -166,7 +169,7 @@ class LoraConfig:
             raise AdapterError(f"{source}: malformed field ({exc})") from None
         return cfg
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> LoraConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return LoraConfig(**values)

@@ -202,7 +202,8 @@ def read_adapter_tensors(adapter_dir: str | Path, allow_pickle: bool = False) ->
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for damaged files
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise AdapterError(f"{path} is not a readable safetensors file ({reason}); it is damaged or incomplete") from None
+            raise AdapterError(f"{path} is not a readable safetensors file ({reason}); "
+                               "it is damaged or incomplete") from None
     pickle_path = folder / PICKLE_NAME
     if pickle_path.is_file():
         if not allow_pickle:
@@ -319,5 +320,6 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[s
         if (is_a or is_b) and feature_ok and rank_dim != r:
             raise AdapterError(f"{where}: {key} has rank {rank_dim} but adapter_config.json gives {module_name} r={r}; "
                                "the config and the weights do not belong together")
-        raise AdapterError(f"{where}: {key} is {list(got)} but layer {module_name} of this base model needs {list(shape)}; "
-                           f"the adapter was made for another base model ({config.base_model_name_or_path or 'unknown'})")
+        raise AdapterError(f"{where}: {key} is {list(got)} but layer {module_name} of this base model needs "
+                           f"{list(shape)}; the adapter was made for another base model "
+                           f"({config.base_model_name_or_path or 'unknown'})")

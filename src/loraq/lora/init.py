@@ -46,7 +46,8 @@ layers.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -103,7 +104,8 @@ def top_singular_triplets(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, t
 
 
 def pissa(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, residual)``: the principal rank-r part of ``weight`` as ``scale * B @ A``, and ``weight - scale * B @ A``."""
+    """``(A, B, residual)``: the principal rank-r part of ``weight`` as ``scale * B @ A``,
+    and ``weight - scale * B @ A``."""
     w = weight.float()
     a, b = low_rank_factors(w, r, scale)
     return a, b, w - scale * (b @ a)

@@ -262,7 +262,8 @@ class LoraLinear(nn.Module):
         return names
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact for a 4-bit or re-typed base; for an in-place merge, up to the weight's rounding)."""
+        """Undo :meth:`merge` (exact for a 4-bit or re-typed base; for an in-place merge, up to the weight's
+        rounding)."""
         if not self.merged_adapters:
             return
         if self._base_before_merge is not None:
@@ -281,7 +282,8 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}{' dora' if self.is_dora(n) else ''}"
                           for n in self.adapter_names)
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], active={self.active_adapters}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], "
+                f"active={self.active_adapters}")
 
 
 class ModulesToSave(nn.Module):

@@ -13,8 +13,8 @@ import dataclasses
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -115,7 +115,8 @@ def inject_lora(
 
 def _check_quantizing_init(model: nn.Module, init: str, targets: list[str], quant: dict | None) -> None:
     if quant is None:
-        raise ConfigError(f"--init {init} fits the adapter to a 4-bit base: use it with --method qlora (quantization settings missing)")
+        raise ConfigError(f"--init {init} fits the adapter to a 4-bit base: "
+                          "use it with --method qlora (quantization settings missing)")
     for name in targets:
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLinear) else module
@@ -392,7 +393,8 @@ def add_weighted_adapter(
         if not present:
             continue
         a_cat = torch.cat([layer.lora_A[n].weight.detach().double() for n, _ in present])
-        b_cat = torch.cat([layer.lora_B[n].weight.detach().double() * (w * layer.scaling[n]) for n, w in present], dim=1)
+        b_cat = torch.cat([layer.lora_B[n].weight.detach().double() * (w * layer.scaling[n])
+                           for n, w in present], dim=1)
         if combination == "linear":
             new_rank = min(rank or max(layer.r[n] for n, _ in present), a_cat.shape[0])
             a_cat, b_cat = _truncate_product(a_cat, b_cat, new_rank)

@@ -20,16 +20,18 @@ holds the update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank
 2r; the trained factors are the first r of each. PiSSA and LoftQ also changed
 the frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying
 the initialisation; the calibrated init leaves it ``q(W)``, the plain 4-bit
-base, so nothing needs replaying (nor the calibration data). An adapter made elsewhere has no record; a record that cannot
+base, so nothing needs replaying (nor the calibration data). An adapter made
+elsewhere has no record; a record that cannot
 be read is reported and ignored (the adapter is then treated as one from
 elsewhere), never a crash.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loraq.paths import atomic_write_text
 
@@ -86,7 +88,7 @@ class TrainingBase:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingBase":
+    def from_dict(cls, data: dict[str, Any]) -> TrainingBase:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r} is not "
                              f"{FORMAT!r} version {VERSION}")

@@ -20,7 +20,7 @@ never LoRA targets (they are trained in full instead).
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 
@@ -132,7 +132,8 @@ def _inside_any(name: str, modules: list[str]) -> bool:
 
 
 def resolve_modules_to_save(model: nn.Module, modules_to_save: list[str]) -> list[str]:
-    """Full names of the modules that ``modules_to_save`` entries (suffixes) name; ConfigError for one that names nothing."""
+    """Full names of the modules that ``modules_to_save`` entries (suffixes) name; ConfigError for one that
+    names nothing."""
     names = [n for n, _ in iter_modules(model) if n]
     found: list[str] = []
     for entry in modules_to_save:

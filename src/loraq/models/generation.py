@@ -7,7 +7,8 @@ prompt with ``chat_template=False``), generates up to
 decoding (argmax at every step); ``temperature > 0`` samples from
 ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
 probability reaches ``top_p``. Generation stops at the same tokens as exact
-match during training (end-of-turn, end-of-sequence, the generation config's). With ``stream`` (a text file), each piece of text is
+match during training (end-of-turn, end-of-sequence, the generation config's).
+With ``stream`` (a text file), each piece of text is
 written and flushed as soon as it decodes.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from safetensors import SafetensorError
 

@@ -9,8 +9,9 @@ are split into shards of at most ``max_shard_bytes`` with the usual
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -61,7 +62,8 @@ def write_state_dict(
             shards.append({})
             size = 0
         # safetensors refuses views that share storage; give each tensor its own
-        shards[-1][key] = tensor.detach().contiguous().clone() if _shares_storage(tensor) else tensor.detach().contiguous()
+        shards[-1][key] = (tensor.detach().contiguous().clone() if _shares_storage(tensor)
+                           else tensor.detach().contiguous())
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata=metadata)

@@ -60,7 +60,8 @@ def download_snapshot(repo_id: str, revision: str | None = None, allow_pickle: b
         raise ModelError(f"--model {repo_id}: no such model on the hub (or it is private: log in with "
                          "`hf auth login`); for a local folder check the path") from None
     except Exception as exc:  # connection refused, DNS, timeouts, offline with nothing cached
-        why = "offline (HF_HUB_OFFLINE) and no cached copy" if offline else f"the hub is unreachable ({type(exc).__name__})"
+        why = ("offline (HF_HUB_OFFLINE) and no cached copy" if offline
+               else f"the hub is unreachable ({type(exc).__name__})")
         raise ModelError(f"--model {repo_id}: not a local path, and {why}; pass a local model folder, or set "
                          "HF_HUB_OFFLINE=1 with a copy in the Hugging Face cache") from None
     return Path(path)

@@ -98,7 +98,8 @@ def load_model(
 
 
 def check_loadable(source: ModelSource, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> WeightFiles:
-    """What :func:`load_model` checks before the slow part: config.json, remote code, safe weight files, tokenizer files."""
+    """What :func:`load_model` checks before the slow part: config.json, remote code, safe weight files,
+    tokenizer files."""
     label = source.origin or source.name
     config = read_config(source.path, label)
     check_remote_code(config, trust_remote_code, label)
@@ -136,7 +137,8 @@ def load_tokenizer(spec: str | Path | ModelSource | None = None, *, trust_remote
 
 def _check_tokenizer_files(source: ModelSource, label: str) -> None:
     if not any((source.path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"--model {label}: no tokenizer files (tokenizer.json or tokenizer_config.json) in {source.path}")
+        raise ModelError(f"--model {label}: no tokenizer files "
+                         f"(tokenizer.json or tokenizer_config.json) in {source.path}")
 
 
 def _check_options(method: str, quant: str, blocksize: int) -> None:

@@ -77,14 +77,15 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
         elif module_name in targets and leaf == "bias":
             module.bias = nn.Parameter(tensor.to(device, compute_dtype), requires_grad=False)
         else:
-            set_tensor(module, leaf, tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
+            set_tensor(module, leaf,
+                       tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
         del tensor
     finish(model, device, label)
     return model, sorted(quantized)
 
 
 def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,
-                       chunk_numel: int | None = None) -> tuple[torch.Tensor, "QuantState"]:
+                       chunk_numel: int | None = None) -> tuple[torch.Tensor, QuantState]:
     """``quantize_4bit(weight)``, bit for bit, with temporaries bounded by ``chunk_numel`` elements.
 
     Blocks are independent: the flattened weight is cut at multiples of
@@ -105,7 +106,8 @@ def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, do
         packed, state = quantize_4bit(flat[start:start + step], blocksize, quant_type, False, name=name)
         packed_parts.append(packed)
         absmax_parts.append(state.absmax)
-    state = dataclasses.replace(state, shape=torch.Size(weight.shape), dtype=weight.dtype, absmax=torch.cat(absmax_parts))
+    state = dataclasses.replace(state, shape=torch.Size(weight.shape), dtype=weight.dtype,
+                                absmax=torch.cat(absmax_parts))
     if double_quant:
         state = compress_absmax(state)
     return torch.cat(packed_parts), state

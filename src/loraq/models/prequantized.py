@@ -83,7 +83,8 @@ def load_prequantized(folder: Path, files: WeightFiles, compute_dtype: torch.dty
         if found is None:
             log.info("%s: ignoring %s (not a tensor of this architecture)", label, key)
             continue
-        set_tensor(found[1], found[2], tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
+        set_tensor(found[1], found[2],
+                   tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
     finish(model, device, label)
     return model, layers
 

@@ -22,8 +22,8 @@ share these steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -110,7 +110,8 @@ def _raw_checkpoint_tensors(files: WeightFiles, label: str) -> Iterator[tuple[st
                 for key in list(state):
                     yield key, state.pop(key)
         except LOAD_ERRORS as exc:
-            raise ModelError(f"--model {label}: cannot load its weights from {path.name} ({exception_line(exc)})") from None
+            raise ModelError(f"--model {label}: cannot load its weights from {path.name} "
+                             f"({exception_line(exc)})") from None
 
 
 def open_safetensors(path: Path):

@@ -9,7 +9,7 @@ must give bitwise the eager path's result where it does (tests hold them so).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -56,7 +56,8 @@ def _padded_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).view(-1, blocksize)
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor,
+                            blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a flat float32 tensor: returns (uint8 codes [n], float32 absmax [ceil(n / blocksize)])."""
     x = x.reshape(-1).to(torch.float32)
     blocks = _padded_blocks(x, blocksize)
@@ -67,7 +68,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     return codes[: x.numel()], absmax
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
+                              code: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
     """float32 [n]: ``code[codes[i]] * absmax[i // blocksize]``."""
     values = code.to(codes.device)[codes.reshape(-1).long()]
     return (_padded_blocks(values, blocksize) * absmax[:, None]).reshape(-1)[: values.numel()]

@@ -14,7 +14,8 @@ is :mod:`loraq.models.bnb_folder` and :mod:`loraq.models.prequantized`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +27,8 @@ DTYPE_LONG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.
 
 
 def quantization_config_dict(quant_type: str = "nf4", double_quant: bool = True,
-                             compute_dtype: torch.dtype = torch.bfloat16, skip_modules: list[str] | None = None) -> dict:
+                             compute_dtype: torch.dtype = torch.bfloat16,
+                             skip_modules: list[str] | None = None) -> dict:
     """config.json's ``quantization_config``, with the keys transformers writes for a 4-bit bitsandbytes model."""
     return {
         "_load_in_4bit": True,

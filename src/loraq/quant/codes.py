@@ -54,10 +54,11 @@ def quant_type_of(code: torch.Tensor) -> str:
     for name in QUANT_TYPES:
         if torch.equal(code, code_for(name)):
             return name
-    raise QuantizationError("quant_map is neither the NF4 nor the FP4 table; the file was not written by bitsandbytes or loraq")
+    raise QuantizationError("quant_map is neither the NF4 nor the FP4 table; "
+                            "the file was not written by bitsandbytes or loraq")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_map_signed() -> torch.Tensor:
     """bitsandbytes' ``create_dynamic_map(signed=True)``: float32 [256], sorted.
 

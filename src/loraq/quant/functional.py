@@ -99,14 +99,15 @@ class QuantState:
             bits += self.nested_absmax.numel() * 32
         return bits
 
-    def to(self, device: torch.device | str) -> "QuantState":
+    def to(self, device: torch.device | str) -> QuantState:
         """A copy with every tensor on ``device``."""
         return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
 
 
 def check_settings(blocksize: int, quant_type: str) -> None:
     if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"blocksize {blocksize!r} is not supported; use a power of two from 32 to 4096 (default 64)")
+        raise QuantizationError(f"blocksize {blocksize!r} is not supported; "
+                                "use a power of two from 32 to 4096 (default 64)")
     if quant_type not in QUANT_TYPES:
         raise QuantizationError(f"quant_type {quant_type!r} is not one of: {', '.join(QUANT_TYPES)}")
 
@@ -164,7 +165,8 @@ def scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
 
 
 def nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """uint8 index of the nearest entry of ``code`` for each value (ties to the lower value), padded to even length with 0.0's code.
+    """uint8 index of the nearest entry of ``code`` for each value (ties to the lower value), padded to even
+    length with 0.0's code.
 
     The position of a value in sorted code order is the number of midpoints
     strictly below it. A uniform grid over [-1, 1] (``bin(x) = floor((x + 1) * K / 2)``,
@@ -232,7 +234,8 @@ def compress_absmax(state: QuantState) -> QuantState:
     offset = state.absmax.mean()
     nested_code = dynamic_map_signed().to(state.absmax.device, copy=True)
     qabsmax, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, nested_code, NESTED_BLOCKSIZE)
-    return dataclasses.replace(state, absmax=qabsmax, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
+    return dataclasses.replace(state, absmax=qabsmax, offset=offset,
+                               nested_absmax=nested_absmax, nested_code=nested_code)
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
@@ -250,7 +253,8 @@ def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Tensor[state.shape] in ``dtype`` (default: the original weight's): ``code[nibble] * absmax`` in float32, then cast.
+    """Tensor[state.shape] in ``dtype`` (default: the original weight's): ``code[nibble] * absmax`` in float32,
+    then cast.
 
     ``code`` is the table of ``state.quant_type`` (a loaded ``quant_map`` is checked to be exactly that table).
 

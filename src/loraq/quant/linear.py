@@ -67,7 +67,7 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-                    compute_dtype: torch.dtype | str = torch.bfloat16, name: str = "weight") -> "Linear4bit":
+                    compute_dtype: torch.dtype | str = torch.bfloat16, name: str = "weight") -> Linear4bit:
         """Quantize the ``[out, in]`` weight of an ``nn.Linear`` or ``Conv1D`` as given (its own dtype); the bias
         is kept as is. ``name`` labels errors."""
         weight = linear_weight(linear).detach()
@@ -104,7 +104,8 @@ class Linear4bit(nn.Module):
         for suffix, tensor in state_to_tensors(self.quant_state).items():
             destination[f"{prefix}weight.{suffix}"] = tensor
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
         key = prefix + "weight"
         if key not in state_dict:
             missing_keys.append(key)

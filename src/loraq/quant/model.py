@@ -6,7 +6,7 @@ transposed, as ``[out, in]``, exactly as transformers + bitsandbytes do it.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

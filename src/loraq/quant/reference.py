@@ -33,7 +33,8 @@ class NearestCode:
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True):
-    """Returns (packed uint8 [(n + 1) // 2, 1], absmax, offset, nested_absmax) -- the last two None without double quant."""
+    """Returns (packed uint8 [(n + 1) // 2, 1], absmax, offset, nested_absmax) -- the last two None without
+    double quant."""
     nearest = NearestCode(code_for(quant_type))
     flat = w.detach().reshape(-1).to(torch.float32)
     n = flat.numel()

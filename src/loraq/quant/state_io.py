@@ -17,7 +17,7 @@ checkpoint holds, besides the packed uint8 ``W`` itself:
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -39,7 +39,8 @@ def state_to_tensors(state: QuantState) -> dict[str, torch.Tensor]:
         tensors["nested_absmax"] = state.nested_absmax
         tensors["nested_quant_map"] = state.nested_code.clone()  # its own storage: safetensors refuses shared ones
         meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset.item())
-    tensors[PACKED_STATE_PREFIX + state.quant_type] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    tensors[PACKED_STATE_PREFIX + state.quant_type] = torch.tensor(list(json.dumps(meta).encode("utf-8")),
+                                                                   dtype=torch.uint8)
     return tensors
 
 
@@ -73,7 +74,8 @@ def state_from_tensors(packed: torch.Tensor, tensors: Mapping[str, torch.Tensor]
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=code.device)
             nested_blocksize = int(meta["nested_blocksize"])
         except (KeyError, TypeError, ValueError):
-            raise QuantizationError(f"{where}: double-quantized but nested_offset/nested_blocksize are missing") from None
+            raise QuantizationError(f"{where}: double-quantized but "
+                                    "nested_offset/nested_blocksize are missing") from None
         if "nested_quant_map" not in tensors:
             raise QuantizationError(f"{where}.nested_quant_map is missing")
         state.offset, state.nested_blocksize = offset, nested_blocksize
@@ -97,7 +99,8 @@ def check_consistent(packed: torch.Tensor, state: QuantState, where: str) -> Non
     elif state.absmax.dtype != torch.float32:
         raise QuantizationError(f"{where}.absmax must be float32 without double quantization, got {state.absmax.dtype}")
     if packed.dtype != torch.uint8:
-        raise QuantizationError(f"{where}: packed weight must be uint8 (bnb_4bit_quant_storage=uint8), got {packed.dtype}")
+        raise QuantizationError(f"{where}: packed weight must be uint8 "
+                                f"(bnb_4bit_quant_storage=uint8), got {packed.dtype}")
     for suffix, (want, got) in expect.items():
         if want != got:
             raise QuantizationError(f"{where}{suffix}: {got} elements, expected {want} for shape {list(state.shape)} "

@@ -31,14 +31,15 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LRScheduler
 
 from loraq import faults
 from loraq.data.batches import BatchIterator
@@ -267,7 +268,8 @@ def read_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         if state.get(key) is not None and not isinstance(state[key], kind):
             raise ValueError(f"state.json: {key} is not a {kind.__name__}")
     if data is not None:
-        if not isinstance(state.get("data"), dict) or not all(isinstance(state["data"].get(k), int) for k in ("epoch", "index")):
+        if not isinstance(state.get("data"), dict) or not all(isinstance(state["data"].get(k), int)
+                                                              for k in ("epoch", "index")):
             raise ValueError("state.json: the data position is missing or malformed")
         copy.copy(data).load_state_dict(state["data"])  # a dry run: raises DataError for other data/settings
 
@@ -375,9 +377,10 @@ def _check_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def resume_latest(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: LRScheduler, warn: Callable[[str], None], data: BatchIterator | None = None) -> LoadedCheckpoint | None:
+                  scheduler: LRScheduler, warn: Callable[[str], None],
+                  data: BatchIterator | None = None) -> LoadedCheckpoint | None:
     """Load the newest checkpoint that reads back whole; skip (and warn about) broken ones."""
-    for step, path in list_checkpoints(run_dir):
+    for _step, path in list_checkpoints(run_dir):
         try:
             apply = read_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
         except LoraqError:

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ class EvalLoss:
 
 
 @torch.no_grad()
-def evaluate_loss(loss_sum_fn: Callable[[Batch], tuple[torch.Tensor, int]], batches: Iterable[Batch]) -> EvalLoss | None:
+def evaluate_loss(loss_sum_fn: Callable[[Batch], tuple[torch.Tensor, int]],
+                  batches: Iterable[Batch]) -> EvalLoss | None:
     """``loss_sum_fn(batch) -> (summed token loss, trained token count)``; mean over all tokens."""
     total, count = 0.0, 0
     for batch in batches:
@@ -158,7 +160,8 @@ def validation_loss(loss_module: nn.Module, batches: Callable[[], Iterable[Batch
     return EvalLoss(loss=total / count, tokens=int(count)) if count else None
 
 
-def exact_match_during_training(model: nn.Module, tokenizer: PreTrainedTokenizerBase, references: Sequence[EvalReference],
+def exact_match_during_training(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                                references: Sequence[EvalReference],
                                 max_new_tokens: int,
                                 loss_module: nn.Module | None = None) -> ExactMatch:
     """:func:`exact_match` inside a run: the RNG stream untouched, FSDP's shards gathered so ranks generate in step."""

@@ -5,8 +5,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from loraq import faults
 from loraq.devices import dtype_name
@@ -36,7 +37,8 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
         run.say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
     run.metrics.close()
     if runtime.is_main:
-        with ckpt.writing(run.folder.path, "the final adapter" if trained.lora_config is not None else "the final model"):
+        with ckpt.writing(run.folder.path,
+                          "the final adapter" if trained.lora_config is not None else "the final model"):
             save_final(run.folder.path, trained)
     summary = build_summary(run, loop, last_eval, final_em)
     if runtime.is_main:
@@ -51,7 +53,8 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
     return RunResult(run_dir=run.folder.path, summary=summary)
 
 
-def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None, final_em: ExactMatch | None) -> dict[str, Any]:
+def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None,
+                  final_em: ExactMatch | None) -> dict[str, Any]:
     cfg, runtime, data, trained, counters = run.cfg, run.runtime, run.data, run.trained, run.counters
     summary = {
         "method": cfg.method, "model": trained.source.name, "data": data.stats.path, "format": data.stats.format,
@@ -107,7 +110,8 @@ def save_final(run_dir: Path, trained: TrainedModel) -> None:
             from loraq.lora.files import save_adapter
             from loraq.lora.record import write_training_base
 
-            save_adapter(trained.model, tmp / "adapter", base_model_name_or_path=trained.lora_config.base_model_name_or_path)
+            save_adapter(trained.model, tmp / "adapter",
+                         base_model_name_or_path=trained.lora_config.base_model_name_or_path)
             write_training_base(tmp / "adapter", trained.training_base)
             for f in (tmp / "adapter").iterdir():
                 os.replace(f, tmp / f.name)

@@ -40,7 +40,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, normalizer: float, chunk_rows: int, grad_enabled: bool,
-                buffers: "LossBuffers"):
+                buffers: LossBuffers):
         n, _ = hidden.shape
         # needs_input_grad stays True under torch.no_grad(), so the caller says whether grads are wanted
         need_dh, need_dw, need_db = (grad_enabled and bool(x) for x in ctx.needs_input_grad[:3])

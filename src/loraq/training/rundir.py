@@ -66,7 +66,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
         if not non_empty:
             return "new"  # killed before it wrote anything: nothing to continue, so start
         if not is_run:
-            raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); drop --resume to start a new run there")
+            raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); "
+                              "drop --resume to start a new run there")
         check_resume_matches(run_dir, cfg)
         return "resume"
     if non_empty and not cfg.overwrite:
@@ -135,7 +136,8 @@ def check_resume_matches(run_dir: Path, cfg: TrainConfig) -> None:
     try:
         saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError):
-        raise ConfigError(f"--resume: {run_dir / RUN_FILE} is unreadable; start a new run with another --output-dir") from None
+        raise ConfigError(f"--resume: {run_dir / RUN_FILE} is unreadable; "
+                          "start a new run with another --output-dir") from None
     current = cfg.to_dict()
     for key in RESUME_MUST_MATCH:
         if key in saved and _norm(saved[key]) != _norm(current.get(key)):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -134,7 +135,8 @@ class Run:
 
 
 def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
-    """The folder, the data, the model with its adapters, the optimizer; resumed or started (see the module docstring)."""
+    """The folder, the data, the model with its adapters, the optimizer; resumed or started (see the module
+    docstring)."""
     from loraq.models.load import check_loadable, load_tokenizer
     from loraq.models.source import resolve_source
 
@@ -359,7 +361,8 @@ def make_optimization(cfg: TrainConfig, trained: TrainedModel, batches: BatchIte
                                                                            / cfg.grad_accum))
     optimizer = make_optimizer(trained.model, cfg)
     scheduler = make_scheduler(optimizer, total_steps, warmup_steps(cfg.warmup, total_steps), cfg.schedule)
-    scaler = torch.amp.GradScaler(device.type) if trained.compute_dtype == torch.float16 and device.type == "cuda" else None
+    scaler = (torch.amp.GradScaler(device.type) if trained.compute_dtype == torch.float16 and device.type == "cuda"
+              else None)
     return Optimization(optimizer, scheduler, scaler, total_steps)
 
 
