@@ -15,6 +15,7 @@ accuracy (summary.json), llama.cpp's, and their ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -30,7 +31,8 @@ def references(run_dir: Path):
     from loraq.models.load import load_tokenizer
 
     settings = json.loads((run_dir / "run.json").read_text())["config"]
-    cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # a run made by an older loraq may have more keys
+    cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if v is not None and k in known})
     tokenizer = load_tokenizer(cfg.model)
     return build_data(cfg, tokenizer), tokenizer
 

@@ -78,6 +78,17 @@ class GroupedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, allowed, scale: float, blocks):
+        # under autocast (--method full: fp32 master weights, bf16 compute) the inputs may differ in dtype and
+        # autocast would run the softmax in fp32 and the products in bf16: compute everything in autocast's
+        # dtype instead, with autocast off, and hand each gradient back in its input's dtype
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        with torch.autocast(device, enabled=False):
+            return GroupedAttention._forward(ctx, q.to(dtype), k.to(dtype), v.to(dtype), allowed, scale, blocks)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, allowed, scale: float, blocks):
         b, h, t, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
@@ -108,7 +119,7 @@ class GroupedAttention(torch.autograd.Function):
         t = k.shape[2]
         g = tg // t
         # dO in the rows' layout [b, hkv, t * g, d]
-        do = grad_out.reshape(b, t, hkv, g, d).transpose(1, 2).reshape(b, hkv, tg, d)
+        do = grad_out.to(qs.dtype).reshape(b, t, hkv, g, d).transpose(1, 2).reshape(b, hkv, tg, d)
         dq = torch.empty_like(qs)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
@@ -123,7 +134,8 @@ class GroupedAttention(torch.autograd.Function):
             dk[:, :, :t1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, rows])
         # back to Q's layout [b, h, t, d] (a strided view; the scale applied in place)
         dq = dq.mul_(ctx.scale).view(b, hkv, t, g, d).transpose(2, 3).reshape(b, hkv * g, t, d)
-        return dq, dk, dv, None, None, None
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
 
 
 def fast_path_applies(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
