@@ -33,8 +33,14 @@ def references(run_dir: Path):
     settings = json.loads((run_dir / "run.json").read_text())["config"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}  # a run made by an older loraq may have more keys
     cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if v is not None and k in known})
+    from transformers import GenerationConfig
+
+    from loraq.data.prompts import stop_token_ids
+    from loraq.models.default import ensure_default_model
+
     tokenizer = load_tokenizer(cfg.model)
-    return build_data(cfg, tokenizer), tokenizer
+    generation = GenerationConfig.from_pretrained(cfg.model or ensure_default_model(progress=False))
+    return build_data(cfg, tokenizer), tokenizer, stop_token_ids(tokenizer, generation)
 
 
 def main() -> None:
@@ -49,13 +55,13 @@ def main() -> None:
     from loraq.data.references import exact_match
 
     summary = json.loads((args.run_dir / "summary.json").read_text())
-    data, tokenizer = references(args.run_dir)
+    data, tokenizer, stop_ids = references(args.run_dir)
     out = Path(tempfile.mkdtemp(prefix="loraq-export-demo-")) / "demo.gguf"
     report = loraq.export(adapter=str(args.run_dir), out=out, **({"quant": args.quant} if args.quant else {}))
     tasks = [{"kind": "generate", "tokens": r.prompt_ids, "max_tokens": data.max_answer_tokens}
              for r in data.references]
     results = run_llama_cpp([{"path": str(out), "context": 1024, "tasks": tasks}], threads=args.threads)[0]
-    stops, hits, misses = set(data.stop_token_ids), 0, []
+    stops, hits, misses = set(stop_ids), 0, []
     for ref, result in zip(data.references, results):
         new = result["tokens"]
         cut = next((k for k, t in enumerate(new) if t in stops), len(new))
