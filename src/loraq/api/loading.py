@@ -27,10 +27,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="auto", choices=INFERENCE_QUANT,
                         help="the base's weights: auto = as the adapter was trained (4-bit for a QLoRA adapter), "
                              "else full precision; none = full precision; nf4/fp4 = quantize the base to 4-bit")
+    add_trust_arguments(parser)
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser, action: str = "apply the adapter") -> None:
+    """The flags that accept what loraq refuses by default (every command that loads an adapter)."""
     parser.add_argument("--ignore-base-fingerprint", action="store_true",
-                        help="apply the adapter even if --model's weights are not those it was trained on")
+                        help=f"{action} even if --model's weights are not those it was trained on")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow .bin/.pt pickle weights (only files you trust)")
+                        help="accept pickle weights (.bin/.pt: they can run code; only files you trust)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model folder's own Python code to run")
 

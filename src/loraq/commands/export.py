@@ -5,6 +5,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from loraq.api.loading import add_trust_arguments
     from loraq.choices import EXPORT_FORMATS, GGUF_QUANTS, MERGE_INTO
 
     parser.add_argument("--model", default=None,
@@ -21,12 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base the adapter is merged into, as in `loraq merge` (default: the one it was "
                              "trained on; a 4-bit base dequantized)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (a GGUF file)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept a pickle adapter_model.bin (it can run code: only files you trust)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model folder's own Python code to run")
-    parser.add_argument("--ignore-base-fingerprint", action="store_true",
-                        help="apply the adapter to --model even if its weights are not the base it was trained on")
+    add_trust_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from loraq.api.loading import add_trust_arguments
 from loraq.choices import MERGE_INTO, WEIGHT_DTYPES
 
 
@@ -19,12 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the default for one), original = the full-precision weights (the default otherwise), "
                              "requantized = dequantized, then 4-bit again (a bitsandbytes folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    parser.add_argument("--ignore-base-fingerprint", action="store_true",
-                        help="merge even if --model's weights are not those the adapter was trained on")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept a pickle adapter_model.bin (it can run code: only files you trust)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model folder's own Python code to run")
+    add_trust_arguments(parser, "merge")
 
 
 def run(args: argparse.Namespace) -> int:
