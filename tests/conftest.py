@@ -109,6 +109,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
+    # a bug in the memory plan raises (a user's run would warn and go on without one); child processes inherit it
+    os.environ["LORAQ_PLAN_STRICT"] = "1"
     # as loading a model does: the 4-bit fast paths registered, so every test that dequantizes runs them
     import loraq.kernels
 

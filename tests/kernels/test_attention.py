@@ -49,22 +49,21 @@ def test_bf16_close_to_float64():
     assert (out.float() - ref.float()).abs().max() < 3e-2
 
 
-def test_under_autocast_it_computes_in_bf16_and_returns_gradients_in_the_inputs_dtype():
-    """Full fine-tuning keeps fp32 master weights and runs under bf16 autocast: Q, K, V can arrive in fp32
-    (RoPE's fp32 cos/sin promote them) while autocast would run the softmax in fp32 and the products in bf16.
-    The function computes in autocast's dtype, its gradients come back in each input's dtype, close to the
-    float64 definition (it once stopped with "expected scalar type Float but found BFloat16")."""
+def test_under_autocast_the_backward_runs_as_the_forward_did():
+    """Full fine-tuning keeps fp32 master weights and runs under bf16 autocast: Q and K can arrive in fp32
+    (RoPE's fp32 cos/sin promote them) while the products run in bf16. The backward's products run under the
+    same autocast; its gradients come back in each input's dtype, close to the float64 definition (it once
+    stopped with "expected scalar type Float but found BFloat16")."""
     q, k, v = _inputs(torch.float32, t=32, d=32)
     t, d = q.shape[2], q.shape[3]
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = GroupedAttention.apply(q, k, v, mask, d ** -0.5, causal_blocks(t, mask, True, block=16))
-    assert out.dtype == torch.bfloat16
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    out.transpose(1, 2).backward(grad.transpose(1, 2).to(torch.bfloat16))
+    out.transpose(1, 2).backward(grad.transpose(1, 2).to(out.dtype))
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = reference_attention(q64, k64, v64, None, True, d ** -0.5)
-    ref.backward(grad.transpose(1, 2).to(torch.bfloat16).double())
+    ref.backward(grad.transpose(1, 2).to(out.dtype).double())
     assert (out.transpose(1, 2).double() - ref).abs().max() < 3e-2
     for ours, theirs in ((q, q64), (k, k64), (v, v64)):
         assert ours.grad.dtype == torch.float32

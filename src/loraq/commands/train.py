@@ -63,7 +63,10 @@ def print_report(summary: dict, run_dir) -> None:
               if s["method"] != "full"
               else f"files in {run_dir}/: model.safetensors, config.json, metrics.jsonl, summary.json, loss.png",
               f"next: loraq generate --adapter {run_dir} --prompt \"...\"   |   "
-              f"loraq merge --adapter {run_dir} --out merged/"]
+              f"loraq merge --adapter {run_dir} --out merged/   |   loraq export --adapter {run_dir} --out model.gguf"
+              if s["method"] != "full"
+              else f"next: loraq generate --model {run_dir} --prompt \"...\"   |   "
+                   f"loraq export --model {run_dir} --out model.gguf"]
     print("\n".join(lines), flush=True)
 
 

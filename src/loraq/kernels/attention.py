@@ -78,17 +78,6 @@ class GroupedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, allowed, scale: float, blocks):
-        # under autocast (--method full: fp32 master weights, bf16 compute) the inputs may differ in dtype and
-        # autocast would run the softmax in fp32 and the products in bf16: compute everything in autocast's
-        # dtype instead, with autocast off, and hand each gradient back in its input's dtype
-        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
-        device = q.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-        with torch.autocast(device, enabled=False):
-            return GroupedAttention._forward(ctx, q.to(dtype), k.to(dtype), v.to(dtype), allowed, scale, blocks)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, allowed, scale: float, blocks):
         b, h, t, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
@@ -110,16 +99,26 @@ class GroupedAttention(torch.autograd.Function):
             probs.append(p)
         ctx.save_for_backward(qs, k, v, *probs)
         ctx.scale, ctx.blocks = scale, blocks
+        # under autocast (--method full: fp32 master weights, bf16 compute) the products above ran in bf16 while
+        # Q, K and O may be fp32: the backward's products run under the same autocast (as torch.amp.custom_bwd)
+        device = q.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out.view(b, t, h, d)
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return GroupedAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         qs, k, v, *probs = ctx.saved_tensors
         b, hkv, tg, d = qs.shape
         t = k.shape[2]
         g = tg // t
         # dO in the rows' layout [b, hkv, t * g, d]
-        do = grad_out.to(qs.dtype).reshape(b, t, hkv, g, d).transpose(1, 2).reshape(b, hkv, tg, d)
+        do = grad_out.reshape(b, t, hkv, g, d).transpose(1, 2).reshape(b, hkv, tg, d)
         dq = torch.empty_like(qs)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
@@ -134,8 +133,7 @@ class GroupedAttention(torch.autograd.Function):
             dk[:, :, :t1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, rows])
         # back to Q's layout [b, h, t, d] (a strided view; the scale applied in place)
         dq = dq.mul_(ctx.scale).view(b, hkv, t, g, d).transpose(2, 3).reshape(b, hkv * g, t, d)
-        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
+        return dq, dk, dv, None, None, None
 
 
 def fast_path_applies(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
