@@ -25,7 +25,7 @@ from typing import Any
 
 from loraq.config import AUTO
 from loraq.errors import ConfigError, LoraqError
-from loraq.planning.fit import with_margin
+from loraq.planning.fit import AUTO_MARGIN
 from loraq.planning.plan import MemoryPlan, make_plan, replan
 
 GB = 1e9
@@ -86,7 +86,7 @@ def _auto_line(plan: MemoryPlan, resumed: int | None) -> str:
     if plan.available_bytes is None:
         return "loraq: --batch-size auto: 1 (the memory available on this device is unknown)"
     return (f"loraq: --batch-size auto: {plan.batch_size} (predicted peak {plan.peak_bytes / GB:.2f} GB; "
-            f"{plan.available_bytes / GB:.1f} GB available, {round(100 * (with_margin(100) - 100))}% kept free)")
+            f"{plan.available_bytes / GB:.1f} GB available, a {round(100 * AUTO_MARGIN)}% margin kept)")
 
 
 def _resumed_batch_size(cfg: Any) -> int | None:
