@@ -108,7 +108,9 @@ class GroupedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        if not enabled:
+            return GroupedAttention._backward(ctx, grad_out)
+        with torch.autocast(device, dtype=dtype):
             return GroupedAttention._backward(ctx, grad_out)
 
     @staticmethod
