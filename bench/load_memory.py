@@ -100,6 +100,7 @@ def child(method: str, model_spec: str | None, dtype: str) -> None:
     # everything loading imports, before the baseline
     from transformers import AutoModelForCausalLM  # noqa: F401
 
+    import loraq.kernels
     import loraq.models.lowmem  # noqa: F401
     from loraq.devices import resolve_dtype
     from loraq.models.load import load_model
@@ -109,6 +110,7 @@ def child(method: str, model_spec: str | None, dtype: str) -> None:
     source = resolve_source(model_spec)
     build_skeleton(source.path, resolve_dtype(dtype), False, "bench")  # imports the architecture's code (no weights)
     _warm_up_quantizer()
+    loraq.kernels.install()  # load_model registers the fast paths first: their modules' imports are not the load's
     baseline = _reset_peak()
     loaded = load_model(source, method=method, dtype=dtype, device="cpu")
     _touch(loaded.model)
