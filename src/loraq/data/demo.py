@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -76,15 +77,21 @@ def _example(rng: random.Random) -> dict:
 def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE,
              seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples; no user note appears in both."""
+    return distinct_split(_example, lambda example: example["messages"][1]["content"], train_size, eval_size, seed)
+
+
+def distinct_split(make: Callable[[random.Random], dict], key: Callable[[dict], str], train_size: int,
+                   eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): items ``make(rng)`` drawn from one seeded stream, a repeated ``key`` skipped, so no key
+    is in both."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[dict] = []
     while len(out) < train_size + eval_size:
-        example = _example(rng)
-        note = example["messages"][1]["content"]
-        if note not in seen:
-            seen.add(note)
-            out.append(example)
+        item = make(rng)
+        if key(item) not in seen:
+            seen.add(key(item))
+            out.append(item)
     return out[:train_size], out[train_size:]
 
 

@@ -26,7 +26,18 @@ import json
 import random
 from pathlib import Path
 
-from loraq.data.demo import CITIES, COLOURS, DAYS, FIRST_NAMES, ITEMS, LAST_NAMES, SHAPES, SYSTEM, answer_for
+from loraq.data.demo import (
+    CITIES,
+    COLOURS,
+    DAYS,
+    FIRST_NAMES,
+    ITEMS,
+    LAST_NAMES,
+    SHAPES,
+    SYSTEM,
+    answer_for,
+    distinct_split,
+)
 
 DEMO_DIR = Path(__file__).parent / "demo"
 TRAIN_FILE, EVAL_FILE = "preference-train.jsonl", "preference-eval.jsonl"
@@ -54,16 +65,7 @@ def _pair(rng: random.Random) -> dict:
 def generate(train_size: int = TRAIN_SIZE, eval_size: int = EVAL_SIZE,
              seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """(train, eval) pairs; no order note appears in both."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    out: list[dict] = []
-    while len(out) < train_size + eval_size:
-        pair = _pair(rng)
-        note = pair["prompt"][1]["content"]
-        if note not in seen:
-            seen.add(note)
-            out.append(pair)
-    return out[:train_size], out[train_size:]
+    return distinct_split(_pair, lambda pair: pair["prompt"][1]["content"], train_size, eval_size, seed)
 
 
 def demo_paths() -> tuple[Path, Path]:
