@@ -59,7 +59,24 @@ class TokenStream:
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
-class StoreExamples(Sequence):
+class _Indexed(Sequence):
+    """A ``Sequence`` over ``len(self)`` items built by ``_item(i)``: slices (as lists), negative indices,
+    IndexError past either end."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index)
+
+    def _item(self, index: int):
+        raise NotImplementedError
+
+
+class StoreExamples(_Indexed):
     """``Sequence[Example]``: example ``i`` is stream positions ``starts[i]:starts[i] + lengths[i]``."""
 
     def __init__(self, stream: TokenStream, starts: np.ndarray, lengths: np.ndarray, num_trained: np.ndarray,
@@ -71,13 +88,7 @@ class StoreExamples(Sequence):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> Example:
         start = int(self.starts[index])
         stop = start + int(self.lengths[index])
         ids = self.stream.ids(start, stop).tolist()
@@ -106,7 +117,7 @@ def document_chunks(store: TokenStore, documents: np.ndarray, seq_len: int, name
                          lambda i: f"{name}: tokens {int(starts[i])}..{int(starts[i] + lengths[i])}", all_trained=True)
 
 
-class StoreRows(Sequence):
+class StoreRows(_Indexed):
     """``Sequence[Row]``: row ``r`` holds examples ``members[row_starts[r]:row_starts[r + 1]]`` (None: one each)."""
 
     def __init__(self, examples: StoreExamples, row_starts: np.ndarray | None = None,
@@ -116,13 +127,7 @@ class StoreRows(Sequence):
     def __len__(self) -> int:
         return len(self.examples) if self.row_starts is None else len(self.row_starts) - 1
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> tuple[Example, ...]:
         if self.row_starts is None:
             return (self.examples[index],)
         start, stop = int(self.row_starts[index]), int(self.row_starts[index + 1])
