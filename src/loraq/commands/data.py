@@ -49,10 +49,7 @@ def print_report(r: dict[str, Any]) -> None:
     lengths = r["tokens_per_example"]
     print(f"file:       {r['file']}")
     print(f"format:     {r['format']} ({r['format_source']})")
-    skipped = f", {r['skipped']} bad records skipped" if r["skipped"] else ""
-    print(f"records:    {r['records']}{skipped}")
-    for message in r["skipped_first"]:
-        print(f"  skipped:  {message}")
+    _print_records(r)
     print(f"examples:   {r['examples']} ({r['truncated']} truncated, {r['dropped']} dropped with no trained "
           f"token left at --seq-len {r['seq_len']})")
     print(f"tokens:     {r['tokens']} total, {r['trained_tokens']} trained ({100 * r['trained_share']:.1f}%); "
@@ -71,10 +68,7 @@ def print_pair_report(r: dict[str, Any]) -> None:
 
     print(f"file:       {r['file']}")
     print(f"format:     preference ({r['format_source']}): prompt, chosen and rejected answers")
-    skipped = f", {r['skipped']} bad records skipped" if r["skipped"] else ""
-    print(f"records:    {r['records']}{skipped}")
-    for message in r["skipped_first"]:
-        print(f"  skipped:  {message}")
+    _print_records(r)
     print(f"pairs:      {r['pairs']} ({r['truncated']} with an answer cut at --seq-len {r['seq_len']}; "
           f"the prompt is always kept whole)")
     for key in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
@@ -84,3 +78,10 @@ def print_pair_report(r: dict[str, Any]) -> None:
         print(f"\n--- {example['where']}: prompt {example['prompt_tokens']} tokens, chosen {example['chosen_tokens']}, "
               f"rejected {example['rejected_tokens']} (scored tokens between {OPEN} and {CLOSE}) ---")
         print(f"chosen:\n{example['text']}\nrejected:\n{example['rejected_text']}")
+
+
+def _print_records(r: dict[str, Any]) -> None:
+    skipped = f", {r['skipped']} bad records skipped" if r["skipped"] else ""
+    print(f"records:    {r['records']}{skipped}")
+    for message in r["skipped_first"]:
+        print(f"  skipped:  {message}")
