@@ -119,12 +119,7 @@ class SequenceLogps(CausalLMLoss):
 
     def _fused_token_logps(self, input_ids, position_ids, attention_mask, targets) -> torch.Tensor:
         """[R, T] log-probabilities (0 where not scored) through :class:`FusedTokenLogps`."""
-        hidden = self._backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state
-        weight, bias = self._head.weight, self._head.bias
-        if self.autocast_dtype is not None:
-            weight = weight.to(self.autocast_dtype)
-            bias = None if bias is None else bias.to(self.autocast_dtype)
+        hidden, weight, bias = self._hidden_and_head(input_ids, position_ids, attention_mask)
         flat = targets.reshape(-1)
         idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         picked = FusedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).index_select(0, idx),

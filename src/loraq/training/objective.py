@@ -52,16 +52,21 @@ class CausalLMLoss(nn.Module):
         device_type = next(self.model.parameters()).device.type
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
+    def _hidden_and_head(self, input_ids, position_ids, attention_mask):
+        """The backbone's last hidden states and the head's weight and bias, in the compute dtype."""
+        hidden = self._backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
+        weight, bias = self._head.weight, self._head.bias
+        if self.autocast_dtype is not None:
+            weight = weight.to(self.autocast_dtype)
+            bias = None if bias is None else bias.to(self.autocast_dtype)
+        return hidden, weight, bias
+
     def forward(self, input_ids, labels, position_ids, attention_mask=None, normalizer: float | None = None):
         targets = shift_targets(labels)
         with self._autocast():
             if self._fused:
-                hidden = self._backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                        use_cache=False).last_hidden_state
-                weight, bias = self._head.weight, self._head.bias
-                if self.autocast_dtype is not None:
-                    weight = weight.to(self.autocast_dtype)
-                    bias = None if bias is None else bias.to(self.autocast_dtype)
+                hidden, weight, bias = self._hidden_and_head(input_ids, position_ids, attention_mask)
                 return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, targets, normalizer, bias=bias,
                                                   buffers=self.loss_buffers)
             logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
