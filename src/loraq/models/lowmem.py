@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from loraq.models import quantized_cache
 from loraq.models.safety import WeightFiles
 from loraq.models.skeleton import (
     build_skeleton,
@@ -39,6 +40,7 @@ from loraq.models.skeleton import (
     tied_targets,
 )
 from loraq.modules import is_conv1d
+from loraq.quant.linear import Linear4bit
 
 if TYPE_CHECKING:
     from loraq.quant.functional import QuantState
@@ -52,27 +54,32 @@ CHUNK_NUMEL = 1 << 16
 def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype, device: torch.device,
                    trust_remote_code: bool, label: str, *, quant_type: str = "nf4", double_quant: bool = True,
                    blocksize: int = 64) -> tuple[nn.Module, list[str]]:
-    """Build the model of ``folder`` with its linear layers in 4-bit; returns (model, quantized layer names)."""
-    from loraq.quant.linear import Linear4bit
+    """Build the model of ``folder`` with its linear layers in 4-bit; returns (model, quantized layer names).
+
+    The quantized layers of an earlier load of the same weights and settings come from the cache
+    (:mod:`loraq.models.quantized_cache`), and their full-precision weights are then not read at all."""
     from loraq.quant.model import quantizable_layer_names
 
     model = build_skeleton(folder, compute_dtype, trust_remote_code, label)
     targets = set(quantizable_layer_names(model))  # the layers quantize_model_ would convert
+    key = _cache_key(model, files, targets, quant_type, double_quant, blocksize)
+    cached = quantized_cache.read_layers(key, sorted(targets), compute_dtype) if key else None
+    for name, layer in (cached or {}).items():
+        _put_layer(model, name, layer.to(device))
     skip = tied_targets(model)
-    quantized: list[str] = []
-    for key, tensor in iter_checkpoint_tensors(files, label, checkpoint_key_renamer(model, label)):
-        found = None if key in skip else module_and_leaf(model, key)
+    quantized: list[str] = sorted(cached or ())
+    for key_, tensor in iter_checkpoint_tensors(files, label, checkpoint_key_renamer(model, label),
+                                                wanted=_not_cached(model, cached)):
+        found = None if key_ in skip else module_and_leaf(model, key_)
         if found is None:
-            log.info("%s: ignoring %s (not a tensor of this architecture)", label, key)
+            log.info("%s: ignoring %s (not a tensor of this architecture)", label, key_)
             continue
         module_name, module, leaf = found
         if module_name in targets and leaf == "weight":
             conv1d = is_conv1d(module)  # stored [in, out]: quantized as [out, in], as transformers + bitsandbytes do
             weight = tensor.to(device).t() if conv1d else tensor.to(device)
-            packed, state = quantize_in_chunks(weight, blocksize, quant_type, double_quant, name=key)
-            layer = Linear4bit(packed, state, None, compute_dtype, conv1d=conv1d)
-            layer.bias = module.bias  # loaded already, or still meta until its key comes
-            model.set_submodule(module_name, layer)
+            packed, state = quantize_in_chunks(weight, blocksize, quant_type, double_quant, name=key_)
+            _put_layer(model, module_name, Linear4bit(packed, state, None, compute_dtype))
             quantized.append(module_name)
         elif module_name in targets and leaf == "bias":
             module.bias = nn.Parameter(tensor.to(device, compute_dtype), requires_grad=False)
@@ -81,7 +88,39 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
                        tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
         del tensor
     finish(model, device, label)
+    if key and not cached:
+        quantized_cache.write_layers(key, {name: model.get_submodule(name) for name in quantized})
     return model, sorted(quantized)
+
+
+def _put_layer(model: nn.Module, name: str, layer: Linear4bit) -> None:
+    """Put the 4-bit ``layer`` in place of the skeleton's layer ``name``, taking its layout and its bias (loaded
+    already, or still meta until its key comes)."""
+    old = model.get_submodule(name)
+    layer.conv1d = is_conv1d(old)
+    layer.bias = old.bias
+    model.set_submodule(name, layer)
+
+
+def _cache_key(model: nn.Module, files: WeightFiles, targets: set[str], quant_type: str, double_quant: bool,
+               blocksize: int) -> str | None:
+    """The quantized cache's key for this load, None when it is not cached (see its module docstring)."""
+    params = sum(model.get_submodule(name).weight.numel() for name in targets)
+    if files.format != "safetensors" or not quantized_cache.enabled(params):
+        return None
+    return quantized_cache.cache_key(list(files.files), sorted(targets), quant_type, double_quant, blocksize)
+
+
+def _not_cached(model: nn.Module, cached: dict | None):
+    """``wanted`` for the checkpoint reader: every key but the weights of the layers the cache gave."""
+    if not cached:
+        return None
+
+    def wanted(key: str) -> bool:
+        found = module_and_leaf(model, key)
+        return found is None or found[0] not in cached or found[2] != "weight"
+
+    return wanted
 
 
 def quantize_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, name: str,

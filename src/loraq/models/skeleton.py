@@ -92,23 +92,21 @@ def checkpoint_key_renamer(model: nn.Module, label: str) -> Callable[[str], str]
     return rename
 
 
-def iter_checkpoint_tensors(files: WeightFiles, label: str,
-                            rename: Callable[[str], str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint_tensors(files: WeightFiles, label: str, rename: Callable[[str], str] | None = None,
+                            wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(key, tensor)`` for every tensor of the checkpoint, one at a time, on the CPU; keys passed through
-    ``rename`` (:func:`checkpoint_key_renamer`) when given."""
-    for key, tensor in _raw_checkpoint_tensors(files, label):
-        yield (rename(key) if rename is not None else key), tensor
-
-
-def _raw_checkpoint_tensors(files: WeightFiles, label: str) -> Iterator[tuple[str, torch.Tensor]]:
+    ``rename`` (:func:`checkpoint_key_renamer`) when given; a key ``wanted`` says no to is skipped (from
+    safetensors, not even read)."""
     for path in files.files:
         try:
             if files.format == "safetensors":
-                yield from _safetensors_tensors(path)
+                yield from _safetensors_tensors(path, rename, wanted)
             else:  # pickle, allowed by the caller; weights_only refuses anything but tensors
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                for key in list(state):
-                    yield key, state.pop(key)
+                for raw in list(state):
+                    tensor, key = state.pop(raw), rename(raw) if rename is not None else raw
+                    if wanted is None or wanted(key):
+                        yield key, tensor
         except LOAD_ERRORS as exc:
             raise ModelError(f"--model {label}: cannot load its weights from {path.name} "
                              f"({exception_line(exc)})") from None
@@ -124,11 +122,14 @@ def open_safetensors(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(path: Path, rename: Callable[[str], str] | None,
+                         wanted: Callable[[str], bool] | None) -> Iterator[tuple[str, torch.Tensor]]:
     with open_safetensors(path) as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
-            release_freed_memory()
+        for raw in f.keys():
+            key = rename(raw) if rename is not None else raw
+            if wanted is None or wanted(key):
+                yield key, f.get_tensor(raw)
+                release_freed_memory()
 
 
 def release_freed_memory() -> None:
