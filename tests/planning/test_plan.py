@@ -93,3 +93,17 @@ def test_batch_size_auto_trains_with_the_batch_the_plan_chose(tiny_llama_dir, te
 def test_batch_size_takes_a_number_or_auto_only(value, tmp_path, capsys):
     assert main(["plan", "--batch-size", value, "--output-dir", str(tmp_path / "r")]) == 2
     assert "batch-size" in capsys.readouterr().err
+
+
+def test_the_data_term_is_the_token_store_the_run_reads(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    """The data is read from the memory-mapped token store: the plan counts its pages (the files loraq data
+    wrote, on disk) and a small index per example -- not the tokens as Python lists (50x more)."""
+    from loraq.planning.estimate import DATA_BYTES_PER_EXAMPLE
+
+    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path / "cache"))
+    plan = loraq.plan(model=str(tiny_llama_dir), data=str(text_file), method="qlora", seq_len=64, device="cpu")
+    (store,) = (p for p in (tmp_path / "cache" / "tokens").iterdir() if p.is_dir())
+    pages = sum(f.stat().st_size for f in store.glob("*.bin") if f.name in ("ids.bin", "mask.bin"))
+    term = dict(plan.estimate.terms)["tokenized data (token store pages read, index)"]
+    index = DATA_BYTES_PER_EXAMPLE * plan.rows.examples
+    assert term - index == pytest.approx(pages, rel=0.02) and term < 10 * plan.rows.tokens

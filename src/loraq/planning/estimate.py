@@ -28,7 +28,8 @@ AdamW's moments exist)::
 
 On the CPU the peak is resident memory (what summary.json reports there), so
 three terms join: the framework (Python, torch, transformers, loraq and its
-generated kernels, the tokenizer), the tokenized data, and the memory the
+generated kernels, the tokenizer), the tokenized data (the token store's
+pages once read, and its index), and the memory the
 exact-match generation before training used (its KV cache): glibc keeps
 freed heap memory, and training's differently sized tensors do not reuse it.
 On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors only; the
@@ -53,7 +54,10 @@ from loraq.planning.shapes import ModelShape
 # torch, transformers and loraq's training modules and ran its generated kernels once (bench/NOTES.md)
 CPU_FRAMEWORK_BYTES = 450_000_000
 TOKENIZER_BYTES_PER_FILE_BYTE = 14  # a loaded fast tokenizer vs its tokenizer.json (SmolLM2: 3.5 MB -> 48 MB)
-DATA_BYTES_PER_TOKEN = 120  # tokenized examples as Python lists, plus what tokenizing leaves in the heap
+# the data is read from the memory-mapped token store (loraq.data.store): per example, the views' index
+# arrays (measured 32-33 B at 127 and at 200,000 examples, taken as 40); per token, the store's pages once read
+# (file-backed, but resident: ids in 2 bytes, 4 over a 65,536 vocabulary, and one mask bit)
+DATA_BYTES_PER_EXAMPLE = 40
 LOSS_CHUNK_ROWS = 128  # training.loss.fused_linear_cross_entropy's chunk_rows
 
 
@@ -92,7 +96,9 @@ def _resident_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list
     if run.device == "cpu":
         terms.append(("framework (Python, torch, transformers, kernels, tokenizer)",
                       CPU_FRAMEWORK_BYTES + TOKENIZER_BYTES_PER_FILE_BYTE * shape.tokenizer_file_bytes))
-        terms.append(("tokenized data", DATA_BYTES_PER_TOKEN * rows.tokens))
+        id_bytes = 2 if shape.vocab <= 1 << 16 else 4
+        terms.append(("tokenized data (token store pages read, index)",
+                      int(rows.tokens * (id_bytes + 0.125)) + DATA_BYTES_PER_EXAMPLE * rows.examples))
     return terms + _weight_terms(shape, run)
 
 

@@ -24,7 +24,8 @@ class RowShape:
     """``longest``: tokens of the longest row (the padded length of the largest batch); ``trained``: the most
     trained tokens one row carries; ``varied``: batches carry an attention mask (packed rows, or padding: see
     MASKED_SHARE);
-    ``tokens``: tokens held in memory (train + validation); ``eval_rows`` x ``eval_prompt`` + ``eval_new``:
+    ``tokens``: tokens of the data (train + validation), ``examples`` the examples they come from;
+    ``eval_rows`` x ``eval_prompt`` + ``eval_new``:
     the exact-match generation before training (none when ``eval_rows`` is 0)."""
 
     longest: int
@@ -32,6 +33,7 @@ class RowShape:
     varied: bool
     rows: int
     tokens: int
+    examples: int
     eval_rows: int
     eval_prompt: int
     eval_new: int
@@ -52,17 +54,19 @@ def rows_from_data(cfg: Any, tokenizer: Any) -> RowShape:
     probe = dataclasses.replace(cfg, batch_size=1) if not isinstance(cfg.batch_size, int) else cfg
     data = build_data(probe, tokenizer)
     lengths = [row_length(row) for row in data.train]
+    examples = sum(len(row) for row in data.train) + sum(len(row) for row in data.val)
     trained = max(sum(ex.num_trained for ex in row) for row in data.train)
     tokens = sum(lengths) + sum(row_length(row) for row in data.val)
     refs = data.references if cfg.eval_samples and not cfg.resume else []
     short = sum(1 for n in lengths if n < max(lengths)) / len(lengths)
     return RowShape(longest=max(lengths), trained=trained, varied=bool(data.packed) or short >= MASKED_SHARE,
-                    rows=len(lengths), tokens=tokens, eval_rows=len(refs),
+                    rows=len(lengths), tokens=tokens, examples=examples, eval_rows=len(refs),
                     eval_prompt=max((len(r.prompt_ids) for r in refs), default=0),
                     eval_new=data.max_answer_tokens if refs else 0, has_val=bool(data.val), from_data=True)
 
 
 def rows_at_seq_len(cfg: Any) -> RowShape:
     """Every row ``--seq-len`` tokens long, all trained, no data held and no exact match (the worst case)."""
-    return RowShape(longest=cfg.seq_len, trained=cfg.seq_len, varied=False, rows=1 << 30, tokens=0, eval_rows=0,
+    return RowShape(longest=cfg.seq_len, trained=cfg.seq_len, varied=False, rows=1 << 30, tokens=0, examples=0,
+                    eval_rows=0,
                     eval_prompt=0, eval_new=0, has_val=False, from_data=False)
