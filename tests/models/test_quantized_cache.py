@@ -56,9 +56,11 @@ def _assert_is_quantize_4bit(loaded, stored):
 
 
 def test_the_second_load_reads_the_cache_and_equals_quantize_4bit(cache_on, biased_model, probe_ids, monkeypatch):
+    from loraq.models.cache import cached_models
+
     cold = _load(biased_model)
-    entries = list(cache_on.glob("*.safetensors"))
-    assert len(entries) == 1
+    (entry,) = cache_on.glob("*.safetensors")
+    assert [(r["kind"], r["path"], r["source"]) for r in cached_models()] == [("4-bit", str(entry), str(biased_model))]
     read: list[str] = []
     real_get = __import__("loraq.models.skeleton", fromlist=["x"]).open_safetensors
 

@@ -1,4 +1,4 @@
-"""`loraq models`: what is in loraq's model cache (fetched models and converted GGUF files)."""
+"""`loraq models`: what is in loraq's model cache (fetched models, converted GGUF files, kept 4-bit layers)."""
 from __future__ import annotations
 
 import argparse

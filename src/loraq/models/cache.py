@@ -62,7 +62,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def cached_models() -> list[dict[str, Any]]:
-    """One row per complete folder in the cache: name, kind, path, bytes, source."""
+    """One row per complete folder in the cache (name, kind, path, bytes, source), then the 4-bit layers kept
+    by :mod:`loraq.models.quantized_cache`."""
+    from loraq.models.quantized_cache import entries
     rows = []
     for kind, root in (("model", models_dir()), ("gguf", gguf_dir())):
         if not root.is_dir():
@@ -73,4 +75,4 @@ def cached_models() -> list[dict[str, Any]]:
             marker = read_marker(folder)
             rows.append({"name": folder.name, "kind": kind, "path": str(folder), "bytes": folder_bytes(folder),
                          "source": marker.get("source", "?")})
-    return rows
+    return rows + entries()

@@ -89,7 +89,7 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
         del tensor
     finish(model, device, label)
     if key and not cached:
-        quantized_cache.write_layers(key, {name: model.get_submodule(name) for name in quantized})
+        quantized_cache.write_layers(key, {name: model.get_submodule(name) for name in quantized}, label)
     return model, sorted(quantized)
 
 

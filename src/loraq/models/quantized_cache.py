@@ -94,9 +94,9 @@ def read_layers(key: str, layers: list[str], compute_dtype: torch.dtype) -> dict
     return out
 
 
-def write_layers(key: str, layers: Mapping[str, Linear4bit]) -> Path | None:
-    """Keep ``layers`` (name -> 4-bit layer) under ``key``; None when the cache cannot be written (a warning:
-    the run goes on without it)."""
+def write_layers(key: str, layers: Mapping[str, Linear4bit], source: str) -> Path | None:
+    """Keep ``layers`` (name -> 4-bit layer) of the model ``source`` under ``key``; None when the cache cannot be
+    written (a warning: the run goes on without it)."""
     from safetensors.torch import save_file
 
     from loraq.quant.state_io import state_to_tensors
@@ -109,12 +109,30 @@ def write_layers(key: str, layers: Mapping[str, Linear4bit]) -> Path | None:
     path = quantized_dir() / f"{key}.safetensors"
     try:
         with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "loraq-quantized", "version": str(FORMAT)})
+            save_file(tensors, str(tmp), metadata={"format": "loraq-quantized", "version": str(FORMAT),
+                                                   "source": source})
         _evict(keep=path)
     except OSError as exc:
         log.warning("could not keep the 4-bit weights in %s (%s)", path.parent, exc)
         return None
     return path
+
+
+def entries() -> list[dict]:
+    """One row per cached model (as :func:`loraq.models.cache.cached_models` lists them), newest use first."""
+    from safetensors import SafetensorError, safe_open
+
+    rows = []
+    folder = quantized_dir()
+    for path in sorted(folder.glob("*.safetensors") if folder.is_dir() else [], key=lambda p: -p.stat().st_mtime):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                source = (f.metadata() or {}).get("source", "?")
+        except (OSError, SafetensorError):
+            continue
+        rows.append({"name": path.stem, "kind": "4-bit", "path": str(path), "bytes": path.stat().st_size,
+                     "source": source})
+    return rows
 
 
 def _evict(keep: Path) -> None:
