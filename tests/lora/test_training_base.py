@@ -137,6 +137,8 @@ def test_a_base_changed_by_the_init_is_rebuilt_exactly(init, dora, tiny_llama_di
     adapter's magnitudes carried over from the file's rank-2r form); the calibrated init kept the plain 4-bit
     base and changed the function through its initial factors."""
     result = _train(tiny_llama_dir, files, tmp_path / "run", init=init, eval_samples=0, max_steps=2, dora=dora)
+    if init in ("loftq", "calibrated"):  # loaded unquantized and quantized by the init: not "0 layers in nf4"
+        assert f"the adapted layers in nf4+DQ by the {init} init" in capsys.readouterr().err
     got, err = _eval(capsys, str(files[1]), "--adapter", str(result.run_dir), "--max-examples", "0")
     assert "warning" not in err
     assert got["loss"] == pytest.approx(result.summary["eval_loss"], rel=1e-6)

@@ -319,8 +319,13 @@ def _attach_adapters(cfg: TrainConfig, model: nn.Module, lora_config: LoraConfig
 def _announce(cfg: TrainConfig, source: ModelSource, runtime: Runtime, say: Say, compute_dtype: torch.dtype,
               quantized: int, stats: DataStats) -> None:
     base_desc = dtype_name(compute_dtype)
-    if cfg.method == "qlora":
-        base_desc += f", {quantized} layers in {cfg.quant}{'+DQ' if cfg.double_quant else ''}"
+    from loraq.lora.model import QUANTIZING_INITS
+
+    fmt = f"{cfg.quant}{'+DQ' if cfg.double_quant else ''}"
+    if cfg.method == "qlora" and cfg.init in QUANTIZING_INITS:  # loaded unquantized; the init quantizes as it fits
+        base_desc += f", the adapted layers in {fmt} by the {cfg.init} init"
+    elif cfg.method == "qlora":
+        base_desc += f", {quantized} layers in {fmt}"
     say(f"loraq: {cfg.method} on {source.name} ({base_desc})")
     if runtime.distributed:
         say(f"loraq: {runtime.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}, {_backend()}); global batch "
