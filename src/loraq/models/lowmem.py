@@ -62,23 +62,23 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
 
     model = build_skeleton(folder, compute_dtype, trust_remote_code, label)
     targets = set(quantizable_layer_names(model))  # the layers quantize_model_ would convert
-    key = _cache_key(model, files, targets, quant_type, double_quant, blocksize)
-    cached = quantized_cache.read_layers(key, sorted(targets), compute_dtype) if key else None
+    entry = _cache_key(model, files, targets, quant_type, double_quant, blocksize)
+    cached = quantized_cache.read_layers(entry, sorted(targets), compute_dtype) if entry else None
     for name, layer in (cached or {}).items():
         _put_layer(model, name, layer.to(device))
     skip = tied_targets(model)
     quantized: list[str] = sorted(cached or ())
-    for key_, tensor in iter_checkpoint_tensors(files, label, checkpoint_key_renamer(model, label),
+    for key, tensor in iter_checkpoint_tensors(files, label, checkpoint_key_renamer(model, label),
                                                 wanted=_not_cached(model, cached)):
-        found = None if key_ in skip else module_and_leaf(model, key_)
+        found = None if key in skip else module_and_leaf(model, key)
         if found is None:
-            log.info("%s: ignoring %s (not a tensor of this architecture)", label, key_)
+            log.info("%s: ignoring %s (not a tensor of this architecture)", label, key)
             continue
         module_name, module, leaf = found
         if module_name in targets and leaf == "weight":
             conv1d = is_conv1d(module)  # stored [in, out]: quantized as [out, in], as transformers + bitsandbytes do
             weight = tensor.to(device).t() if conv1d else tensor.to(device)
-            packed, state = quantize_in_chunks(weight, blocksize, quant_type, double_quant, name=key_)
+            packed, state = quantize_in_chunks(weight, blocksize, quant_type, double_quant, name=key)
             _put_layer(model, module_name, Linear4bit(packed, state, None, compute_dtype))
             quantized.append(module_name)
         elif module_name in targets and leaf == "bias":
@@ -88,8 +88,8 @@ def load_quantized(folder: Path, files: WeightFiles, compute_dtype: torch.dtype,
                        tensor.to(device, compute_dtype) if tensor.is_floating_point() else tensor.to(device))
         del tensor
     finish(model, device, label)
-    if key and not cached:
-        quantized_cache.write_layers(key, {name: model.get_submodule(name) for name in quantized}, label)
+    if entry and not cached:
+        quantized_cache.write_layers(entry, {name: model.get_submodule(name) for name in quantized}, label)
     return model, sorted(quantized)
 
 

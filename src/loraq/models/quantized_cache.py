@@ -137,7 +137,7 @@ def entries() -> list[dict]:
 
 def _evict(keep: Path) -> None:
     """Remove the least recently used entries beyond :data:`KEEP` (never ``keep``)."""
-    entries = sorted(quantized_dir().glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in [p for p in entries if p != keep][KEEP - 1:]:
+    kept = sorted(quantized_dir().glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in kept if p != keep][KEEP - 1:]:
         with contextlib.suppress(OSError):
             old.unlink()

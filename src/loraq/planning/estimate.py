@@ -96,9 +96,11 @@ def _resident_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list
     if run.device == "cpu":
         terms.append(("framework (Python, torch, transformers, kernels, tokenizer)",
                       CPU_FRAMEWORK_BYTES + TOKENIZER_BYTES_PER_FILE_BYTE * shape.tokenizer_file_bytes))
-        id_bytes = 2 if shape.vocab <= 1 << 16 else 4
-        terms.append(("tokenized data (token store pages read, index)",
-                      int(rows.tokens * (id_bytes + 0.125)) + DATA_BYTES_PER_EXAMPLE * rows.examples))
+        from loraq.data.store import id_dtype
+
+        terms.append(("tokenized data (token store pages read, index)",  # ids, and one mask bit a token
+                      int(rows.tokens * (id_dtype(shape.vocab).itemsize + 0.125))
+                      + DATA_BYTES_PER_EXAMPLE * rows.examples))
     return terms + _weight_terms(shape, run)
 
 
