@@ -20,6 +20,17 @@ def test_tiny_scales_round_like_pytorch():
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_into_a_given_buffer(dtype):
+    packed, state = quantize_4bit(torch.randn(48, 64, generator=torch.Generator().manual_seed(5)), 64, "nf4", True)
+    buffer = torch.full((48 * 64,), float("nan"), dtype=dtype)
+    out = dequantize_native(packed, state, dtype, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and out.shape == (48, 64)
+    assert torch.equal(out, dequantize_4bit_eager(packed, state, dtype))
+    with pytest.raises(ValueError, match="contiguous"):  # the contract's check, before any kernel writes
+        dequantize_4bit(packed, state, dtype, out=torch.empty(10, dtype=dtype))
+
+
 def test_nan_scale_gives_nan_where_eager_does():
     packed, state = quantize_4bit(torch.randn(32, 64, generator=torch.Generator().manual_seed(4)), 64, "nf4", False)
     state.absmax[5] = float("nan")

@@ -88,3 +88,42 @@ def test_generic_path_where_fusion_does_not_apply():
     layer.active_adapters = ["default"]
     layer.lora_dropout["default"] = nn.Dropout(0.1)
     assert layer._fused_forward(torch.randn(2, 128)) is None
+
+
+def test_a_stack_of_4bit_layers_sharing_the_dequantization_buffer_matches_float64():
+    """Every 4-bit layer dequantizes into one reused buffer (quant/scratch.py): two layers of different sizes,
+    forward then backward (each re-dequantizes after the other overwrote the buffer), against float64."""
+    first, second = _layer(True, bias=False, in_f=128, out_f=96), _layer(True, bias=False, in_f=96, out_f=160)
+    x = torch.randn(2, 5, 128)
+    g = torch.randn(2, 5, 160)
+    xg = x.clone().requires_grad_()
+    second(first(xg)).backward(g)
+
+    def ref_layer(layer, inp):
+        w = dequantize_4bit(layer.base.weight, layer.base.quant_state, torch.float64)
+        a = layer.lora_A["default"].weight.detach().double().requires_grad_()
+        b = layer.lora_B["default"].weight.detach().double().requires_grad_()
+        return inp @ w.T + 3.0 * (inp @ a.T) @ b.T, a, b
+
+    x64 = x.double().requires_grad_()
+    h, a1, b1 = ref_layer(first, x64)
+    y, a2, b2 = ref_layer(second, h)
+    y.backward(g.double())
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-4, atol=5e-4)
+    for layer, a, b in ((first, a1, b1), (second, a2, b2)):
+        torch.testing.assert_close(layer.lora_A["default"].weight.grad.double(), a.grad, rtol=1e-4, atol=5e-4)
+        torch.testing.assert_close(layer.lora_B["default"].weight.grad.double(), b.grad, rtol=1e-4, atol=5e-4)
+
+
+def test_the_buffer_is_reused_and_kept_apart_from_inference_mode():
+    from loraq.quant.functional import dequantize_for_product
+
+    layer = _layer(True, bias=False)
+    packed, state = layer.base.weight, layer.base.quant_state
+    with torch.inference_mode():  # generation before training makes an inference tensor of its own
+        inference = dequantize_for_product(packed, state, torch.float32)
+    one = dequantize_for_product(packed, state, torch.float32)
+    two = dequantize_for_product(packed, state, torch.float32)
+    assert one.data_ptr() == two.data_ptr() != inference.data_ptr()
+    assert torch.equal(two, dequantize_4bit(packed, state, torch.float32))
+    layer(torch.randn(3, 128, requires_grad=True)).sum().backward()  # writes into it outside inference mode

@@ -201,5 +201,8 @@ def test_chunked_cpu_dequantization_is_exact(bnbf, monkeypatch, chunk_bytes):
         w = torch.randn(shape, generator=gen)
         packed, state, ref_packed, ref = _assert_same_as_bnb(bnbf, w, blocksize, "nf4", True)
         for dtype in (torch.float32, torch.bfloat16):
-            assert torch.equal(bits(dequantize_4bit(packed, state, dtype)),
-                               bits(_float64_dequant(bnbf, ref_packed, ref, dtype)))
+            expected = bits(_float64_dequant(bnbf, ref_packed, ref, dtype))
+            assert torch.equal(bits(dequantize_4bit(packed, state, dtype)), expected)
+            buffer = torch.full((w.numel(),), float("nan"), dtype=dtype)  # written in place, every element
+            into = functional.dequantize_4bit_eager(packed, state, dtype, out=buffer)
+            assert into.data_ptr() == buffer.data_ptr() and torch.equal(bits(into), expected)

@@ -41,8 +41,10 @@ def _dequantize_dq(packed: torch.Tensor, qabsmax: torch.Tensor, nested_absmax: t
     return _dequantize(packed, absmax, code, blocksize, dtype)
 
 
-def dequantize_generated(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor | None:
-    """``dequantize_4bit(packed, state, dtype)`` as one generated kernel, or None where that does not apply."""
+def dequantize_generated(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None
+                         ) -> torch.Tensor | None:
+    """``dequantize_4bit(packed, state, dtype)`` as one generated kernel, or None where that does not apply.
+    ``out`` is not written: the generated kernel returns its own tensor (CUDA, or CPU float16)."""
     n, bs = state.numel, state.blocksize
     # CPU: a C++ loop; CUDA: a Triton kernel (held to the eager path by tests/gpu, which have not run yet)
     if not enabled() or packed.device.type not in ("cpu", "cuda") or n % bs or n % 2:

@@ -207,12 +207,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctypes.CDLL | None = None
-                      ) -> torch.Tensor | None:
+def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctypes.CDLL | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``dequantize_4bit(packed, state, dtype)`` by the C kernel, or None where it does not apply.
 
     Applies to CPU tensors, float32 / bfloat16 output, whole blocks of at least 32 values. ``lib``: a
-    library from :func:`_build` (tests build one without AVX-512); default :func:`library`.
+    library from :func:`_build` (tests build one without AVX-512); default :func:`library`. ``out``: a
+    contiguous CPU buffer of the weight's size in ``dtype`` to write into (else a new tensor).
     """
     if packed.device.type != "cpu" or dtype not in _OUT_KIND:
         return None
@@ -227,7 +228,7 @@ def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctyp
     if code.numel() != 16:
         return None
     flat = flat.contiguous()
-    out = torch.empty(state.shape, dtype=dtype)
+    out = torch.empty(state.shape, dtype=dtype) if out is None else out.view(state.shape)
     if state.double_quant:
         absmax, qabsmax = None, state.absmax.contiguous()
         nested_code = state.nested_code.to(torch.float32).contiguous()

@@ -18,7 +18,8 @@ node saves the per-module Python and autograd work around them -- casting
 nodes, the separate ``dL/dx`` add, a second node for the 4-bit base -- which
 across SmolLM2's 210 LoRA layers is a few per cent of a training step
 (``bench/NOTES.md``). The 4-bit weight is dequantized again in backward
-instead of being saved, as in :class:`loraq.quant.linear.Linear4bit`.
+instead of being saved, as in :class:`loraq.quant.linear.Linear4bit`, each
+time into the same reused buffer (:mod:`loraq.quant.scratch`).
 """
 from __future__ import annotations
 
@@ -62,9 +63,9 @@ class LoraLinearFunction(torch.autograd.Function):
 def _dense(weight: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     if state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    from loraq.quant.functional import dequantize_4bit
+    from loraq.quant.functional import dequantize_for_product
 
-    return dequantize_4bit(weight, state, dtype)
+    return dequantize_for_product(weight, state, dtype)  # one reused buffer: used by one product, never saved
 
 
 def lora_linear(x, weight, state, bias, a, b, scale: float) -> torch.Tensor:

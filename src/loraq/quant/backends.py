@@ -6,6 +6,9 @@ generated dequantization kernels), and :func:`~loraq.quant.functional.dequantize
 tries the registered ones in order before its own eager path. A fast path
 returns None where it does not apply (another device, dtype or shape), and
 must give bitwise the eager path's result where it does (tests hold them so).
+It is called as ``fast_path(packed, state, dtype, out=out)``: ``out`` is None
+or a contiguous buffer of the weight's size in ``dtype`` that the result may
+be written into (one that cannot, returns a new tensor instead).
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-# (packed, state, dtype) -> Tensor | None
-Dequantizer = Callable[[torch.Tensor, object, torch.dtype], "torch.Tensor | None"]
+# (packed, state, dtype, out=None) -> Tensor | None
+Dequantizer = Callable[..., "torch.Tensor | None"]
 
 _DEQUANTIZERS: list[tuple[str, Dequantizer]] = []
 

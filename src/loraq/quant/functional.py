@@ -252,11 +252,14 @@ def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Tensor[state.shape] in ``dtype`` (default: the original weight's): ``code[nibble] * absmax`` in float32,
     then cast.
 
     ``code`` is the table of ``state.quant_type`` (a loaded ``quant_map`` is checked to be exactly that table).
+    ``out``: a contiguous buffer of ``state.numel`` elements of ``dtype`` the result may be written into (a
+    fast path that cannot returns a new tensor); use the returned tensor either way.
 
     Fast paths registered in :mod:`loraq.quant.backends` run first, in order (``loraq.kernels.install()``
     registers the C kernel, CPU float32 / bf16 output, then the generated one); where none applies, the
@@ -269,19 +272,22 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     and is reused instead of a fresh weight-sized float32 tensor per call.
     """
     dtype = dtype or state.dtype
+    if out is not None and (out.dtype != dtype or out.numel() != state.numel or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} buffer of {state.numel} elements")
     for _name, fast_path in dequantizers():
-        out = fast_path(packed, state, dtype)
-        if out is not None:
-            return out
-    return dequantize_4bit_eager(packed, state, dtype)
+        result = fast_path(packed, state, dtype, out=out)
+        if result is not None:
+            return result
+    return dequantize_4bit_eager(packed, state, dtype, out)
 
 
-def dequantize_4bit_eager(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_eager(packed: torch.Tensor, state: QuantState, dtype: torch.dtype,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """The eager path of :func:`dequantize_4bit` (also the one for partial blocks and non-CPU devices)."""
     absmax = dequantize_absmax(state)
     flat = packed_bytes(packed)
     n, bs = state.numel, state.blocksize
-    out = torch.empty(n, dtype=dtype, device=flat.device)
+    out = torch.empty(n, dtype=dtype, device=flat.device) if out is None else out.view(-1)
     step = CPU_CHUNK_BYTES // (bs // 2) * (bs // 2) if flat.device.type == "cpu" else flat.numel()
     step = max(step, bs // 2)
     index = torch.empty(min(step, flat.numel()), dtype=torch.int32, device=flat.device)
@@ -295,6 +301,14 @@ def dequantize_4bit_eager(packed: torch.Tensor, state: QuantState, dtype: torch.
         first, last = 2 * start, min(2 * stop, n)  # element range; ``first`` starts a block
         _scale_into(values[: last - first], absmax[first // bs:], bs, out[first:last])
     return out.view(state.shape)
+
+
+def dequantize_for_product(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_4bit` into the thread's reused buffer (:mod:`loraq.quant.scratch`) on the CPU: for a
+    weight that feeds one product and is dropped -- valid until the next call, never to be saved."""
+    from loraq.quant.scratch import buffer
+
+    return dequantize_4bit(packed, state, dtype, out=buffer(state.numel, dtype, packed.device))
 
 
 def _scale_into(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:

@@ -3,7 +3,8 @@
 ``W`` lives only as packed bytes plus its QuantState (see
 :mod:`loraq.quant.functional`). Each forward dequantizes it on the fly into
 the compute dtype; backward dequantizes it again to return the input
-gradient ``dL/dx = dL/dy W``. Nothing but the packed bytes is saved for
+gradient ``dL/dx = dL/dy W`` (both into one reused buffer on the CPU,
+:mod:`loraq.quant.scratch`). Nothing but the packed bytes is saved for
 backward, so between forward and backward the layer costs its packed data
 and stats only (``numel / 2`` bytes plus about 1/64 of that for the scales).
 The weight gets no gradient; the bias gets one only if it requires grad.
@@ -25,7 +26,13 @@ from torch import nn
 
 from loraq.devices import resolve_dtype
 from loraq.modules import is_conv1d, linear_weight
-from loraq.quant.functional import QuantState, dequantize_4bit, dequantize_4bit_rows, quantize_4bit
+from loraq.quant.functional import (
+    QuantState,
+    dequantize_4bit,
+    dequantize_4bit_rows,
+    dequantize_for_product,
+    quantize_4bit,
+)
 from loraq.quant.state_io import state_from_tensors, state_to_tensors
 
 
@@ -36,7 +43,7 @@ class _Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, packed, state: QuantState, bias):
         ctx.state = state
         ctx.save_for_backward(packed)  # the uint8 parameter itself, not a copy
-        weight = dequantize_4bit(packed, state, x.dtype)
+        weight = dequantize_for_product(packed, state, x.dtype)  # a reused buffer (quant/scratch.py): not saved
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -44,7 +51,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
+            grad_x = grad_out @ dequantize_for_product(packed, ctx.state, grad_out.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
