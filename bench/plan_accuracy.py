@@ -42,6 +42,11 @@ CONFIGS = {
     "0.5b-lora-b2-s256-gc": ("0.5b", "lora", 2, 256, True, "text"),
     "1b-qlora-b4-s512": ("1.1b", "qlora", 4, 512, False, "text"),
     "1b-qlora-b1-s1024-gc": ("1.1b", "qlora", 1, 1024, True, "text"),
+    # held out: not used to choose the plan's CPU heap share (estimate.CPU_HEAP_SHARE), run after it was set
+    "0.5b-lora-b8-s128": ("0.5b", "lora", 8, 128, False, "text"),
+    "1b2-qlora-b4-s512": ("1.1b-2", "qlora", 4, 512, False, "text"),
+    "smol-lora-b8-s256-gc": ("default", "lora", 8, 256, True, "text"),
+    "smol-full-b2-s512-fp32": ("default", "full", 2, 512, False, "text"),
 }
 
 # random Llama shapes (SmolLM2's vocabulary, so its tokenizer fits)
@@ -50,6 +55,8 @@ SHAPES = {
                  num_key_value_heads=4, tie_word_embeddings=True),
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, tie_word_embeddings=False),  # TinyLlama's block shape
+    "1.1b-2": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
+                   num_key_value_heads=4, tie_word_embeddings=False),  # the same, cut to 2 blocks
 }
 
 

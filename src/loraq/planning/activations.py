@@ -10,8 +10,17 @@ blocks it computes; SDPA keeps queries, keys, values and the log-sum-exp.
 Under ``--method full`` with a 16-bit compute dtype, autocast casts each
 linear's input on its own (one saved copy per linear) and the residual
 stream, queries and keys stay in float32.
+
+:func:`heap_bytes` is the part of those activations that glibc's heap serves
+(and keeps when freed, see :mod:`loraq.planning.estimate`): tensors below its
+largest dynamic mmap threshold, 32 MiB on 64-bit Linux; a larger tensor is a
+mapping of its own, returned to the system when freed. Counted by width: the
+``[N, I]`` tensors (the gate's inputs, the down projection's), and the rest,
+which are ``[N, d]`` or narrower.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import LinearShape, ModelShape
@@ -35,6 +44,42 @@ def activation_bytes(shape: ModelShape, batch: int, length: int, masked: bool, r
     return rope + final + sum(block_bytes(shape, lins, batch, length, masked, run) for lins in blocks)
 
 
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX for 64-bit glibc
+
+
+def heap_bytes(shape: ModelShape, batch: int, length: int, masked: bool, run: RunSettings,
+               limit: int = GLIBC_MMAP_THRESHOLD_MAX) -> int:
+    """The activation bytes a step allocates and frees in tensors glibc's heap serves, those below ``limit``
+    bytes: all of them less the tensors wider than ``[N, d]`` (the gate's inputs, the down projection's) at
+    or above it, and none once an ``[N, d]`` tensor is (the narrower ones, ``x A^T`` and the norms' ``1/rms``,
+    are then counted out too). With or without checkpointing: a checkpointed forward allocates each block's
+    activations too (and frees them), and backward allocates them again, one block at a time."""
+    run = dataclasses.replace(run, grad_checkpointing=False)
+    n, e = batch * length, run.compute_bytes
+    residual = 4 if run.method == "full" and e < 4 else e
+    if n * shape.hidden * residual >= limit:
+        return 0
+    wide = [_wide_bytes(shape, lins, n, run, limit) for lins in _blocks(shape)]
+    total = activation_bytes(shape, batch, length, masked, run)
+    return total - sum(wide)
+
+
+def _wide_bytes(shape: ModelShape, linears: list[LinearShape], n: int, run: RunSettings, limit: int) -> int:
+    e = run.compute_bytes
+    sizes = [n * width * e for width in _input_widths(linears, run) if width > shape.hidden]
+    sizes += [n * shape.intermediate * e] * (2 if shape.lean_blocks else 3)
+    return sum(size for size in sizes if size >= limit)
+
+
+def _input_widths(linears: list[LinearShape], run: RunSettings) -> list[int]:
+    """Widths of the saved inputs of a block's linears: one per linear under autocast (each casts its own),
+    else one per group of linears reading the same tensor (q/k/v, gate/up), adapted or trained ones only."""
+    full = run.method == "full"
+    if full and run.compute_bytes < 4:
+        return [lin.in_features for lin in linears]
+    return list({lin.input_group: lin.in_features for lin in linears if lin.rank or full}.values())
+
+
 def _blocks(shape: ModelShape) -> list[list[LinearShape]]:
     by_layer: dict[int, list[LinearShape]] = {i: [] for i in range(shape.layers)}
     for lin in shape.linears:
@@ -46,21 +91,14 @@ def _blocks(shape: ModelShape) -> list[list[LinearShape]]:
 def block_bytes(shape: ModelShape, linears: list[LinearShape], batch: int, length: int, masked: bool,
                 run: RunSettings) -> int:
     """One decoder block's saved tensors (see the module docstring)."""
-    n, e, d, inter = batch * length, run.compute_bytes, shape.hidden, shape.intermediate
-    full = run.method == "full"
-    autocast = full and e < 4
-    residual = 4 if autocast else e
+    n, e, d = batch * length, run.compute_bytes, shape.hidden
+    residual = 4 if run.method == "full" and e < 4 else e
     if shape.lean_blocks:
         norms = 2 * n * (d * residual + 4)
-        mlp = 2 * n * inter * e
     else:  # autograd's own RMSNorm keeps a float32 copy and the normalised value; SiLU-gate keeps three
         norms = 2 * n * (2 * d * 4 + 4)
-        mlp = 3 * n * inter * e
-    if autocast:
-        inputs = sum(n * lin.in_features * e for lin in linears)
-    else:
-        groups = {lin.input_group: lin.in_features for lin in linears if lin.rank or full}
-        inputs = sum(n * width * e for width in groups.values())
+    mlp = (2 if shape.lean_blocks else 3) * n * shape.intermediate * e
+    inputs = sum(n * width * e for width in _input_widths(linears, run))
     low_rank = sum(n * lin.rank * e for lin in linears)
     return norms + mlp + inputs + low_rank + attention_bytes(shape, batch, length, masked, run)
 

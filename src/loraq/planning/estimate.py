@@ -32,6 +32,18 @@ generated kernels, the tokenizer), the tokenized data (the token store's
 pages once read, and its index), and the memory the
 exact-match generation before training used (its KV cache): glibc keeps
 freed heap memory, and training's differently sized tensors do not reuse it.
+The fourth is glibc's heap: from the second step on, resident memory runs
+above the live bytes, because memory freed in one step is kept by the heap
+and the next step's allocations, timed differently, do not all fit its holes
+(``bench/NOTES.md``: 0-57% of the activations kept, across the configurations
+measured, history-dependent run to run). Counted as :data:`CPU_HEAP_SHARE`
+of the activation bytes a step allocates from the heap -- those in tensors
+below glibc's largest mmap threshold, 32 MiB, with or without checkpointing,
+which allocates them too, block by block
+(:func:`loraq.planning.activations.heap_bytes`); a larger tensor is its own
+mapping and goes back when freed -- a share measured
+on those runs and checked on others, not derived: it is the one term of the
+CPU plan that is an allowance rather than an account of tensors.
 On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors only; the
 CUDA context, ~0.3-0.5 GB, and the caching allocator's slack come on top, and
 :mod:`loraq.planning.fit` adds them before comparing with free memory); the
@@ -59,6 +71,10 @@ TOKENIZER_BYTES_PER_FILE_BYTE = 14  # a loaded fast tokenizer vs its tokenizer.j
 # (file-backed, but resident: ids in 2 bytes, 4 over a 65,536 vocabulary, and one mask bit)
 DATA_BYTES_PER_EXAMPLE = 40
 LOSS_CHUNK_ROWS = 128  # training.loss.fused_linear_cross_entropy's chunk_rows
+# CPU only: resident memory glibc's heap keeps above the live bytes, as a share of the activation bytes a step
+# allocates from it (chosen 2026-12-01 on ten configurations from SmolLM2 to a 1.1 B Llama, then checked on
+# four held out; bench/NOTES.md)
+CPU_HEAP_SHARE = 0.25
 
 
 @dataclass
@@ -146,7 +162,7 @@ def _dtype(e: int) -> str:
 
 def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tuple[str, int]]:
     """The batch-dependent part: loss buffers, activations kept for backward, the backward transient."""
-    from loraq.planning.activations import activation_bytes, transient_bytes
+    from loraq.planning.activations import activation_bytes, heap_bytes, transient_bytes
 
     e, b, t = run.compute_bytes, run.batch_size, rows.longest
     trained = min(b * rows.trained, b * t)
@@ -159,7 +175,8 @@ def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tup
     if run.eval_every and rows.has_val:
         loss += LOSS_CHUNK_ROWS * v * 4  # the evaluation's fp32 log-probability buffer stays with the loss
     label = "activations kept for backward" + (" (--grad-checkpointing)" if run.grad_checkpointing else "")
-    terms = [("loss: logit chunk + dh", loss), (label, activation_bytes(shape, b, t, rows.varied, run)),
+    activations = activation_bytes(shape, b, t, rows.varied, run)
+    terms = [("loss: logit chunk + dh", loss), (label, activations),
              ("backward transient (one block)", transient_bytes(shape, b, t, run))]
     if run.method == "full":
         if e < 4:
@@ -168,6 +185,9 @@ def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tup
         # of its largest parameter. Counted: whatever of that exceeds what the start of backward holds.
         end = 4 * shape.total_params + 2 * 4 * shape.largest_param
         terms.append(("gradients (fp32) beyond the activations they replace", max(0, end - sum(x for _, x in terms))))
+    if run.device == "cpu":
+        terms.append((f"freed memory glibc's heap keeps ({CPU_HEAP_SHARE:.0%} of the activations it served)",
+                      int(CPU_HEAP_SHARE * heap_bytes(shape, b, t, rows.varied, run))))
     return terms
 
 
@@ -184,7 +204,11 @@ def _generation_bytes(shape: ModelShape, rows: RowShape, run: RunSettings) -> in
 
 def _loading_transient(shape: ModelShape, run: RunSettings) -> int:
     """Loading above the loaded weights: the 4-bit loader holds one tensor as stored; transformers' loader
-    (lora, full) maps the files, whose pages stay resident until it is done."""
-    if run.method == "qlora" or shape.prequantized:
+    (lora, full) maps the files, whose pages stay resident until it is done -- unless the weights keep the
+    stored dtype: then they are those pages (no copy; measured: a 1.04 GB bf16 model loaded for lora in bf16
+    left 0.41 GB resident), and nothing comes on top."""
+    if run.method == "qlora" or shape.prequantized or run.device != "cpu":
         return shape.largest_stored_bytes
-    return shape.stored_bytes if run.device == "cpu" else shape.largest_stored_bytes
+    weights = 4 * shape.total_params if run.method == "full" else run.compute_bytes * shape.total_params
+    as_stored = abs(shape.stored_bytes - weights) <= 0.01 * weights
+    return shape.largest_stored_bytes if as_stored else shape.stored_bytes

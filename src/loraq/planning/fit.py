@@ -68,8 +68,9 @@ def _cgroup_room() -> int | None:
 
 
 def largest_fitting(need: Callable[[int], int], budget: int, lo: int, hi: int) -> int | None:
-    """The largest ``x`` in ``[lo, hi]`` with ``need(x) <= budget`` (``need`` grows with ``x``); None if not
-    even ``lo`` fits."""
+    """The largest ``x`` in ``[lo, hi]`` with ``need(x) <= budget`` (``need`` grows with ``x``, but for a step
+    down where the CPU heap term's tensors pass glibc's 32 MiB: the search may then stop below it, on the safe
+    side); None if not even ``lo`` fits."""
     if need(lo) > budget:
         return None
     good, step = lo, 1
