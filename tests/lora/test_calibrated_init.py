@@ -121,24 +121,52 @@ def test_calibrated_beats_loftq_in_activation_space_on_held_out_rows():
     assert errors["calibrated"] < 0.8 * errors["loftq"] < 0.8 * errors["nf4"], errors
 
 
-def test_the_base_is_plain_nf4_and_the_file_holds_the_update_relative_to_the_untouched_base(tmp_path):
-    from safetensors.torch import load_file
-
-    from loraq.lora.files import save_adapter
+def test_the_fit_stays_frozen_beside_a_default_start_and_is_stored_beside_the_adapter(tmp_path):
+    """The base is plain NF4 (the codes of loading the model 4-bit); the fit is a frozen pair beside an adapter
+    that starts as the default init does (B = 0), so the layer computes Q + s B0 A0 + s B A, held against a
+    float64 product; training moves A and B only; the folder is an ordinary adapter of the full-precision
+    weights (its update is zero at the start) with the fit in base_correction.safetensors, which rebuilds
+    the same model on a plain 4-bit base, and whose absence is a clear error."""
+    from loraq.errors import AdapterError
+    from loraq.lora.correction import CORRECTION_NAME, load_correction
+    from loraq.lora.files import load_adapter, save_adapter
     from loraq.quant.linear import Linear4bit
 
     fp = outlier_model()
     model = copy.deepcopy(fp)
     inject_lora(model, LoraConfig(r=4, alpha=8, init="calibrated"), quant=NF4, calibration=rows(seed=3))
-    tensors = None
+    x = torch.randn(3, 5, fp.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for name, layer in lora_layers(model):
         plain = Linear4bit.from_linear(fp.get_submodule(name), **NF4)
-        assert torch.equal(layer.base.weight, plain.weight), name  # the same codes as loading the model 4-bit
+        assert torch.equal(layer.base.weight, plain.weight), name
+        assert not layer.lora_B["default"].weight.any() and "default" in layer.lora_correction, name
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    c, s = layer.lora_correction["default"], layer.scaling["default"]
+    expected = x.double() @ (layer.base.dequantize(torch.float64) + s * c.b.double() @ c.a.double()).t()
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+    before = {n: (l.lora_correction["default"].a.clone(), l.lora_correction["default"].b.clone())
+              for n, l in lora_layers(model)}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randint(0, VOCAB, (2, 8)), labels=torch.randint(0, VOCAB, (2, 8))).loss.backward()
+    optimizer.step()
+    for n, l in lora_layers(model):
+        assert torch.equal(l.lora_correction["default"].a, before[n][0]), n
+        assert torch.equal(l.lora_correction["default"].b, before[n][1]), n
+    assert layer.lora_B["default"].weight.any()
+
     save_adapter(model, tmp_path / "a")
-    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    for name, _layer in lora_layers(model):  # untrained: the update relative to W is zero
-        key = f"base_model.model.{name}.lora_"
-        assert float((tensors[key + "B.weight"] @ tensors[key + "A.weight"]).abs().max()) < 1e-6
+    assert (tmp_path / "a" / CORRECTION_NAME).is_file()
+    rebuilt = copy.deepcopy(fp)
+    for name, _ in lora_layers(model):
+        parent, child = name.rsplit(".", 1)
+        setattr(rebuilt.get_submodule(parent), child, Linear4bit.from_linear(fp.get_submodule(name), **NF4))
+    load_adapter(rebuilt, tmp_path / "a")
+    assert load_correction(rebuilt, tmp_path / "a") == len(before)
+    assert torch.allclose(rebuilt(torch.arange(8)[None]).logits, model(torch.arange(8)[None]).logits, atol=1e-5)
+    (tmp_path / "a" / CORRECTION_NAME).unlink()
+    with pytest.raises(AdapterError, match="base_correction.safetensors is missing"):
+        load_correction(rebuilt, tmp_path / "a")
 
 
 def test_calibrated_needs_rows_and_layers_inside_blocks():

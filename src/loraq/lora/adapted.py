@@ -14,11 +14,14 @@ which base an adapter goes on:
     adapter its 4-bit base with the recorded settings; for PiSSA / LoftQ the
     initialisation is replayed on the original weights (it changed the frozen
     base), the replayed initial factors are checked against those stored in
-    the file, and the trained factors (the file's first r) are applied. An
-    adapter with no record (made elsewhere): ``"auto"`` assumes a
-    full-precision base, ``"trained"`` QLoRA's usual 4-bit base;
+    the file, and the trained factors (the file's first r) are applied; for
+    the calibrated init, the frozen correction stored beside the adapter
+    (:mod:`loraq.lora.correction`) joins the 4-bit base. An adapter with no
+    record (made elsewhere): ``"auto"`` assumes a full-precision base,
+    ``"trained"`` QLoRA's usual 4-bit base;
   - ``"original"``: the full-precision weights, the file applied as PEFT
-    applies it (PiSSA / LoftQ files are relative to those weights).
+    applies it (PiSSA / LoftQ files are relative to those weights; a
+    calibrated adapter's correction stays out: it corrects the 4-bit base).
 
   ``quant`` ("nf4" / "fp4") asks for a 4-bit base with that code instead.
 
@@ -58,6 +61,11 @@ class BasePlan:
     @property
     def replays_init(self) -> bool:
         return self.trained and self.record is not None and self.record.replays_init
+
+    @property
+    def corrects_base(self) -> bool:
+        """The trained base is the 4-bit one plus the frozen correction stored beside the adapter."""
+        return self.trained and self.record is not None and self.record.base_correction
 
     @property
     def splits_factors(self) -> bool:
@@ -190,6 +198,10 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None, *, base: 
         _apply_trained_half(loaded, adapter, plan, allow_pickle, lambda m: tell(f"warning: {m}"))
     else:
         load_adapter(loaded.model, adapter, allow_pickle=allow_pickle)
+    if plan.corrects_base:
+        from loraq.lora.correction import load_correction
+
+        load_correction(loaded.model, adapter)
     tell(plan.message)  # once it is done: a mistake found while loading stays the only line
     loaded.model.eval()
     return loaded

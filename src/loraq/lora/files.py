@@ -9,7 +9,9 @@ the factors have the same shapes and meaning either way. The config states exact
 that carry the adapter, and the rank and alpha of each, in terms PEFT reads
 (suffixes when they select exactly those layers, else full names; per-layer
 ranks/alphas that differ from ``r``/``lora_alpha`` as ``rank_pattern`` /
-``alpha_pattern`` entries). An adapter whose initialisation changed the base
+``alpha_pattern`` entries); a frozen correction of the 4-bit base beside the
+adapter (``--init calibrated``) goes to its own file, :mod:`loraq.lora.correction`.
+An adapter whose initialisation changed the base
 (PiSSA, LoftQ) is written relative to the *unchanged* base::
 
     W_res + s B A = W0 + s [B, -B0] [A; A0]     (rank 2r, same s)
@@ -36,6 +38,7 @@ import torch.nn as nn
 
 from loraq.errors import AdapterError, ConfigError
 from loraq.lora.config import LoraConfig, plain_number
+from loraq.lora.correction import correction_tensors, save_correction
 from loraq.lora.model import (
     MAGNITUDE_KEY,
     PEFT_PREFIX,
@@ -79,9 +82,12 @@ def save_adapter(
     tensors, peft_config = peft_export(model, adapter_name)
     if base_model_name_or_path is not None:
         peft_config["base_model_name_or_path"] = str(base_model_name_or_path)
+    correction = correction_tensors(model, adapter_name)
     with atomic_dir(out, replace=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if correction:  # the calibrated init's frozen correction of the 4-bit base (lora/correction.py)
+            save_correction(correction, tmp)
     return out
 
 

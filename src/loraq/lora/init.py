@@ -40,6 +40,15 @@
   ``Q_t = q(W - s B_{t-1} A_{t-1})`` and refit. ``H = I`` (``lam -> inf``)
   gives LoftQ's weight-space fit back.
 
+  The fitted pair does not train: it stays frozen beside the adapter
+  (``LoraLinear.lora_correction``), whose own A and B start as ``default``
+  does, so the layer computes ``Q + s B0 A0 + s B A`` with ``B = 0`` at the
+  start. Trained through, the fit lost its head start in forgetting
+  (``bench/NOTES.md``, issue 17); frozen, training starts from the corrected
+  base as LoRA starts from the full-precision one, and the adapter folder is
+  an ordinary rank-r adapter of the full-precision weights (``Q + s B0 A0 ~
+  W``), with ``B0, A0`` stored beside it for the 4-bit base.
+
 The functions here work on tensors; :mod:`loraq.lora.model` applies them to
 layers.
 """

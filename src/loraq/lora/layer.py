@@ -69,6 +69,9 @@ class LoraLinear(nn.Module):
         # (A0, B0) of adapters whose initialisation changed the base (pissa, loftq): the file
         # format stores updates relative to the untouched base, see files.py
         self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # adapter -> frozen (A0, B0) beside its trainable pair, applied with its scale: the calibrated init's
+        # correction of the 4-bit base (init.calibrated); the layer then computes base + s [B, B0] [A; A0]
+        self.lora_correction = nn.ModuleDict()
         self._base_before_merge: nn.Module | None = None
         self._merge_dtype: torch.dtype | None = None
 
@@ -95,12 +98,27 @@ class LoraLinear(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector, self.lora_correction):
             if name in table:
                 del table[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.initial_factors):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_correction(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Freeze ``(A0 [r0, in], B0 [out, r0])`` beside adapter ``name``'s pair (see ``lora_correction``)."""
+        if tuple(a0.shape) != (a0.shape[0], self.in_features) or tuple(b0.shape) != (self.out_features, a0.shape[0]):
+            raise ValueError(f"a correction of shapes {tuple(a0.shape)}, {tuple(b0.shape)} does not fit a "
+                             f"[{self.out_features}, {self.in_features}] layer")
+        self.lora_correction[name] = Correction(a0, b0)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of adapter ``name`` as the layer applies them: ``([A; A0], [B, B0])`` with a correction."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if name not in self.lora_correction:
+            return a, b
+        c = self.lora_correction[name]
+        return torch.cat([a, c.a.to(a.dtype)]), torch.cat([b, c.b.to(b.dtype)], dim=1)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -121,7 +139,7 @@ class LoraLinear(nn.Module):
 
     def weight_norm(self, name: str) -> torch.Tensor:
         """``||W0 + s B A||`` per output row, float32, no gradient (:func:`loraq.lora.dora.weight_norm`)."""
-        return dora.weight_norm(self.base, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        return dora.weight_norm(self.base, *self.factors(name), self.scaling[name])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,7 +180,7 @@ class LoraLinear(nn.Module):
         if name in self.lora_dropout or self.is_dora(name):
             return None
         base = self.base
-        a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        (a, b), s = self.factors(name), self.scaling[name]
         if is_4bit(base):
             y = lora_linear(x.to(base.compute_dtype), base.weight, base.quant_state, base.bias, a, b, s)
             return y.to(x.dtype)
@@ -172,8 +190,7 @@ class LoraLinear(nn.Module):
         return None
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
+        a, b = self.factors(name)
         if name in self.lora_dropout:
             x = self.lora_dropout[name](x)
         if a.dtype != x.dtype:
@@ -190,7 +207,7 @@ class LoraLinear(nn.Module):
         """``y + (c - 1) * W0 x' + c * s B A x'`` with ``c = m / ||W0 + s B A||`` (constant in backward) and
         ``x'`` the adapter's (dropped-out) input; without dropout ``W0 x`` is the base's output ``base_y``
         less the bias (never another adapter's update: the sum is the one ``merged_weight`` forms)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = self.factors(name)
         c = (self.lora_magnitude_vector[name] / self.weight_norm(name)).to(y.dtype)
         if name in self.lora_dropout:
             x = self.lora_dropout[name](x)
@@ -208,10 +225,9 @@ class LoraLinear(nn.Module):
 
     # -- merge ----------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s * B @ A`` in float32, ``[out_features, in_features]``."""
-        a = self.lora_A[name].weight.detach().float()
-        b = self.lora_B[name].weight.detach().float()
-        return (b @ a) * self.scaling[name]
+        """``s * B @ A`` in float32, ``[out_features, in_features]`` (with its correction: ``s [B, B0] [A; A0]``)."""
+        a, b = self.factors(name)
+        return (b.detach().float() @ a.detach().float()) * self.scaling[name]
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight ``W0`` as a dense tensor (dequantized for a 4-bit base)."""
@@ -284,6 +300,16 @@ class LoraLinear(nn.Module):
                           for n in self.adapter_names)
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], "
                 f"active={self.active_adapters}")
+
+
+class Correction(nn.Module):
+    """A frozen low-rank pair: buffers ``a`` [r0, in] and ``b`` [out, r0], float32, moved with the model and kept
+    out of its state dict (an adapter folder stores them apart, :mod:`loraq.lora.files`)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a.detach().float().clone(), persistent=False)
+        self.register_buffer("b", b.detach().float().clone(), persistent=False)
 
 
 class ModulesToSave(nn.Module):

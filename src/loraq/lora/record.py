@@ -12,15 +12,19 @@ needed to rebuild the base it trained against::
      "init": "default" | "gaussian" | "pissa" | "loftq" | ...,
      "loftq_iters": 5 | null,
      "initial_factors_appended": false,
+     "base_correction": false,
      "base_model": {"name_or_path": "...", "kind": "default|dir|hub|gguf|bnb4bit", "fingerprint": "sampled-sha256:..."}}
 
 ``initial_factors_appended``: the init changed the model's function at the
-start (PiSSA, LoftQ, calibrated: see :mod:`loraq.lora.files`), so the file
-holds the update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank
-2r; the trained factors are the first r of each. PiSSA and LoftQ also changed
-the frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying
-the initialisation; the calibrated init leaves it ``q(W)``, the plain 4-bit
-base, so nothing needs replaying (nor the calibration data). An adapter made
+start (PiSSA, LoftQ: see :mod:`loraq.lora.files`), so the file holds the
+update relative to the untouched base, ``[B, -B0] [A; A0]`` at rank 2r; the
+trained factors are the first r of each. PiSSA and LoftQ also changed the
+frozen base itself, which :mod:`loraq.lora.adapted` rebuilds by replaying the
+initialisation. ``base_correction`` (the calibrated init): the 4-bit base
+``q(W)`` trained with a frozen correction ``s B0 A0`` beside the adapter, so
+the trained base is ``q(W) + s B0 A0 ~ W``; the file is an ordinary adapter of
+the full-precision weights, and ``B0, A0`` are in ``base_correction.safetensors``
+beside it (nothing to replay, no calibration data needed). An adapter made
 elsewhere has no record; a record that cannot
 be read is reported and ignored (the adapter is then treated as one from
 elsewhere), never a crash.
@@ -39,7 +43,8 @@ RECORD_NAME = "training_base.json"
 FORMAT = "loraq-training-base"
 VERSION = 1
 BASE_CHANGING_INITS = ("pissa", "loftq")  # the frozen base is not the plain (quantized) model's
-FUNCTION_CHANGING_INITS = (*BASE_CHANGING_INITS, "calibrated")  # s B0 A0 != 0: the file appends the initial factors
+FUNCTION_CHANGING_INITS = BASE_CHANGING_INITS  # s B0 A0 != 0 and trained: the file appends the initial factors
+CORRECTING_INITS = ("calibrated",)  # a frozen correction of the 4-bit base beside the adapter
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class TrainingBase:
     base_model: BaseModelId
     loftq_iters: int | None = None
     initial_factors_appended: bool = False
+    base_correction: bool = False
 
     @property
     def replays_init(self) -> bool:
@@ -98,7 +104,8 @@ class TrainingBase:
                                                                   int(quant["blocksize"])),
                    init=str(data["init"]), base_model=BaseModelId(**data["base_model"]),
                    loftq_iters=data.get("loftq_iters"),
-                   initial_factors_appended=bool(data.get("initial_factors_appended", False)))
+                   initial_factors_appended=bool(data.get("initial_factors_appended", False)),
+                   base_correction=bool(data.get("base_correction", False)))
 
 
 def write_training_base(folder: str | Path, record: TrainingBase) -> Path:

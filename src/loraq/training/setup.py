@@ -419,7 +419,7 @@ def training_base_record(cfg: TrainConfig, source: ModelSource, model: nn.Module
                          compute_dtype: torch.dtype) -> TrainingBase:
     """What the adapter is trained against (:mod:`loraq.lora.record`): method, 4-bit settings, init, base identity."""
     from loraq.lora.adapted import source_fingerprint
-    from loraq.lora.record import FUNCTION_CHANGING_INITS, BaseModelId, QuantSettings
+    from loraq.lora.record import CORRECTING_INITS, FUNCTION_CHANGING_INITS, BaseModelId, QuantSettings
 
     quant = None
     if cfg.method == "qlora":
@@ -429,7 +429,8 @@ def training_base_record(cfg: TrainConfig, source: ModelSource, model: nn.Module
     return TrainingBase(method=cfg.method, compute_dtype=dtype_name(compute_dtype), quant=quant, init=cfg.init,
                         base_model=BaseModelId(adapter_base_name(source), source.kind, source_fingerprint(source)),
                         loftq_iters=cfg.loftq_iters if cfg.init == "loftq" else None,
-                        initial_factors_appended=cfg.init in FUNCTION_CHANGING_INITS)
+                        initial_factors_appended=cfg.init in FUNCTION_CHANGING_INITS,
+                        base_correction=cfg.init in CORRECTING_INITS)
 
 
 def adapter_base_name(source: ModelSource) -> str:
