@@ -145,14 +145,14 @@ def test_the_fit_stays_frozen_beside_a_default_start_and_is_stored_beside_the_ad
     expected = x.double() @ (layer.base.dequantize(torch.float64) + s * c.b.double() @ c.a.double()).t()
     assert torch.allclose(layer(x).double(), expected, rtol=1e-4, atol=1e-4)
 
-    before = {n: (l.lora_correction["default"].a.clone(), l.lora_correction["default"].b.clone())
-              for n, l in lora_layers(model)}
+    before = {n: (lay.lora_correction["default"].a.clone(), lay.lora_correction["default"].b.clone())
+              for n, lay in lora_layers(model)}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(torch.randint(0, VOCAB, (2, 8)), labels=torch.randint(0, VOCAB, (2, 8))).loss.backward()
     optimizer.step()
-    for n, l in lora_layers(model):
-        assert torch.equal(l.lora_correction["default"].a, before[n][0]), n
-        assert torch.equal(l.lora_correction["default"].b, before[n][1]), n
+    for n, lay in lora_layers(model):
+        assert torch.equal(lay.lora_correction["default"].a, before[n][0]), n
+        assert torch.equal(lay.lora_correction["default"].b, before[n][1]), n
     assert layer.lora_B["default"].weight.any()
 
     save_adapter(model, tmp_path / "a")

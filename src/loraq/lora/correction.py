@@ -34,7 +34,8 @@ def correction_tensors(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.lora_correction:
             c = layer.lora_correction[adapter_name]
             tensors[f"{PEFT_PREFIX}{name}.correction_A"] = c.a.detach().float().contiguous()
-            tensors[f"{PEFT_PREFIX}{name}.correction_B"] = (c.b.detach().float() * layer.scaling[adapter_name]).contiguous()
+            scaled = c.b.detach().float() * layer.scaling[adapter_name]
+            tensors[f"{PEFT_PREFIX}{name}.correction_B"] = scaled.contiguous()
     return tensors
 
 
