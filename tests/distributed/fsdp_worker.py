@@ -108,7 +108,7 @@ def main(model_dir: str, out: str) -> None:
                 "logits_relative_error": logits_error,
                 "adapters_equal_across_ranks": adapters_equal,
             }, fh)
-    runtime.shutdown()
+    runtime.shutdown(wait=True)
 
 
 if __name__ == "__main__":

@@ -129,8 +129,13 @@ class Runtime:
         if self.device.type == "cuda" and f"rank{self.rank}/torch_cuda" in states:
             torch.cuda.set_rng_state(states[f"rank{self.rank}/torch_cuda"], self.device)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = False) -> None:
+        """Destroy the process group this runtime made; ``wait`` (a run that ended well): first a barrier, so no
+        rank tears down its connections while another's collectives are in flight (gloo aborts the process
+        then: once seen at exit of FSDP2 runs on a loaded machine). Not after a failure: the others may be gone."""
         if self.initialized_here and dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 

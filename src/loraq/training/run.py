@@ -29,12 +29,15 @@ def run_training(cfg: TrainConfig, out: Callable[[str], None] | None = None,
     say = out or (lambda s: print(s, file=sys.stderr, flush=True))
     say_main = say if runtime.is_main else (lambda s: None)
     trackers = make_trackers(cfg.report_to, say) if runtime.is_main else []  # only rank 0 reports
+    ended_well = False
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         run = setup_run(cfg, runtime, say_main)
         loop = train_steps(run, [*callbacks, *trackers])
-        return finish_run(run, loop, [*callbacks, *trackers])
+        result = finish_run(run, loop, [*callbacks, *trackers])
+        ended_well = True
+        return result
     finally:
         close_trackers(trackers)
-        runtime.shutdown()
+        runtime.shutdown(wait=ended_well)
