@@ -41,14 +41,9 @@ def available_bytes(device: str) -> int | None:
 
 
 def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    from loraq.training.metrics import proc_kib_field
+
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _cgroup_room() -> int | None:

@@ -26,15 +26,24 @@ def peak_rss_bytes() -> int:
     Not ``ru_maxrss`` where ``VmHWM`` exists: Linux carries the parent's high-water mark across fork and exec
     into it, so a run started from a large process (a benchmark, a test) would report that process's peak.
     Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    high_water = proc_kib_field("/proc/self/status", "VmHWM")
+    if high_water is not None:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``key:  N kB`` line of a Linux /proc file (``/proc/self/status``, ``/proc/meminfo``); None
+    where there is no such file or line."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
