@@ -23,6 +23,7 @@ from loraq.errors import ConfigError
 from loraq.lora import init as lora_init
 from loraq.lora.config import LoraConfig
 from loraq.lora.layer import LoraLinear, ModulesToSave, conv1d_layout, is_4bit
+from loraq.lora.record import FUNCTION_CHANGING_INITS
 from loraq.lora.targeting import find_targets, iter_modules, resolve_modules_to_save
 from loraq.modules import dense_layer, is_conv1d
 
@@ -166,7 +167,7 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
         layer.lora_A[name].weight.copy_(a)
         if b is not None:
             layer.lora_B[name].weight.copy_(b)
-    if config.init in ("pissa", "loftq"):
+    if config.init in FUNCTION_CHANGING_INITS:  # the file appends these initial factors (files.py)
         layer.initial_factors[name] = (a.detach().clone(), b.detach().clone())
 
 
