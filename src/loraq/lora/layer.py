@@ -107,7 +107,7 @@ class LoraLinear(nn.Module):
 
     def set_correction(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
         """Freeze ``(A0 [r0, in], B0 [out, r0])`` beside adapter ``name``'s pair (see ``lora_correction``)."""
-        if tuple(a0.shape) != (a0.shape[0], self.in_features) or tuple(b0.shape) != (self.out_features, a0.shape[0]):
+        if a0.ndim != 2 or a0.shape[1] != self.in_features or tuple(b0.shape) != (self.out_features, a0.shape[0]):
             raise ValueError(f"a correction of shapes {tuple(a0.shape)}, {tuple(b0.shape)} does not fit a "
                              f"[{self.out_features}, {self.in_features}] layer")
         self.lora_correction[name] = Correction(a0, b0)

@@ -175,8 +175,7 @@ def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tup
     if run.eval_every and rows.has_val:
         loss += LOSS_CHUNK_ROWS * v * 4  # the evaluation's fp32 log-probability buffer stays with the loss
     label = "activations kept for backward" + (" (--grad-checkpointing)" if run.grad_checkpointing else "")
-    activations = activation_bytes(shape, b, t, rows.varied, run)
-    terms = [("loss: logit chunk + dh", loss), (label, activations),
+    terms = [("loss: logit chunk + dh", loss), (label, activation_bytes(shape, b, t, rows.varied, run)),
              ("backward transient (one block)", transient_bytes(shape, b, t, run))]
     if run.method == "full":
         if e < 4:

@@ -39,7 +39,3 @@ def buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
         held = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return held[:numel]
 
-
-def release() -> None:
-    """Drop the calling thread's buffers (they come back on the next :func:`buffer` call)."""
-    _local.__dict__.pop("buffers", None)
