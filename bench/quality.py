@@ -14,6 +14,7 @@ prompts disjoint from the training ones -- the five of bench/skills.py
     qlora       LoRA on the NF4+DQ base, default init (B = 0)
     loftq       QLoRA, LoftQ init (5 iterations)
     calibrated  QLoRA, calibrated init (src/loraq/lora/init.py; calibration rows from the training data)
+    calibrated_r64   the same with a rank-64 frozen fit beside the rank-16 adapter (--correction-rank 64)
 
 For each run: held-out exact match and loss (the run's own final evaluation),
 and forgetting: perplexity on Python's reference text (pydoc_data.topics,
@@ -50,9 +51,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "lora")]
 
 import loraq  # noqa: E402
 
-METHODS = ("full", "lora", "qlora", "loftq", "calibrated")
+METHODS = ("full", "lora", "qlora", "loftq", "calibrated", "calibrated_r64")
 SEQ_LEN = 512  # perplexity blocks
-QUANTIZED = ("qlora", "loftq", "calibrated")
+QUANTIZED = ("qlora", "loftq", "calibrated", "calibrated_r64")
+CORRECTION_RANKS = {"calibrated": 0, "calibrated_r64": 64}  # 0: the adapter's rank (16)
 
 
 # -- the suite -----------------------------------------------------------------------------------
@@ -84,9 +86,12 @@ def run_settings(method: str, args: argparse.Namespace) -> dict:
     lora = dict(rank=16, alpha=32, target_modules=["all-linear"])
     if method == "lora":
         return {**shared, **lora, "method": "lora"}
-    init = {"qlora": "default", "loftq": "loftq", "calibrated": "calibrated"}[method]
-    extra = {"calibration_samples": args.calibration_samples} if init == "calibrated" else {}
-    return {**shared, **lora, "method": "qlora", "init": init, **extra}
+    if method in CORRECTION_RANKS:
+        extra = {"init": "calibrated", "calibration_samples": args.calibration_samples,
+                 "correction_rank": CORRECTION_RANKS[method]}
+    else:
+        extra = {"init": {"qlora": "default", "loftq": "loftq"}[method]}
+    return {**shared, **lora, "method": "qlora", **extra}
 
 
 # -- perplexity on general text ------------------------------------------------------------------
@@ -225,28 +230,31 @@ def init_only(args: argparse.Namespace) -> dict:
 
     model, tokenizer = load_default()
     blocks = text_blocks(tokenizer, args.ppl_seqs)
-    sources = {"calibrated": [row.tolist() for row in text_blocks(tokenizer, args.calibration_samples,
-                                                                  skip_seq=args.ppl_seqs)],
-               "calibrated_docstrings": docstring_rows(tokenizer, args.calibration_samples),
-               "calibrated_suite": suite_rows(tokenizer, args)}
+    sources = {"calibrated": lambda: [row.tolist() for row in text_blocks(tokenizer, args.calibration_samples,
+                                                                          skip_seq=args.ppl_seqs)],
+               "calibrated_docstrings": lambda: docstring_rows(tokenizer, args.calibration_samples),
+               "calibrated_suite": lambda: suite_rows(tokenizer, args)}
+    sources = {k: v() for k, v in sources.items() if k in args.sources}
     result = {"full": perplexity(model, blocks), "nf4": perplexity(nf4_model(model), blocks),
               "loftq": perplexity(loftq_model(model, 16, 5), blocks)}
     for key, rows in sources.items():
         calibrated = copy.deepcopy(model)
         t0 = time.perf_counter()
-        inject_lora(calibrated, LoraConfig(r=16, alpha=32, init="calibrated", loftq_iters=1), quant=NF4,
-                    calibration=rows)
+        inject_lora(calibrated, LoraConfig(r=16, alpha=32, init="calibrated", correction_rank=args.correction_rank),
+                    quant=NF4, calibration=rows)
         result[key] = perplexity(calibrated, blocks)
         result[key + "_seconds"] = round(time.perf_counter() - t0, 1)
         result[key + "_tokens"] = sum(len(r) for r in rows)
-    t0 = time.perf_counter()
-    result["calibrated_requantized_5"] = perplexity(alternated_model(model, sources["calibrated"], iters=5), blocks)
-    result["calibrated_requantized_5_seconds"] = round(time.perf_counter() - t0, 1)
+    if "calibrated" in sources and args.correction_rank in (0, 16):
+        t0 = time.perf_counter()
+        result["calibrated_requantized_5"] = perplexity(alternated_model(model, sources["calibrated"], iters=5),
+                                                        blocks)
+        result["calibrated_requantized_5_seconds"] = round(time.perf_counter() - t0, 1)
     gap = result["nf4"] - result["full"]
     result["recovered"] = {k: round((result["nf4"] - result[k]) / gap, 3)
                            for k in ("loftq", *sources, "calibrated_requantized_5") if isinstance(result.get(k), float)}
     result.update(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
-                  tokens=int(blocks.numel()))
+                  tokens=int(blocks.numel()), correction_rank=args.correction_rank or 16)
     return result
 
 
@@ -331,6 +339,12 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="calibration rows (default: 64 text rows of 512 tokens for --init-only, "
                              "256 training rows)")
+    parser.add_argument("--correction-rank", type=int, default=0,
+                        help="--init-only: rank of the calibrated fits (default: the adapter's, 16)")
+    parser.add_argument("--sources", type=lambda s: s.split(","),
+                        default=["calibrated", "calibrated_docstrings", "calibrated_suite"],
+                        help="--init-only: the calibration rows fitted on (calibrated: more of the text; "
+                             "calibrated_docstrings; calibrated_suite: the suite's training rows)")
     parser.add_argument("--ppl-seqs", type=int, default=16, help="512-token rows of pydoc_data.topics scored")
     parser.add_argument("--no-merges", action="store_true")
     parser.add_argument("--lock", default=None, help="a file to flock around each training run (a shared machine)")

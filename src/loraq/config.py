@@ -85,6 +85,9 @@ class TrainConfig:
     calibration_data: str | None = opt(None, "data file whose activations --init calibrated fits the adapter to "
                                              "(default: the training data)")
     calibration_samples: int = opt(256, "rows of the calibration data used by --init calibrated", lo=1, hi=1 << 20)
+    correction_rank: int = opt(0, "rank of --init calibrated's frozen fit of the 4-bit error, beside the adapter "
+                                  "(0: the adapter's --rank; higher recovers more of the 4-bit loss, frozen: no "
+                                  "gradients or optimizer state)", lo=0, hi=1 << 16)
     # --- data ------------------------------------------------------------
     data: str | None = opt(None, "training data: .jsonl/.json/.csv/.parquet/.arrow, a datasets save_to_disk "
                                  "folder or a hub dataset id (default: the bundled demo set)")
@@ -203,7 +206,7 @@ class TrainConfig:
             raise ConfigError(f"--loraplus-lr-ratio {self.loraplus_lr_ratio} must be > 0 (1 = plain LoRA)")
         if self.init in ("loftq", "calibrated") and self.method != "qlora":
             raise ConfigError(f"--init {self.init} corrects 4-bit quantization error and needs --method qlora")
-        for key in ("calibration_data", "calibration_samples"):
+        for key in ("calibration_data", "calibration_samples", "correction_rank"):
             if key in self.explicit and self.init != "calibrated":
                 raise ConfigError(f"{_flag(key)} applies to --init calibrated only; drop it or add --init calibrated")
         if self.resume and self.overwrite:
@@ -236,7 +239,7 @@ class TrainConfig:
         if self.method == "full":
             lora_keys = ("rank", "alpha", "dropout", "target_modules", "exclude_modules", "init", "rslora",
                          "layers_to_transform", "rank_pattern", "alpha_pattern", "loftq_iters", "dora",
-                         "loraplus_lr_ratio")
+                         "loraplus_lr_ratio", "correction_rank")
             for key in lora_keys:
                 if key in self.explicit:
                     raise ConfigError(f"{_flag(key)} is a LoRA setting and --method full trains every weight; "

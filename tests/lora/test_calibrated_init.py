@@ -175,3 +175,24 @@ def test_calibrated_needs_rows_and_layers_inside_blocks():
     with pytest.raises(ConfigError, match="lm_head is not in one"):
         inject_lora(outlier_model(), LoraConfig(init="calibrated", target_modules=["q_proj", "lm_head"]), quant=NF4,
                     calibration=rows(seed=3))
+
+
+def test_the_frozen_fit_takes_its_own_rank_and_is_the_best_fit_of_that_rank():
+    """--correction-rank 8 beside a rank-4 adapter: every layer's frozen pair is the Eckart-Young optimum of
+    rank 8 for its NF4 error on the calibration rows (float64 moments of a whole-model forward, a full SVD),
+    the trainable pair keeps rank 4."""
+    fp, token_rows = outlier_model(), rows(seed=3)
+    model = copy.deepcopy(fp)
+    inject_lora(model, LoraConfig(r=4, alpha=8, init="calibrated", correction_rank=8), quant=NF4,
+                calibration=token_rows)
+    names = [n for n, _ in lora_layers(model)]
+    moments = reference_moments(fp, names, token_rows)
+    for name, layer in lora_layers(model):
+        c, s = layer.lora_correction["default"], layer.scaling["default"]
+        assert layer.lora_A["default"].weight.shape[0] == 4 and c.a.shape == (8, layer.in_features), name
+        h = moments[name]
+        chol = torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64))
+        error = fp.get_submodule(name).weight.detach().double() - layer.base.dequantize(torch.float64)
+        best = float((torch.linalg.svdvals(error @ chol)[8:] ** 2).sum())
+        fitted = float(((error - s * c.b.double() @ c.a.double()) @ chol).norm() ** 2)
+        assert fitted == pytest.approx(best, rel=1e-3), name

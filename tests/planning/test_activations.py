@@ -32,13 +32,18 @@ def llama_dir(tmp_path_factory, tiny_tokenizer):
     return out
 
 
-def saved_bytes(folder, method: str, batch: int, length: int, grad_checkpointing: bool = False, pad: int = 0) -> int:
+# --init calibrated with a frozen pair of another rank than the adapter's
+CALIBRATED = {"init": "calibrated", "correction_rank": 24}
+
+
+def saved_bytes(folder, method: str, batch: int, length: int, grad_checkpointing: bool = False, pad: int = 0,
+                init: dict | None = None) -> int:
     """Bytes autograd keeps after one training forward of loraq's setup (storages once, weights excluded)."""
-    return sum(saved_storages(folder, method, batch, length, grad_checkpointing, pad).values())
+    return sum(saved_storages(folder, method, batch, length, grad_checkpointing, pad, init).values())
 
 
 def saved_storages(folder, method: str, batch: int, length: int, grad_checkpointing: bool = False,
-                   pad: int = 0) -> dict[int, int]:
+                   pad: int = 0, init: dict | None = None) -> dict[int, int]:
     """``{storage address: bytes}`` of what autograd keeps after one training forward (weights excluded)."""
     from loraq.kernels import apply_fast_paths
     from loraq.lora.config import LoraConfig
@@ -47,10 +52,16 @@ def saved_storages(folder, method: str, batch: int, length: int, grad_checkpoint
     from loraq.quant.linear import Linear4bit
     from loraq.training.objective import CausalLMLoss
 
-    model = load_model(str(folder), method=method, dtype="fp32" if method == "full" else "bf16").model
+    # the quantizing inits load the full-precision weights and quantize the targets themselves
+    model = load_model(str(folder), method="lora" if init else method,
+                       dtype="fp32" if method == "full" else "bf16").model
     apply_fast_paths(model)
     if method == "full":
         model.requires_grad_(True)
+    elif init:
+        quant = dict(quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=torch.bfloat16)
+        inject_lora(model, LoraConfig.from_train_config(TrainConfig(method=method, **init)), quant=quant,
+                    calibration=[list(range(3, 40))] * 4)
     else:
         inject_lora(model, LoraConfig.from_train_config(TrainConfig(method=method)))
     if grad_checkpointing:
@@ -81,12 +92,12 @@ def saved_storages(folder, method: str, batch: int, length: int, grad_checkpoint
 
 
 def predicted_bytes(folder, method: str, batch: int, length: int, grad_checkpointing: bool = False,
-                    pad: int = 0) -> int:
+                    pad: int = 0, init: dict | None = None) -> int:
     """The planner's terms that are saved tensors: activations, dh and its row index, and the adapter's
     compute-dtype copies (lora/qlora) or the head's dW and autocast's weight copies (full)."""
     from loraq.models.source import resolve_source
 
-    shape = model_shape(resolve_source(str(folder)), TrainConfig(model=str(folder), method=method))
+    shape = model_shape(resolve_source(str(folder)), TrainConfig(model=str(folder), method=method, **(init or {})))
     run = RunSettings(method=method, batch_size=batch, compute_bytes=2, device="cpu",
                       grad_checkpointing=grad_checkpointing, double_quant=True, blocksize=64, eval_every=0)
     total = activation_bytes(shape, batch, length, bool(pad), run)
@@ -100,20 +111,21 @@ def predicted_bytes(folder, method: str, batch: int, length: int, grad_checkpoin
     total += trained_rows * (shape.hidden * 2 + 8)
     if method == "full":
         return total + shape.vocab * shape.hidden * 4 + 2 * shape.linear_params
-    return total + (0 if grad_checkpointing else 2 * shape.adapter_params)
+    return total + (0 if grad_checkpointing else 2 * (shape.adapter_params + shape.correction_params))
 
 
-@pytest.mark.parametrize("method, batch, length, checkpointing, pad", [
-    ("qlora", 2, 100, False, 0),   # loraq's matmul attention, two causal blocks
-    ("lora", 3, 40, False, 5),     # one block, a padded row
-    ("full", 2, 100, False, 0),    # autocast: fp32 residual stream, bf16 copies per linear
-    ("qlora", 2, 100, True, 0),    # checkpointing: the block inputs
-    ("lora", 2, 1500, False, 0),   # past the matmul path's 32 MiB of probabilities: SDPA, no mask
-    ("lora", 2, 1500, False, 7),   # SDPA with a padding mask: keys/values repeated to every head, the mask kept
+@pytest.mark.parametrize("method, batch, length, checkpointing, pad, init", [
+    ("qlora", 2, 100, False, 0, None),   # loraq's matmul attention, two causal blocks
+    ("lora", 3, 40, False, 5, None),     # one block, a padded row
+    ("full", 2, 100, False, 0, None),    # autocast: fp32 residual stream, bf16 copies per linear
+    ("qlora", 2, 100, True, 0, None),    # checkpointing: the block inputs
+    ("lora", 2, 1500, False, 0, None),   # past the matmul path's 32 MiB of probabilities: SDPA, no mask
+    ("lora", 2, 1500, False, 7, None),   # SDPA with a padding mask: keys/values repeated to every head, the mask kept
+    ("qlora", 2, 100, False, 0, CALIBRATED),  # a frozen rank-24 pair beside the rank-16 adapter: wider x [A; A0]^T
 ])
-def test_activation_terms_equal_the_bytes_autograd_saves(llama_dir, method, batch, length, checkpointing, pad):
-    measured = saved_bytes(llama_dir, method, batch, length, checkpointing, pad)
-    predicted = predicted_bytes(llama_dir, method, batch, length, checkpointing, pad)
+def test_activation_terms_equal_the_bytes_autograd_saves(llama_dir, method, batch, length, checkpointing, pad, init):
+    measured = saved_bytes(llama_dir, method, batch, length, checkpointing, pad, init)
+    predicted = predicted_bytes(llama_dir, method, batch, length, checkpointing, pad, init)
     assert predicted == pytest.approx(measured, rel=1e-3)
 
 

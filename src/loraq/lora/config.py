@@ -40,6 +40,7 @@ class LoraConfig:
     use_dora: bool = False  # DoRA (loraq.lora.dora): a trained magnitude per output besides B A
     init: str = "default"
     loftq_iters: int = 5
+    correction_rank: int = 0  # calibrated: rank of the frozen fit beside the adapter (0: the adapter's rank)
     base_model_name_or_path: str | None = None
 
     # ------------------------------------------------------------------
@@ -52,7 +53,8 @@ class LoraConfig:
                    rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
                    modules_to_save=list(cfg.modules_to_save), use_rslora=bool(cfg.rslora),
                    use_dora=bool(cfg.dora), init=cfg.init,
-                   loftq_iters=cfg.loftq_iters, base_model_name_or_path=cfg.model).validate()
+                   loftq_iters=cfg.loftq_iters, correction_rank=cfg.correction_rank,
+                   base_model_name_or_path=cfg.model).validate()
 
     def validate(self) -> LoraConfig:
         """Ranges and choices; raises ConfigError naming the setting."""
@@ -66,6 +68,9 @@ class LoraConfig:
             raise ConfigError(f"--init {self.init!r} is not one of: {', '.join(INITS)}")
         if not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
             raise ConfigError(f"--loftq-iters {self.loftq_iters!r} must be an integer >= 1")
+        if isinstance(self.correction_rank, bool) or not isinstance(self.correction_rank, int) \
+                or self.correction_rank < 0:
+            raise ConfigError(f"--correction-rank {self.correction_rank!r} must be an integer >= 0")
         if not self.target_modules:
             raise ConfigError("--target-modules is empty; give module-name suffixes, 're:<regex>' or all-linear")
         for key, rank in self.rank_pattern.items():

@@ -99,7 +99,7 @@ def block_bytes(shape: ModelShape, linears: list[LinearShape], batch: int, lengt
         norms = 2 * n * (2 * d * 4 + 4)
     mlp = (2 if shape.lean_blocks else 3) * n * shape.intermediate * e
     inputs = sum(n * width * e for width in _input_widths(linears, run))
-    low_rank = sum(n * lin.rank * e for lin in linears)
+    low_rank = sum(n * (lin.rank + lin.correction_rank) * e for lin in linears)
     return norms + mlp + inputs + low_rank + attention_bytes(shape, batch, length, masked, run)
 
 

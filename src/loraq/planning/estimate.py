@@ -12,12 +12,14 @@ AdamW's moments exist)::
     head copy    V d e            a frozen head transposed for dh (CPU only; loss.LossBuffers)
     adapter      16 A             fp32 A/B, their gradients, AdamW's two moments
                  + e A            the A/B copies in the compute dtype each forward saves
+                 + (4 + e) C      --init calibrated: the frozen pair beside the adapter (``C`` values, fp32),
+                                  and its copies, saved with A/B's ([A; A0], [B, B0])
     full         4 P grads + 8 P AdamW (+ 2 x linear params: autocast's bf16 weight copies)
     loss         min(128, Nt) V e  the logit chunk buffer; Nt d e the gradient dh kept for backward
     activations  per block (kept for backward; lora/qlora, loraq's lean RMSNorm/SiLU-gate autograd):
                    2 N d e + 8 N               the two RMSNorm inputs and their 1/rms
                    N d_in e per input group    inputs of adapted linears (q/k/v share one, gate/up one)
-                   N r e per adapted linear    the low-rank product x A^T
+                   N r e per adapted linear    the low-rank product x A^T (r + r0 with a frozen pair)
                    2 N I e                     the SiLU gate's two inputs
                    attention, loraq's matmul path: N (H + 2 Hkv) hd e + P_attn
                      P_attn = e B H sum_blocks (rows x keys)   (the probabilities, causal blocks skipped)
@@ -131,7 +133,11 @@ def _trained_state_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str,
         terms.append(("adapter weights + gradients (fp32)", 8 * a))
         terms.append(("AdamW moments (fp32)", 8 * a))
         # the A/B copies each block's forward saves; under checkpointing only the recomputed block's live
-        terms.append(("adapter copies in the compute dtype", e * a // (shape.layers if run.grad_checkpointing else 1)))
+        c = shape.correction_params
+        if c:
+            terms.append(("frozen correction of the 4-bit base (fp32, --init calibrated)", 4 * c))
+        terms.append(("adapter copies in the compute dtype",
+                      e * (a + c) // (shape.layers if run.grad_checkpointing else 1)))
         if run.device == "cpu":
             terms.append(("head copy (transposed, for dh)", shape.vocab * shape.hidden * e))
     return terms

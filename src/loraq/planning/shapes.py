@@ -24,7 +24,8 @@ SHARED_INPUT_SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One linear layer of the decoder (the output head apart): ``rank`` 0 when LoRA does not adapt it."""
+    """One linear layer of the decoder (the output head apart): ``rank`` 0 when LoRA does not adapt it;
+    ``correction_rank`` the rank of the calibrated init's frozen pair beside the adapter (0: none)."""
 
     name: str
     in_features: int
@@ -34,6 +35,7 @@ class LinearShape:
     rank: int
     layer: int | None  # decoder block index, None outside the blocks
     input_group: str  # linears with the same group read one input tensor
+    correction_rank: int = 0
 
     @property
     def numel(self) -> int:
@@ -73,6 +75,11 @@ class ModelShape:
     @property
     def adapter_params(self) -> int:
         return sum(lin.rank * (lin.in_features + lin.out_features) for lin in self.linears)
+
+    @property
+    def correction_params(self) -> int:
+        """The frozen pairs' values (``--init calibrated``): no gradients or optimizer state."""
+        return sum(lin.correction_rank * (lin.in_features + lin.out_features) for lin in self.linears)
 
     @property
     def total_params(self) -> int:
@@ -129,6 +136,7 @@ def _linears(model: nn.Module, cfg: Any) -> list[LinearShape]:
     head = output_head_name(model)
     quantizable = set(quantizable_layer_names(model))
     ranks = _ranks(model, cfg)
+    correcting = getattr(cfg, "init", None) == "calibrated" and cfg.method == "qlora"
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name == head:
@@ -136,7 +144,8 @@ def _linears(model: nn.Module, cfg: Any) -> list[LinearShape]:
         parent, _, leaf = name.rpartition(".")
         group = next((parent + ":" + "+".join(sorted(s)) for s in SHARED_INPUT_SIBLINGS if leaf in s), name)
         out.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None,
-                               name in quantizable, ranks.get(name, 0), layer_index(name), group))
+                               name in quantizable, ranks.get(name, 0), layer_index(name), group,
+                               (cfg.correction_rank or ranks[name]) if correcting and name in ranks else 0))
     return out
 
 

@@ -39,6 +39,7 @@ from loraq.data.preference import PairExample, collate_pairs
 CACHE_FILE = "reference_logps.safetensors"
 # the settings that change the reference model or which pairs it scores, and how they are batched
 _SHAPING = ("model", "method", "dtype", "quant", "double_quant", "blocksize", "init", "init_adapter", "loftq_iters",
+            "calibration_data", "calibration_samples", "correction_rank",
             "seq_len", "batch_size", "grad_accum", "seed", "max_steps", "epochs", "train_on_inputs")
 
 
