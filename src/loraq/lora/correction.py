@@ -9,7 +9,8 @@ for ``B, A`` -- an ordinary adapter of the full-precision weights, since
     base_model.model.<layer>.correction_A   [r0, in]    A0
     base_model.model.<layer>.correction_B   [out, r0]   s B0 (the scale folded in)
 
-float32, with metadata ``{"format": "loraq-base-correction", "version": "1"}``.
+float32 (the values the layer used, rounded to its compute dtype), with metadata
+``{"format": "loraq-base-correction", "version": "1"}``.
 PEFT never reads it; :mod:`loraq.lora.adapted` applies it when an adapter goes
 on the base it was trained on, and leaves it out on the full-precision one.
 """

@@ -110,7 +110,9 @@ class LoraLinear(nn.Module):
         if a0.ndim != 2 or a0.shape[1] != self.in_features or tuple(b0.shape) != (self.out_features, a0.shape[0]):
             raise ValueError(f"a correction of shapes {tuple(a0.shape)}, {tuple(b0.shape)} does not fit a "
                              f"[{self.out_features}, {self.in_features}] layer")
-        self.lora_correction[name] = Correction(a0, b0)
+        # in the dtype the layer computes in: the forward rounds the pair to it anyway (half the bytes in bf16)
+        dtype = self.base.compute_dtype if is_4bit(self.base) else torch.float32
+        self.lora_correction[name] = Correction(a0.to(dtype), b0.to(dtype))
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of adapter ``name`` as the layer applies them: ``([A; A0], [B, B0])`` with a correction."""
@@ -303,13 +305,13 @@ class LoraLinear(nn.Module):
 
 
 class Correction(nn.Module):
-    """A frozen low-rank pair: buffers ``a`` [r0, in] and ``b`` [out, r0], float32, moved with the model and kept
-    out of its state dict (an adapter folder stores them apart, :mod:`loraq.lora.files`)."""
+    """A frozen low-rank pair: buffers ``a`` [r0, in] and ``b`` [out, r0] in the dtype given, moved with the model
+    and kept out of its state dict (an adapter folder stores them apart, :mod:`loraq.lora.files`)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
-        self.register_buffer("a", a.detach().float().clone(), persistent=False)
-        self.register_buffer("b", b.detach().float().clone(), persistent=False)
+        self.register_buffer("a", a.detach().clone(), persistent=False)
+        self.register_buffer("b", b.detach().clone(), persistent=False)
 
 
 class ModulesToSave(nn.Module):

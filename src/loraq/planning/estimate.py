@@ -12,8 +12,8 @@ AdamW's moments exist)::
     head copy    V d e            a frozen head transposed for dh (CPU only; loss.LossBuffers)
     adapter      16 A             fp32 A/B, their gradients, AdamW's two moments
                  + e A            the A/B copies in the compute dtype each forward saves
-                 + (4 + e) C      --init calibrated: the frozen pair beside the adapter (``C`` values, fp32),
-                                  and its copies, saved with A/B's ([A; A0], [B, B0])
+                 + 2 e C          --init calibrated: the frozen pair beside the adapter (``C`` values, kept
+                                  in the compute dtype), and its copies saved with A/B's ([A; A0], [B, B0])
     full         4 P grads + 8 P AdamW (+ 2 x linear params: autocast's bf16 weight copies)
     loss         min(128, Nt) V e  the logit chunk buffer; Nt d e the gradient dh kept for backward
     activations  per block (kept for backward; lora/qlora, loraq's lean RMSNorm/SiLU-gate autograd):
@@ -135,7 +135,7 @@ def _trained_state_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str,
         # the A/B copies each block's forward saves; under checkpointing only the recomputed block's live
         c = shape.correction_params
         if c:
-            terms.append(("frozen correction of the 4-bit base (fp32, --init calibrated)", 4 * c))
+            terms.append((f"frozen correction of the 4-bit base ({_dtype(e)}, --init calibrated)", e * c))
         terms.append(("adapter copies in the compute dtype",
                       e * (a + c) // (shape.layers if run.grad_checkpointing else 1)))
         if run.device == "cpu":
