@@ -7,8 +7,10 @@ Python's documentation as packed 4 x 256-token rows, bf16, r=16 all-linear):
 QLoRA with the default init, then ``--init calibrated --correction-rank N``
 for each N (the fit beside the rank-16 adapter). Each run twice as a fresh
 process, for --short and --long steps: the time per step is the difference of
-the wall times over the difference of steps (loading, calibration and the
-fit cancel). Memory: summary.json's peak of the long run, and ``loraq plan``'s
+the two runs' training-loop seconds (summary.json's ``train_seconds``) over
+the difference of steps, so the first steps' warm-up cancels (wall times do
+not serve: loading, calibration and the fit vary by tens of seconds from run
+to run). Memory: summary.json's peak of the long run, and ``loraq plan``'s
 prediction for it. Ratios are to the default init's.
 """
 from __future__ import annotations
@@ -57,14 +59,16 @@ def main() -> None:
     configs = [None, *(int(r) for r in args.ranks.split(","))]
     rows = []
     for rank in configs:
-        out, walls = tmp / f"run-{rank}", {}
+        out, loop, summary = tmp / f"run-{rank}", {}, {}
         for steps in (args.short, args.long):
             cmd = loraq_train_cmd("qlora", model, data, out, "--max-steps", str(steps), "--packing",
                                   "--eval-every", "100000", *settings(rank))
-            walls[steps], _, _ = run_timed(cmd, env)
-        peak = json.loads((out / "summary.json").read_text())["peak_memory_bytes"]
-        rows.append({"correction_rank": rank, "step_seconds": (walls[args.long] - walls[args.short])
-                     / (args.long - args.short), "peak_bytes": peak, "planned_bytes": planned_bytes(model, data, rank)})
+            run_timed(cmd, env)
+            summary = json.loads((out / "summary.json").read_text())
+            loop[steps] = summary["train_seconds"]
+        rows.append({"correction_rank": rank, "step_seconds": (loop[args.long] - loop[args.short])
+                     / (args.long - args.short), "peak_bytes": summary["peak_memory_bytes"],
+                     "planned_bytes": planned_bytes(model, data, rank)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = rows[0]
     print(f"# {dt.datetime.now():%Y-%m-%d %H:%M} {platform.processor() or platform.machine()}, "
