@@ -56,6 +56,11 @@ class LoraConfig:
                    loftq_iters=cfg.loftq_iters, correction_rank=cfg.correction_rank,
                    base_model_name_or_path=cfg.model).validate()
 
+    def fit_rank(self, r: int) -> int:
+        """The rank of the calibrated init's frozen fit beside an adapter of rank ``r``: ``correction_rank``, or
+        ``r`` when that is 0; 0 for the other inits (no fit)."""
+        return (self.correction_rank or r) if self.init == "calibrated" else 0
+
     def validate(self) -> LoraConfig:
         """Ranges and choices; raises ConfigError naming the setting."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -159,8 +159,7 @@ def _initialise(layer: LoraLinear, name: str, config: LoraConfig, quant: dict | 
             # one fit, no re-quantization: the base stays q(W), the plain 4-bit model (bench/NOTES.md: the
             # alternation did not pay). The fit stays frozen beside the adapter, which starts as the default
             # init does: training moves only the new pair (bench/NOTES.md: trained, the fit lost its start)
-            a0, b0, (packed, state) = lora_init.calibrated(weight, second_moment, config.correction_rank or r, s,
-                                                           1, quantize)
+            a0, b0, (packed, state) = lora_init.calibrated(weight, second_moment, config.fit_rank(r), s, 1, quantize)
             layer.set_correction(name, a0, b0)
             a, b = lora_init.kaiming_uniform_a(r, layer.in_features, generator), None
         layer.base = _quantized_base(layer.base, packed, state, quant)

@@ -136,27 +136,27 @@ def _linears(model: nn.Module, cfg: Any) -> list[LinearShape]:
     head = output_head_name(model)
     quantizable = set(quantizable_layer_names(model))
     ranks = _ranks(model, cfg)
-    correcting = getattr(cfg, "init", None) == "calibrated" and cfg.method == "qlora"
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name == head:
             continue
         parent, _, leaf = name.rpartition(".")
         group = next((parent + ":" + "+".join(sorted(s)) for s in SHARED_INPUT_SIBLINGS if leaf in s), name)
+        rank, fit_rank = ranks.get(name, (0, 0))
         out.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None,
-                               name in quantizable, ranks.get(name, 0), layer_index(name), group,
-                               (cfg.correction_rank or ranks[name]) if correcting and name in ranks else 0))
+                               name in quantizable, rank, layer_index(name), group, fit_rank))
     return out
 
 
-def _ranks(model: nn.Module, cfg: Any) -> dict[str, int]:
+def _ranks(model: nn.Module, cfg: Any) -> dict[str, tuple[int, int]]:
+    """``{adapted layer: (its rank, the rank of the calibrated init's frozen fit beside it, 0 without)}``."""
     if cfg.method == "full":
         return {}
     from loraq.lora.config import LoraConfig
     from loraq.lora.targeting import find_targets
 
     lora = LoraConfig.from_train_config(cfg)
-    return {name: lora.rank_for(name) for name in find_targets(model, lora)}
+    return {name: (lora.rank_for(name), lora.fit_rank(lora.rank_for(name))) for name in find_targets(model, lora)}
 
 
 def _head(model: nn.Module) -> nn.Linear | None:
