@@ -3,18 +3,23 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Every package's exact version, as pip resolved `.[test]` on the day the suite was last green here (x86-64
+# Linux, Python 3.11, torch's CPU build). `make install*`, `make demo`, `make test` and so CI install from it;
+# `make lock` writes it anew; `make test-latest` runs the suite on the newest versions pyproject.toml allows.
+LOCK   := constraints.txt
+PIP    := pip install -q --disable-pip-version-check
 
-.PHONY: install install-test lint test test-fast demo bench clean
+.PHONY: install install-test lint test test-fast test-latest lock demo bench clean
 
 # Runtime install: torch is pinned first so pip never swaps in a multi-GB CUDA build.
-$(VENV)/.runtime: pyproject.toml
+$(VENV)/.runtime: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e .
+	$(BIN)/$(PIP) $(TORCH)
+	$(BIN)/$(PIP) -c $(LOCK) -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/$(PIP) -c $(LOCK) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.runtime
@@ -31,6 +36,29 @@ test: $(VENV)/.test lint
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The suite in a fresh venv of the newest releases pyproject.toml's ranges allow (torch stays the pinned CPU
+# build: a newer one is a multi-GB CUDA download): what `pip install loraq` gives a user today.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/$(PIP) $(TORCH)
+	.venv-latest/bin/$(PIP) --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/pip freeze --exclude-editable --disable-pip-version-check | grep -i -E '^(transformers|peft|trl|torch)=='
+	.venv-latest/bin/ruff check .
+	.venv-latest/bin/python -m pytest -q
+
+# Resolve `.[test]` afresh (no lock) in a scratch venv and write every version it got into $(LOCK).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/$(PIP) $(TORCH)
+	.venv-lock/bin/$(PIP) -e '.[test]'
+	{ echo "# written by \`make lock\` on $$(date -u +%Y-%m-%d) ($$(uname -m), $$(.venv-lock/bin/python -V)): pip's"; \
+	  echo "# resolution of .[test] with $(TORCH); used as pip's -c by make install / install-test / demo / test"; \
+	  .venv-lock/bin/pip freeze --exclude-editable --disable-pip-version-check; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+
 # QLoRA on the default model and the bundled demo data; prints base vs tuned accuracy.
 demo: $(VENV)/.runtime
 	$(BIN)/loraq train
@@ -44,4 +72,4 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/load_memory.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock build dist src/*.egg-info .pytest_cache

@@ -1,11 +1,13 @@
 """The planner's activation terms against the bytes autograd really keeps for backward.
 
-A small random Llama goes through loraq's own training setup (4-bit loading or
-not, the fast paths, LoRA or every weight trained, checkpointing, the fused
-loss). A ``saved_tensors_hooks`` pair records every tensor the forward saves
-for backward, each storage once, the model's own weights left out: that total
-is the reference. The planner, which sees only config.json and the file
-headers, must name the same bytes.
+A small random Llama (three blocks, more than the planner's probe runs) goes
+through loraq's own training setup on real tensors (4-bit loading or not, the
+fast paths, LoRA or every weight trained, checkpointing, the fused loss). A
+``saved_tensors_hooks`` pair records every tensor the forward saves for
+backward, each storage once, the model's own weights left out: that total is
+the reference. The planner -- a storage-less two-block probe at 16-48 tokens,
+scaled to the blocks, rows and length -- must name the same bytes, plus the
+loss's own (dh, its row index, the head's gradient under --method full).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from loraq.config import TrainConfig
-from loraq.planning.activations import activation_bytes, block_bytes, heap_bytes
+from loraq.planning.activations import activation_bytes, forward_bytes, heap_bytes
 from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import model_shape
 
@@ -24,7 +26,7 @@ def llama_dir(tmp_path_factory, tiny_tokenizer):
 
     out = tmp_path_factory.mktemp("plan_llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(str(out))
@@ -91,27 +93,22 @@ def saved_storages(folder, method: str, batch: int, length: int, grad_checkpoint
     return kept
 
 
+def run_settings(folder, method: str, batch: int, grad_checkpointing: bool = False, init: dict | None = None):
+    from loraq.models.source import resolve_source
+    from loraq.planning.plan import run_settings as settings
+
+    cfg = TrainConfig(model=str(folder), method=method, grad_checkpointing=grad_checkpointing, **(init or {}))
+    return model_shape(resolve_source(str(folder)), cfg), settings(cfg, batch, 2, "cpu")
+
+
 def predicted_bytes(folder, method: str, batch: int, length: int, grad_checkpointing: bool = False,
                     pad: int = 0, init: dict | None = None) -> int:
-    """The planner's terms that are saved tensors: activations, dh and its row index, and the adapter's
-    compute-dtype copies (lora/qlora) or the head's dW and autocast's weight copies (full)."""
-    from loraq.models.source import resolve_source
-
-    shape = model_shape(resolve_source(str(folder)), TrainConfig(model=str(folder), method=method, **(init or {})))
-    run = RunSettings(method=method, batch_size=batch, compute_bytes=2, device="cpu",
-                      grad_checkpointing=grad_checkpointing, double_quant=True, blocksize=64, eval_every=0)
-    total = activation_bytes(shape, batch, length, bool(pad), run)
-    if grad_checkpointing:
-        # forward keeps the block inputs; the recomputed block only exists in backward, and the rotary cos/sin
-        # reach it through the checkpoint's own references, not as saved tensors
-        total -= max(block_bytes(shape, [lin for lin in shape.linears if lin.layer == i], batch, length, bool(pad),
-                                 run) for i in range(shape.layers))
-        total -= 2 * batch * length * shape.head_dim * 2
-    trained_rows = batch * (length - 1) - pad
-    total += trained_rows * (shape.hidden * 2 + 8)
-    if method == "full":
-        return total + shape.vocab * shape.hidden * 4 + 2 * shape.linear_params
-    return total + (0 if grad_checkpointing else 2 * (shape.adapter_params + shape.correction_params))
+    """The planner's terms that are saved tensors in forward: the activations (the adapter's compute-dtype
+    copies among them), and the loss's dh and its row index, and the head's dW (full)."""
+    shape, run = run_settings(folder, method, batch, grad_checkpointing, init)
+    total = forward_bytes(shape, batch, length, bool(pad), run)
+    total += (batch * (length - 1) - pad) * (shape.hidden * 2 + 8)
+    return total + (shape.vocab * shape.hidden * 4 if method == "full" else 0)
 
 
 @pytest.mark.parametrize("method, batch, length, checkpointing, pad, init", [
@@ -122,27 +119,37 @@ def predicted_bytes(folder, method: str, batch: int, length: int, grad_checkpoin
     ("lora", 2, 1500, False, 0, None),   # past the matmul path's 32 MiB of probabilities: SDPA, no mask
     ("lora", 2, 1500, False, 7, None),   # SDPA with a padding mask: keys/values repeated to every head, the mask kept
     ("qlora", 2, 100, False, 0, CALIBRATED),  # a frozen rank-24 pair beside the rank-16 adapter: wider x [A; A0]^T
+    ("qlora", 3, 200, False, 9, {"dora": True}),  # DoRA's norms and magnitudes; four causal blocks, a mask
+    ("full", 2, 300, True, 4, None),     # autocast under checkpointing, a padded row
 ])
 def test_activation_terms_equal_the_bytes_autograd_saves(llama_dir, method, batch, length, checkpointing, pad, init):
     measured = saved_bytes(llama_dir, method, batch, length, checkpointing, pad, init)
     predicted = predicted_bytes(llama_dir, method, batch, length, checkpointing, pad, init)
-    assert predicted == pytest.approx(measured, rel=1e-3)
+    assert predicted == measured
 
 
 def test_the_heap_share_counts_the_saved_tensors_below_the_mmap_threshold(llama_dir):
     """glibc serves a tensor below its mmap threshold from the heap, which keeps it when freed; the plan's heap
     term counts the activations below it. With a threshold between the [N, d] and the MLP's [N, I] tensors
     (SDPA: no probabilities kept), it must equal the saved tensors autograd holds below that size."""
-    from loraq.models.source import resolve_source
-
     batch, length, limit = 2, 1500, 700_000  # [N, d] bf16 = 384,000 bytes, [N, I] = 1,056,000
     kept = saved_storages(llama_dir, "lora", batch, length)
     below = sum(size for size in kept.values() if size < limit)
     assert below < sum(kept.values())  # the MLP's tensors are above it
-    shape = model_shape(resolve_source(str(llama_dir)), TrainConfig(model=str(llama_dir), method="lora"))
-    run = RunSettings(method="lora", batch_size=batch, compute_bytes=2, device="cpu", grad_checkpointing=False,
-                      double_quant=True, blocksize=64, eval_every=0)
-    not_activations = batch * (length - 1) * (shape.hidden * 2 + 8) + 2 * shape.adapter_params  # dh, copies
-    # (rel 2e-3: the activation formulas' own 0.1%, held in the test above)
-    assert heap_bytes(shape, batch, length, False, run, limit) + not_activations == pytest.approx(below, rel=2e-3)
+    shape, run = run_settings(llama_dir, "lora", batch)
+    dh = batch * (length - 1) * (shape.hidden * 2 + 8)  # the loss's dh and index: not activations
+    assert heap_bytes(shape, batch, length, False, run, limit) + dh == below
     assert heap_bytes(shape, batch, length, False, run) == activation_bytes(shape, batch, length, False, run)
+
+
+def test_checkpointing_adds_one_recomputed_block(llama_dir):
+    """Under checkpointing the step holds the checkpoints and, in backward, one block's full activations:
+    the first block of a run without checkpointing (RoPE's cos/sin with it)."""
+    batch, length = 2, 100
+    shape, run = run_settings(llama_dir, "qlora", batch, grad_checkpointing=True)
+    plain_shape, plain = run_settings(llama_dir, "qlora", batch)
+    kept = forward_bytes(shape, batch, length, False, run)
+    assert kept == saved_bytes(llama_dir, "qlora", batch, length, True) - 2 * (length - 1) * (shape.hidden * 2 + 8)
+    block = activation_bytes(shape, batch, length, False, run) - kept
+    full = forward_bytes(plain_shape, batch, length, False, plain)
+    assert shape.layers * (block - 2 * batch * length * shape.head_dim * 2) < full < shape.layers * block + kept

@@ -47,6 +47,7 @@ def apply_fast_paths(model: nn.Module, device: torch.device | None = None) -> Fa
     from loraq.kernels.families import FastPaths, apply_norm_gate_modules, attention_fallback
 
     report = FastPaths()
+    _stop_hub_kernelization(model)
     apply_norm_gate_modules(model, report)
     report.attention = attention_fallback(model, device)
     if getattr(model.config, "_attn_implementation", None) == "sdpa" and model._can_set_attn_implementation():
@@ -54,3 +55,11 @@ def apply_fast_paths(model: nn.Module, device: torch.device | None = None) -> Fa
 
         model.set_attn_implementation(register())
     return report
+
+
+def _stop_hub_kernelization(model: nn.Module) -> None:
+    """Switch off transformers' hub kernels (``use_kernels``, on by default for loaded models since transformers
+    5.25 when the ``kernels`` package is present): they re-kernelize on every ``train()`` / ``eval()``, which puts
+    each decorated module's own ``forward`` back over loraq's (the RMSNorms lost their lean autograd)."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False

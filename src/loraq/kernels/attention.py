@@ -59,11 +59,21 @@ def causal_blocks(t: int, allowed: torch.Tensor | None, causal: bool, block: int
     then keys past a block's last query are masked for all of its rows and skipping them changes
     nothing. Otherwise one block spans everything.
     """
-    if t <= block or not causal or (allowed is not None and allowed.triu(1).any()):
+    if t <= block or not causal or (allowed is not None and _allows_future_keys(allowed)):
         return [(0, t)]
     n = -(-t // block)
     edges = [round(i * t / n) for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def _allows_future_keys(allowed: torch.Tensor) -> bool:
+    """Whether a mask lets some query see a later key. A mask without values (the planner's storage-less probe,
+    ``loraq.planning.probe``) is taken as the padding and packing masks training builds: it does not."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(allowed) or allowed.device.type == "meta":
+        return False
+    return bool(allowed.triu(1).any())
 
 
 class GroupedAttention(torch.autograd.Function):
@@ -141,8 +151,13 @@ class GroupedAttention(torch.autograd.Function):
 def fast_path_applies(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
     """Training on the CPU (grad enabled: never generation, whose left padding masks whole rows), short T."""
     b, h, t, _ = q.shape
-    return (q.device.type == "cpu" and torch.is_grad_enabled() and dropout == 0.0 and k.shape[-2] == t and t > 1
-            and h % k.shape[1] == 0 and b * h * t * t * q.element_size() <= MAX_SAVED_BYTES)
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and dropout == 0.0 and k.shape[-2] == t
+            and h % k.shape[1] == 0 and fits_matmul_path(b, h, t, q.element_size()))
+
+
+def fits_matmul_path(batch: int, heads: int, length: int, itemsize: int) -> bool:
+    """The sizes the matmul path takes: more than one position, and the probabilities within MAX_SAVED_BYTES."""
+    return length > 1 and batch * heads * length * length * itemsize <= MAX_SAVED_BYTES
 
 
 def loraq_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -11,21 +11,14 @@ AdamW's moments exist)::
                  4-bit layer, e per other parameter; lora: e P; full: 4 P
     head copy    V d e            a frozen head transposed for dh (CPU only; loss.LossBuffers)
     adapter      16 A             fp32 A/B, their gradients, AdamW's two moments
-                 + e A            the A/B copies in the compute dtype each forward saves
                  + 2 e C          --init calibrated: the frozen pair beside the adapter (``C`` values, kept
                                   in the compute dtype), and its copies saved with A/B's ([A; A0], [B, B0])
     full         4 P grads + 8 P AdamW (+ 2 x linear params: autocast's bf16 weight copies)
     loss         min(128, Nt) V e  the logit chunk buffer; Nt d e the gradient dh kept for backward
-    activations  per block (kept for backward; lora/qlora, loraq's lean RMSNorm/SiLU-gate autograd):
-                   2 N d e + 8 N               the two RMSNorm inputs and their 1/rms
-                   N d_in e per input group    inputs of adapted linears (q/k/v share one, gate/up one)
-                   N r e per adapted linear    the low-rank product x A^T (r + r0 with a frozen pair)
-                   2 N I e                     the SiLU gate's two inputs
-                   attention, loraq's matmul path: N (H + 2 Hkv) hd e + P_attn
-                     P_attn = e B H sum_blocks (rows x keys)   (the probabilities, causal blocks skipped)
-                   attention, SDPA: N (H + 2 Hkv) hd e + 4 N H  (keys/values repeated to H heads under a mask,
-                     plus the B T^2 e mask)
-                 with --grad-checkpointing: (L + 1) N d e, plus one block recomputed in backward
+    activations  measured: what autograd keeps in one training forward of the model's own blocks, run on
+                 storage-less tensors (planning/probe.py: the method, dtype, autocast, attention path, LoRA / DoRA
+                 / frozen pair and checkpointing as the run has them), scaled to L blocks and to the batch;
+                 with --grad-checkpointing, the checkpoints plus one block recomputed in backward
     transient    N e (3 I + 2 d) + one dequantized weight   the first block's backward
 
 On the CPU the peak is resident memory (what summary.json reports there), so
@@ -50,10 +43,10 @@ On CUDA the peak is ``torch.cuda.max_memory_allocated`` (tensors only; the
 CUDA context, ~0.3-0.5 GB, and the caching allocator's slack come on top, and
 :mod:`loraq.planning.fit` adds them before comparing with free memory); the
 generation's memory is reused by training there, so it counts only if larger.
-The formulas follow the saved tensors of loraq's own autograd nodes
-(``lora/node.py``, ``kernels/attention.py``, ``kernels/norm_gate.py``,
-``training/loss.py``); a test holds the activation term to the bytes autograd
-actually saves on a small model.
+The activations are measured (:mod:`loraq.planning.probe`); the other terms
+follow loraq's own code (``training/loss.py``, ``lora/node.py``, the
+optimizer); a test holds the activation term to the bytes autograd actually
+saves on small models.
 """
 from __future__ import annotations
 
@@ -132,12 +125,10 @@ def _trained_state_terms(shape: ModelShape, run: RunSettings) -> list[tuple[str,
         a = shape.adapter_params
         terms.append(("adapter weights + gradients (fp32)", 8 * a))
         terms.append(("AdamW moments (fp32)", 8 * a))
-        # the A/B copies each block's forward saves; under checkpointing only the recomputed block's live
+        # (the A/B copies each block's forward saves in the compute dtype are among the measured activations)
         c = shape.correction_params
         if c:
             terms.append((f"frozen correction of the 4-bit base ({_dtype(e)}, --init calibrated)", e * c))
-        terms.append(("adapter copies in the compute dtype",
-                      e * (a + c) // (shape.layers if run.grad_checkpointing else 1)))
         if run.device == "cpu":
             terms.append(("head copy (transposed, for dh)", shape.vocab * shape.hidden * e))
     return terms

@@ -86,9 +86,7 @@ def make_plan(cfg: Any, *, device: str | None = None, memory: int | None = None,
     available = memory if memory is not None else available_bytes(device)
 
     def settings(batch: int) -> RunSettings:
-        return RunSettings(method=cfg.method, batch_size=batch, compute_bytes=e, device=device,
-                           grad_checkpointing=cfg.grad_checkpointing, double_quant=cfg.double_quant,
-                           blocksize=cfg.blocksize, eval_every=cfg.eval_every)
+        return run_settings(cfg, batch, e, device)
 
     budget = None if available is None else available // processes
     cap = max(1, min(MAX_BATCH, rows.rows // max(1, cfg.nproc)))
@@ -110,12 +108,22 @@ def replan(plan: MemoryPlan, cfg: Any, **changes: Any) -> MemoryPlan:
     rows = plan.rows.at_length(changes["seq_len"]) if "seq_len" in changes else plan.rows
     e, _ = _compute_bytes(new_cfg.dtype, plan.device)
     batch = changes.get("batch_size", plan.batch_size)
-    run = RunSettings(method=new_cfg.method, batch_size=batch, compute_bytes=e, device=plan.device,
-                      grad_checkpointing=new_cfg.grad_checkpointing, double_quant=new_cfg.double_quant,
-                      blocksize=new_cfg.blocksize, eval_every=new_cfg.eval_every)
+    run = run_settings(new_cfg, batch, e, plan.device)
     shape = plan.shape if new_cfg.method == cfg.method else _reshaped(plan.shape, new_cfg)
     return dataclasses.replace(plan, method=new_cfg.method, batch_size=batch, rows=rows, shape=shape,
                                estimate=estimate(shape, rows, run))
+
+
+def run_settings(cfg: Any, batch: int, compute_bytes: int, device: str) -> RunSettings:
+    """The run ``cfg`` describes at ``batch`` rows, computing in ``compute_bytes`` bytes a value on ``device``."""
+    lora = None
+    if cfg.method != "full":
+        from loraq.lora.config import LoraConfig
+
+        lora = LoraConfig.from_train_config(cfg)
+    return RunSettings(method=cfg.method, batch_size=batch, compute_bytes=compute_bytes, device=device,
+                       grad_checkpointing=cfg.grad_checkpointing, double_quant=cfg.double_quant,
+                       blocksize=cfg.blocksize, eval_every=cfg.eval_every, lora=lora, quant_type=cfg.quant)
 
 
 def _reshaped(shape: ModelShape, cfg: Any) -> ModelShape:

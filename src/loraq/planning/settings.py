@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,3 +17,5 @@ class RunSettings:
     double_quant: bool
     blocksize: int
     eval_every: int
+    lora: Any = None  # the LoraConfig the run adapts with (None: --method full)
+    quant_type: str = "nf4"

@@ -11,15 +11,13 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-# linears that read the same input tensor in one block (the input is saved once for all of them)
-SHARED_INPUT_SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"},
-                         {"w1", "w3"})
+from loraq.planning.probe import ActivationProbe
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,6 @@ class LinearShape:
     quantizable: bool
     rank: int
     layer: int | None  # decoder block index, None outside the blocks
-    input_group: str  # linears with the same group read one input tensor
     correction_rank: int = 0
 
     @property
@@ -59,14 +56,12 @@ class ModelShape:
     linears: tuple[LinearShape, ...]
     other_params: int  # embeddings, norms and an untied head: kept in the compute dtype (fp32 for full)
     largest_param: int
-    lean_blocks: bool  # loraq's RMSNorm / SiLU-gate autograd applies (kernels/norm_gate.py)
-    sdpa: bool  # the attention goes through SDPA, so loraq's matmul attention may take it
-    attention_dropout: float
     stored_bytes: int
     largest_stored_bytes: int
     tokenizer_file_bytes: int
     prequantized: bool
     fused_loss: bool  # training.objective fuses the head and the cross-entropy (no [tokens, vocab] logits)
+    probe: ActivationProbe = field(compare=False, repr=False)  # what the forward keeps, measured
 
     @property
     def linear_params(self) -> int:
@@ -119,12 +114,10 @@ def model_shape(source: Any, cfg: Any) -> ModelShape:
         intermediate=int(getattr(config, "intermediate_size", None) or 4 * hidden),
         vocab=int(head.out_features if head is not None else config.vocab_size),
         tied=bool(getattr(config, "tie_word_embeddings", False)), linears=tuple(linears), other_params=other,
-        largest_param=largest_param, lean_blocks=_lean_blocks(model),
-        sdpa=getattr(config, "_attn_implementation", None) == "sdpa",
-        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        largest_param=largest_param,
         stored_bytes=stored, largest_stored_bytes=largest,
         tokenizer_file_bytes=_tokenizer_bytes(Path(source.path)), prequantized=source.kind == "bnb4bit",
-        fused_loss=_fused_loss(model))
+        fused_loss=_fused_loss(model), probe=ActivationProbe(source.path, cfg.trust_remote_code))
 
 
 def _linears(model: nn.Module, cfg: Any) -> list[LinearShape]:
@@ -140,11 +133,9 @@ def _linears(model: nn.Module, cfg: Any) -> list[LinearShape]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name == head:
             continue
-        parent, _, leaf = name.rpartition(".")
-        group = next((parent + ":" + "+".join(sorted(s)) for s in SHARED_INPUT_SIBLINGS if leaf in s), name)
         rank, fit_rank = ranks.get(name, (0, 0))
         out.append(LinearShape(name, module.in_features, module.out_features, module.bias is not None,
-                               name in quantizable, rank, layer_index(name), group, fit_rank))
+                               name in quantizable, rank, layer_index(name), fit_rank))
     return out
 
 
@@ -170,13 +161,6 @@ def _fused_loss(model: nn.Module) -> bool:
     from loraq.training.objective import CausalLMLoss
 
     return CausalLMLoss(model).fused
-
-
-def _lean_blocks(model: nn.Module) -> bool:
-    from loraq.kernels.families import GATED_MLP_CLASSES, RMSNORM_CLASSES
-
-    names = {type(m).__name__ for m in model.modules()}
-    return bool(names & RMSNORM_CLASSES.keys()) and bool(names & GATED_MLP_CLASSES.keys())
 
 
 def _stored_bytes(files: tuple[Path, ...], fmt: str) -> tuple[int, int]:

@@ -229,6 +229,23 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (codes[0::2] << 4) | codes[1::2]
 
 
+def placeholder_state(shape: tuple[int, ...], blocksize: int, quant_type: str, double_quant: bool,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, QuantState]:
+    """(packed, QuantState) of a ``shape`` weight with every tensor the right size and nothing computed: for
+    planning on tensors without storage (``loraq.planning.probe``), where there are no values to quantize."""
+    check_settings(blocksize, quant_type)
+    numel = int(torch.Size(shape).numel())
+    blocks = -(-numel // blocksize)
+    packed = torch.empty((numel + 1) // 2, 1, dtype=torch.uint8)
+    state = QuantState(quant_type, blocksize, torch.Size(shape), dtype,
+                       torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32), code_for(quant_type))
+    if double_quant:
+        state = dataclasses.replace(state, offset=torch.empty((), dtype=torch.float32),
+                                    nested_absmax=torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32),
+                                    nested_code=torch.empty(256, dtype=torch.float32))
+    return packed, state
+
+
 def compress_absmax(state: QuantState) -> QuantState:
     """Double quantization of a state's float32 absmax (bitsandbytes' ``compress_statistics=True``)."""
     offset = state.absmax.mean()
@@ -274,6 +291,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     dtype = dtype or state.dtype
     if out is not None and (out.dtype != dtype or out.numel() != state.numel or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} buffer of {state.numel} elements")
+    if _without_storage(packed):  # planning on storage-less tensors: the shape is all there is to compute
+        return packed.new_empty(state.shape, dtype=dtype)
     for _name, fast_path in dequantizers():
         result = fast_path(packed, state, dtype, out=out)
         if result is not None:
@@ -308,7 +327,17 @@ def dequantize_for_product(packed: torch.Tensor, state: QuantState, dtype: torch
     weight that feeds one product and is dropped -- valid until the next call, never to be saved."""
     from loraq.quant.scratch import buffer
 
+    if _without_storage(packed):
+        return dequantize_4bit(packed, state, dtype)
+
     return dequantize_4bit(packed, state, dtype, out=buffer(state.numel, dtype, packed.device))
+
+
+def _without_storage(t: torch.Tensor) -> bool:
+    """A fake (``FakeTensorMode``) or meta tensor: no bytes behind it, for a kernel to read or write."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 def _scale_into(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
