@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,7 @@ class ActivationProbe:
         self.folder = str(folder)
         self.trust_remote_code = trust_remote_code
         self._models: dict[str, nn.Module] = {}
+        self._paths: dict[str, str | None] = {}  # the attention implementation apply_fast_paths chose
         self._saved: dict[tuple, SavedTensors] = {}
         self._lock = threading.Lock()
 
@@ -155,39 +157,44 @@ class ActivationProbe:
     def _matmul_path(self, run: ProbeRun, batch: int, length: int) -> bool:
         from loraq.kernels.attention import NAME, fits_matmul_path
 
-        model = self._model(run, matmul=True)
-        if run.device != "cpu" or getattr(model.config, "_attn_implementation", None) != NAME:
+        model = self._model(run)
+        if run.device != "cpu" or self._paths[repr(run)] != NAME:
             return False  # the matmul path is for the CPU; or apply_fast_paths kept the model's own attention
         itemsize = 4 if run.method == "full" else run.dtype.itemsize  # full: fp32 weights, queries in fp32
         return fits_matmul_path(batch, int(model.config.num_attention_heads), length, itemsize)
 
     def _measure(self, run: ProbeRun, masked: bool, matmul: bool) -> SavedTensors:
-        model = self._model(run, matmul)
+        from loraq.kernels.attention import NAME
+
+        model = self._model(run)
+        if getattr(model.config, "_attn_implementation", None) in (NAME, "sdpa"):  # the path this batch takes
+            model.set_attn_implementation(NAME if matmul else "sdpa")
         measured = [_forward_saved(model, 1, t, masked, run) for t in PROBE_LENGTHS]
         if len({len(sizes) for sizes, _ in measured}) != 1:
             raise RuntimeError(f"{self.folder}: the probe kept {[len(s) for s, _ in measured]} tensors at "
                                f"{PROBE_LENGTHS} tokens; cannot scale them")
         runs = [sizes for sizes, _ in measured] + [measured[0][1]]
         storages = [_fit(sizes, block) for *sizes, block in zip(*runs[:-1], runs[-1])]
-        return SavedTensors(tuple(storages), int(model.config.num_hidden_layers), self._layers(), matmul)
+        return SavedTensors(tuple(storages), int(model.config.num_hidden_layers), self.layers, matmul)
 
-    def _model(self, run: ProbeRun, matmul: bool) -> nn.Module:
-        key = f"{run!r} {matmul}"
+    def _model(self, run: ProbeRun) -> nn.Module:
+        key = repr(run)
         if key not in self._models:
-            self._models[key] = build_probe_model(self.folder, run, self.trust_remote_code, matmul)
+            self._models[key] = build_probe_model(self.folder, run, self.trust_remote_code)
+            self._paths[key] = getattr(self._models[key].config, "_attn_implementation", None)
         return self._models[key]
 
-    def _layers(self) -> int:
+    @functools.cached_property
+    def layers(self) -> int:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
         return int(config.num_hidden_layers)
 
 
-def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool, matmul: bool = True) -> nn.Module:
+def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool) -> nn.Module:
     """The model class of ``folder`` with :data:`PROBE_BLOCKS` blocks (fewer if it has fewer) and storage-less CPU
-    parameters, prepared for training as ``run`` says (``matmul``: loraq's matmul attention where the run's device
-    allows it; else SDPA)."""
+    parameters, prepared for training as ``run`` says."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -199,7 +206,7 @@ def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool, matmu
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model.to_empty(device="cpu")
-        _prepare(model, run, matmul)
+        _prepare(model, run)
     return model
 
 
@@ -212,15 +219,13 @@ def _truncate_layers(config: Any, blocks: int) -> None:
     config.num_hidden_layers = min(blocks, layers)
 
 
-def _prepare(model: nn.Module, run: ProbeRun, matmul: bool) -> None:
+def _prepare(model: nn.Module, run: ProbeRun) -> None:
     """As training prepares a loaded model (``training.setup``): 4-bit layers, fast paths, LoRA or every weight."""
     from loraq.kernels import apply_fast_paths
 
     if run.method == "qlora":
         _quantize_placeholders(model, run)
     apply_fast_paths(model, torch.device(run.device))
-    if not matmul and getattr(model.config, "_attn_implementation", None) != "sdpa":
-        model.set_attn_implementation("sdpa")  # the probe's tensors say "cpu": take the path the batch would
     if run.method == "full":
         model.requires_grad_(True)
     else:
