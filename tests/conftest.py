@@ -4,8 +4,9 @@
   ~400) with ChatML specials and a chat template: fast, offline, deterministic.
 * ``tiny_llama_dir``: a randomly initialised 2-layer Llama saved as a HF folder
   (safetensors) with that tokenizer: for tests where a real model is not the point.
-* ``smollm_dir``: the real default model (SmolLM2-135M-Instruct) from loraq's
-  cache, fetched once per machine; for tests where the real model IS the point.
+* ``smollm_dir``: the real default model (SmolLM2-135M-Instruct) from the
+  suite's own cache (``~/.cache/loraq-tests``, or ``$LORAQ_TEST_CACHE``: never
+  the user's), fetched once per machine; for tests where the real model IS the point.
 """
 from __future__ import annotations
 
@@ -106,11 +107,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TEST_CACHE = Path.home() / ".cache" / "loraq-tests"  # LORAQ_TEST_CACHE overrides it
 
 
 def pytest_configure(config):
     # a bug in the memory plan raises (a user's run would warn and go on without one); child processes inherit it
     os.environ["LORAQ_PLAN_STRICT"] = "1"
+    # the suite's own cache (models fetched and converted, 4-bit layers, token stores, kernels, llama.cpp): the
+    # user's loraq cache is never read or written by a test; kept between runs so each thing is fetched once
+    os.environ["LORAQ_CACHE"] = os.environ.get("LORAQ_TEST_CACHE") or str(TEST_CACHE)
     # as loading a model does: the 4-bit fast paths registered, so every test that dequantizes runs them
     import loraq.kernels
 

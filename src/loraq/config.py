@@ -140,7 +140,10 @@ class TrainConfig:
                           list_sep=True, factory=list)
     output_dir: str | None = opt(None, "run folder (default: runs/<name>)")
     name: str | None = opt(None, "run name (default: <method>-<data>-<date>)")
-    resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir (an error when it "
+                              "holds none)")
+    auto_resume: bool = opt(False, "continue from the newest complete checkpoint in --output-dir when there is "
+                                   "one, else start the run there (for restart loops)")
     overwrite: bool = opt(False, "replace an existing non-empty --output-dir")
     # --- scale-out and speed ---------------------------------------------
     nproc: int = opt(1, "processes to launch through torchrun (DDP)", lo=1, hi=1024)
@@ -209,9 +212,10 @@ class TrainConfig:
         for key in ("calibration_data", "calibration_samples", "correction_rank"):
             if key in self.explicit and self.init != "calibrated":
                 raise ConfigError(f"{_flag(key)} applies to --init calibrated only; drop it or add --init calibrated")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: "
-                              "--resume continues the run in --output-dir, --overwrite replaces it")
+        for flag in ("resume", "auto_resume"):
+            if getattr(self, flag) and self.overwrite:
+                raise ConfigError(f"{_flag(flag)} and --overwrite contradict each other: "
+                                  f"{_flag(flag)} continues the run in --output-dir, --overwrite replaces it")
         if self.val_data and self.val_fraction:
             raise ConfigError("--val-data and --val-fraction both give a validation set; use one")
         if self.max_steps == 0:

@@ -16,7 +16,6 @@ import torch
 
 from loraq.config import TrainConfig
 from loraq.planning.activations import activation_bytes, forward_bytes, heap_bytes
-from loraq.planning.settings import RunSettings
 from loraq.planning.shapes import model_shape
 
 

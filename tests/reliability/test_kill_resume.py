@@ -44,9 +44,9 @@ def crash(flags, point: str):
 
 def test_killed_eight_times_and_a_full_disk_then_resume_equals_uninterrupted(run_flags, reference_run, tmp_path):
     run = tmp_path / "killed"
-    resume = run_flags(run, resume=True)
+    resume = run_flags(run, auto_resume=True)  # a restart loop: resume when there is a checkpoint, else start
 
-    # 1. killed while starting up, before it wrote anything: no folder is left, and --resume starts the run
+    # 1. killed while starting up, before it wrote anything: no folder is left, and --auto-resume starts the run
     proc = start_loraq(run_flags(run))
     time.sleep(1.0)
     proc.kill()

@@ -62,12 +62,16 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> str:
         raise ConfigError(f"--output-dir {run_dir} is a file, not a folder; choose another path")
     non_empty = run_dir.is_dir() and any(run_dir.iterdir())
     is_run = (run_dir / RUN_FILE).is_file()
-    if cfg.resume:
-        if not non_empty:
+    if cfg.resume or cfg.auto_resume:
+        if cfg.auto_resume and not non_empty:
             return "new"  # killed before it wrote anything: nothing to continue, so start
+        if not non_empty:
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; drop --resume to start a new run "
+                              "there (--auto-resume: resume when there is one, start otherwise)")
+        flag = "--resume" if cfg.resume else "--auto-resume"
         if not is_run:
-            raise ConfigError(f"--resume: {run_dir} holds no loraq run (no {RUN_FILE}); "
-                              "drop --resume to start a new run there")
+            raise ConfigError(f"{flag}: {run_dir} holds no loraq run (no {RUN_FILE}); "
+                              f"drop {flag} to start a new run there")
         check_resume_matches(run_dir, cfg)
         return "resume"
     if non_empty and not cfg.overwrite:
@@ -130,6 +134,15 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     except OSError:
         pass
     return RunLock(fd)
+
+
+def check_something_to_resume(run_dir: Path, cfg: TrainConfig) -> None:
+    """``--resume`` (not ``--auto-resume``) needs a checkpoint in the run folder, as Hugging Face's Trainer does."""
+    from loraq.training.checkpoint import list_checkpoints
+
+    if cfg.resume and not list_checkpoints(run_dir):
+        raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume; pass --overwrite instead to start "
+                          "it again (--auto-resume: resume when there is one, start otherwise)")
 
 
 def check_resume_matches(run_dir: Path, cfg: TrainConfig) -> None:

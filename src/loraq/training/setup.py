@@ -27,6 +27,7 @@ from loraq.data.batches import BatchIterator
 from loraq.data.dataset import DataBundle, DataStats
 from loraq.devices import dtype_name
 from loraq.distributed.runtime import Runtime
+from loraq.errors import ConfigError
 from loraq.lora.config import LoraConfig
 from loraq.lora.record import TrainingBase
 from loraq.models.source import ModelSource
@@ -36,6 +37,7 @@ from loraq.training.metrics import MetricsWriter
 from loraq.training.objective import CausalLMLoss
 from loraq.training.rundir import (
     RunLock,
+    check_something_to_resume,
     check_writable,
     clear_run_dir,
     lock_run_dir,
@@ -53,11 +55,13 @@ Say = Callable[[str], None]
 
 @dataclass
 class RunFolder:
-    """The run folder: ``mode`` "new", "overwrite" or "resume"; ``locks``: rank 0's hold on it."""
+    """The run folder: ``mode`` "new", "overwrite" or "resume"; ``locks``: rank 0's hold on it; ``auto_resume``:
+    a resume may start from step 0 when no checkpoint is complete (``--auto-resume``)."""
 
     path: Path
     mode: str
     locks: list[RunLock] = field(default_factory=list)
+    auto_resume: bool = False
 
     def release(self) -> None:
         for lock in self.locks:  # (a process that dies releases them too)
@@ -159,8 +163,8 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
     start_step, last_checkpoint = 0, None
     if folder.mode == "resume":
         start_step, last_checkpoint = resume(folder, trained, optim, batches, counters, runtime, say)
-    elif cfg.resume:
-        say(f"loraq: --resume: nothing to resume in {folder.path} yet; starting a new run")
+    elif cfg.auto_resume:
+        say(f"loraq: --auto-resume: nothing to resume in {folder.path} yet; starting a new run")
     metrics = open_run_files(cfg, folder, runtime, trained, start_step)
     if runtime.is_main:
         with ckpt.writing(folder.path, "the reference log-probabilities"):
@@ -201,10 +205,12 @@ def claim_run_folder(cfg: TrainConfig, runtime: Runtime) -> RunFolder:
         check_writable(run_dir)
         if mode != "new":  # an existing run is held from now on: a second loraq on it fails before loading anything
             locks.append(lock_run_dir(run_dir))
+        if mode == "resume":
+            check_something_to_resume(run_dir, cfg)
         return str(run_dir), mode
 
     path, mode = runtime.on_main(claim)
-    return RunFolder(Path(path), mode, locks)
+    return RunFolder(Path(path), mode, locks, cfg.auto_resume)
 
 
 def seed_everything(seed: int) -> None:
@@ -391,7 +397,11 @@ def resume(folder: RunFolder, trained: TrainedModel, optim: Optimization, batche
     if runtime.is_main:
         ckpt.remove_stale_temporaries(folder.path)
     if loaded is None:
-        say(f"loraq: --resume: no complete checkpoint in {folder.path}; starting from step 0")
+        if not folder.auto_resume:
+            raise ConfigError(f"--resume: {folder.path} holds no complete checkpoint; drop --resume and pass "
+                              "--overwrite to start it again (--auto-resume: resume when there is one, start "
+                              "otherwise)")
+        say(f"loraq: --auto-resume: no complete checkpoint in {folder.path}; starting from step 0")
         return 0, None
     runtime.restore_rng_state(loaded.path)
     counters.update(loaded.state.get("counters", {}))
