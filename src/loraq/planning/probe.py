@@ -140,7 +140,7 @@ class ActivationProbe:
         self.folder = str(folder)
         self.trust_remote_code = trust_remote_code
         self._models: dict[str, nn.Module] = {}
-        self._paths: dict[str, str | None] = {}  # the attention implementation apply_fast_paths chose
+        self._matmul_capable: dict[str, bool] = {}  # apply_fast_paths found nothing that keeps the model on SDPA
         self._saved: dict[tuple, SavedTensors] = {}
         self._lock = threading.Lock()
 
@@ -155,11 +155,11 @@ class ActivationProbe:
             return self._saved[key]
 
     def _matmul_path(self, run: ProbeRun, batch: int, length: int) -> bool:
-        from loraq.kernels.attention import NAME, fits_matmul_path
+        from loraq.kernels.attention import fits_matmul_path
 
         model = self._model(run)
-        if run.device != "cpu" or self._paths[repr(run)] != NAME:
-            return False  # the matmul path is for the CPU; or apply_fast_paths kept the model's own attention
+        if not self._matmul_capable[repr(run)]:
+            return False  # not on the CPU, or the model's attention keeps SDPA (dropout, softcapping, ...)
         itemsize = 4 if run.method == "full" else run.dtype.itemsize  # full: fp32 weights, queries in fp32
         return fits_matmul_path(batch, int(model.config.num_attention_heads), length, itemsize)
 
@@ -180,8 +180,7 @@ class ActivationProbe:
     def _model(self, run: ProbeRun) -> nn.Module:
         key = repr(run)
         if key not in self._models:
-            self._models[key] = build_probe_model(self.folder, run, self.trust_remote_code)
-            self._paths[key] = getattr(self._models[key].config, "_attn_implementation", None)
+            self._models[key], self._matmul_capable[key] = build_probe_model(self.folder, run, self.trust_remote_code)
         return self._models[key]
 
     @functools.cached_property
@@ -192,9 +191,10 @@ class ActivationProbe:
         return int(config.num_hidden_layers)
 
 
-def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool) -> nn.Module:
+def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool) -> tuple[nn.Module, bool]:
     """The model class of ``folder`` with :data:`PROBE_BLOCKS` blocks (fewer if it has fewer) and storage-less CPU
-    parameters, prepared for training as ``run`` says."""
+    parameters, prepared for training as ``run`` says; and whether loraq's matmul attention may take its
+    attention (:func:`loraq.kernels.families.attention_fallback`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -206,8 +206,8 @@ def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool) -> nn
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model.to_empty(device="cpu")
-        _prepare(model, run)
-    return model
+        matmul_capable = _prepare(model, run)
+    return model, matmul_capable
 
 
 def _truncate_layers(config: Any, blocks: int) -> None:
@@ -219,13 +219,14 @@ def _truncate_layers(config: Any, blocks: int) -> None:
     config.num_hidden_layers = min(blocks, layers)
 
 
-def _prepare(model: nn.Module, run: ProbeRun) -> None:
-    """As training prepares a loaded model (``training.setup``): 4-bit layers, fast paths, LoRA or every weight."""
+def _prepare(model: nn.Module, run: ProbeRun) -> bool:
+    """As training prepares a loaded model (``training.setup``): 4-bit layers, fast paths, LoRA or every weight;
+    returns whether the matmul attention applies to the model (on its device)."""
     from loraq.kernels import apply_fast_paths
 
     if run.method == "qlora":
         _quantize_placeholders(model, run)
-    apply_fast_paths(model, torch.device(run.device))
+    fast_paths = apply_fast_paths(model, torch.device(run.device))
     if run.method == "full":
         model.requires_grad_(True)
     else:
@@ -233,6 +234,7 @@ def _prepare(model: nn.Module, run: ProbeRun) -> None:
     if run.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return fast_paths.attention is None
 
 
 def _quantize_placeholders(model: nn.Module, run: ProbeRun) -> None:
