@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from family_configs import FAMILIES, save_family
-
 from loraq.config import TrainConfig
 from loraq.lora.config import LoraConfig
 from loraq.planning.probe import ActivationProbe, ProbeRun
