@@ -10,13 +10,16 @@ SmolLM2's tokenizer. Deterministic for a given ``seed`` and index, so a
 200 k-example file is the first 200 k examples of the 2 M-example one.
 
     python bench/chat_generator.py /tmp/chat-200k.jsonl 200000
+    python bench/chat_generator.py --smoke      # 50 examples into a temporary file
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
-import sys
+import tempfile
+from pathlib import Path
 
 WORDS = (
     "the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
@@ -110,6 +113,25 @@ def write_jsonl(path: str, count: int, seed: int = 0) -> int:
     return size
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", help="the JSONL file to write")
+    parser.add_argument("count", nargs="?", type=int, help="how many examples")
+    parser.add_argument("seed", nargs="?", type=int, default=0, help="the set's seed (default 0)")
+    parser.add_argument("--smoke", action="store_true", help="write 50 examples into a temporary file, then remove it")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="loraq-chat-") as tmp:
+            path = Path(tmp) / "chat.jsonl"
+            written = write_jsonl(str(path), 50, args.seed)
+            assert len(path.read_text().splitlines()) == 50 and json.loads(path.read_text().splitlines()[0])
+        print(f"smoke: 50 examples, {written} bytes")
+        return
+    if args.path is None or args.count is None:
+        parser.error("give PATH COUNT [SEED]")
+    written = write_jsonl(args.path, args.count, args.seed)
+    print(f"{args.path}: {args.count} examples, {written / 1e6:.1f} MB")
+
+
 if __name__ == "__main__":
-    written = write_jsonl(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-    print(f"{sys.argv[1]}: {sys.argv[2]} examples, {written / 1e6:.1f} MB")
+    main()

@@ -1,6 +1,7 @@
 """What the calibrated init's frozen fit costs per step and in memory, by its rank, side by side in one run.
 
     python bench/correction_rank.py [--ranks 16,64] [--steps 3] [--repeats 9]
+    python bench/correction_rank.py --smoke      # a tiny random model, fit rank 4, in this process (bench/smoke.py)
 
 Trained the same way (bench/throughput.py's settings: SmolLM2-135M-Instruct,
 Python's documentation as packed 4 x 256-token rows, bf16, r=16 all-linear):
@@ -28,24 +29,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import smoke  # noqa: E402
 from throughput import BATCH, SEQ, docs_jsonl, loraq_train_cmd, run_timed  # noqa: E402
 
 
-def settings(rank: int | None) -> list[str]:
+def settings(rank: int | None, calibration_samples: int | None = None) -> list[str]:
     """The flags of one configuration: None is the default init."""
-    return [] if rank is None else ["--init", "calibrated", "--correction-rank", str(rank)]
+    if rank is None:
+        return []
+    samples = [] if calibration_samples is None else ["--calibration-samples", str(calibration_samples)]
+    return ["--init", "calibrated", "--correction-rank", str(rank), *samples]
 
 
-def planned_bytes(model: Path, data: Path, rank: int | None) -> int:
+def planned_bytes(model: Path, data: Path, rank: int | None, batch: int = BATCH, seq: int = SEQ) -> int:
     import loraq
 
     extra = {} if rank is None else {"init": "calibrated", "correction_rank": rank}
-    return loraq.plan(model=str(model), data=str(data), method="qlora", batch_size=BATCH, seq_len=SEQ, packing=True,
+    return loraq.plan(model=str(model), data=str(data), method="qlora", batch_size=batch, seq_len=seq, packing=True,
                       dtype="bf16", eval_samples=0, device="cpu", **extra).peak_bytes
 
 
-def step_seconds(model_dir: Path, data: Path, ranks: list[int | None], repeats: int) -> list[float]:
-    """Median seconds of one forward + backward (batch 4 x 256) per configuration, timed in turns."""
+def step_seconds(model_dir: Path, data: Path, ranks: list[int | None], repeats: int, batch: int = BATCH,
+                 seq: int = SEQ, calibration_rows: int = 256) -> list[float]:
+    """Median seconds of one forward + backward (``batch`` x ``seq``, default 4 x 256) per configuration, timed in
+    turns; the calibrated init fitted on ``calibration_rows`` rows of the text."""
     import statistics
     import time
 
@@ -60,7 +67,7 @@ def step_seconds(model_dir: Path, data: Path, ranks: list[int | None], repeats: 
     tokenizer = load_model(str(model_dir), method="lora", dtype="bf16").tokenizer
     text = "\n\n".join(json.loads(line)["text"] for line in data.read_text().splitlines())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    rows = [ids[i:i + SEQ] for i in range(0, 256 * SEQ, SEQ)]
+    rows = [ids[i:i + seq] for i in range(0, calibration_rows * seq, seq)]
     losses = []
     for rank in ranks:
         torch.manual_seed(0)
@@ -77,12 +84,12 @@ def step_seconds(model_dir: Path, data: Path, ranks: list[int | None], repeats: 
             cast_frozen(model, torch.bfloat16)
         model.train()
         losses.append(CausalLMLoss(model, None))
-    batch = torch.tensor(rows[:BATCH])
-    positions, mask = torch.arange(SEQ).expand(BATCH, SEQ), torch.ones(BATCH, SEQ, dtype=torch.long)
+    ids = torch.tensor(rows[:batch])
+    positions, mask = torch.arange(seq).expand(batch, seq), torch.ones(batch, seq, dtype=torch.long)
 
     def step(loss_module) -> float:
         t0 = time.perf_counter()
-        out = loss_module(batch, batch, positions, mask, None)
+        out = loss_module(ids, ids, positions, mask, None)
         (out[0] if isinstance(out, tuple) else out).backward()
         return time.perf_counter() - t0
 
@@ -95,35 +102,49 @@ def step_seconds(model_dir: Path, data: Path, ranks: list[int | None], repeats: 
     return [statistics.median(t) for t in times]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", default="16,64")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
+    ap.add_argument("--ranks", default="16,64", help="comma-separated ranks of the calibrated init's frozen fit")
+    ap.add_argument("--steps", type=int, default=3, help="steps of each training run (its peak memory)")
+    ap.add_argument("--repeats", type=int, default=9, help="timed forward + backward passes per configuration")
+    smoke.add_flag(ap, "the training runs in this process, not fresh ones")
+    args = ap.parse_args(argv)
+    size = {"batch": BATCH, "seq": SEQ}
+    if args.smoke:  # a tiny random model, fit rank 4, 1 step, 1 repeat, batch 2 x 32
+        smoke.setup()
+        args.ranks, args.steps, args.repeats, size = "4", 1, 1, {"batch": 2, "seq": 32}
+        model, tmp = smoke.tiny_model(), smoke.temp_dir("loraq-corr-")
+        data = docs_jsonl(tmp / "docs.jsonl", n_docs=4)
+    else:
+        from loraq.models.default import ensure_default_model
 
-    from loraq.models.default import ensure_default_model
-
-    model = ensure_default_model()
-    tmp = Path(tempfile.mkdtemp(prefix="loraq-corr-"))
-    data = docs_jsonl(tmp / "docs.jsonl")
+        model = ensure_default_model()
+        tmp = Path(tempfile.mkdtemp(prefix="loraq-corr-"))
+        data = docs_jsonl(tmp / "docs.jsonl")
     env = dict(os.environ, LORAQ_NO_HUB="1", HF_HUB_OFFLINE="1")
     configs = [None, *(int(r) for r in args.ranks.split(","))]
     rows = []
     for rank in configs:
         out = tmp / f"run-{rank}"
-        run_timed(loraq_train_cmd("qlora", model, data, out, "--max-steps", str(args.steps), "--packing",
-                                  "--eval-every", "100000", *settings(rank)), env)
+        flags = ["--max-steps", str(args.steps), "--packing", "--eval-every", "100000",
+                 *settings(rank, 8 if args.smoke else None)]
+        run_timed(loraq_train_cmd("qlora", model, data, out, *flags, **size), env, in_process=args.smoke)
         summary = json.loads((out / "summary.json").read_text())
         rows.append({"correction_rank": rank, "peak_bytes": summary["peak_memory_bytes"],
-                     "planned_bytes": planned_bytes(model, data, rank)})
+                     "planned_bytes": planned_bytes(model, data, rank, **size)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    for row, seconds in zip(rows, step_seconds(model, data, configs, args.repeats)):
+    calibration_rows = 8 if args.smoke else 256
+    for row, seconds in zip(rows, step_seconds(model, data, configs, args.repeats, calibration_rows=calibration_rows,
+                                               **size)):
         row["step_seconds"] = seconds
+    print_table(rows, args, size)
+
+
+def print_table(rows: list[dict], args: argparse.Namespace, size: dict) -> None:
     base = rows[0]
     print(f"# {dt.datetime.now():%Y-%m-%d %H:%M} {platform.processor() or platform.machine()}, "
-          f"QLoRA r=16, {BATCH} x {SEQ}, bf16; peak of a {args.steps}-step run; forward + backward, median of "
-          f"{args.repeats} in turns")
+          f"QLoRA r=16, {size['batch']} x {size['seq']}, bf16; peak of a {args.steps}-step run; forward + backward, "
+          f"median of {args.repeats} in turns{' -- SMOKE RUN, not a measurement' if args.smoke else ''}")
     print("| init | s / step | vs default | peak | vs default | plan / peak |\n|---|---|---|---|---|---|")
     for row in rows:
         name = "default" if row["correction_rank"] is None else f"calibrated, fit rank {row['correction_rank']}"

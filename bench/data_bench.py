@@ -26,6 +26,10 @@ a fresh folder per size whose other entries (the default model, compiled
 kernels) link to the user's cache, so only the token stores start empty.
 
     python bench/data_bench.py --sizes 20000,200000,2000000 --old-src /work/main/src --train-steps 3
+    python bench/data_bench.py --smoke    # 40 examples, a tiny random model, 1 step, in this process (bench/smoke.py)
+
+``--smoke`` runs every measurement in this process (no fresh processes, no first-step runs: their fault
+hook kills the process that reaches step 1).
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
+sys.path.insert(0, str(HERE))
+import smoke  # noqa: E402
+
 MB = 1e6
 
 
@@ -125,9 +132,13 @@ class TreeMemory:
         return self.peak
 
 
-def run_child(args: list[str], env: dict) -> tuple[dict, int, float]:
-    """(the child's JSON result, peak tree PSS above its baseline, wall seconds)."""
+def run_child(args: list[str], env: dict, in_process: bool = False) -> tuple[dict, int, float]:
+    """(the child's JSON result, peak tree PSS above its baseline, wall seconds); ``in_process``: a smoke run."""
     start = time.perf_counter()
+    if in_process:
+        memory = TreeMemory(os.getpid())
+        lines = smoke.run_command([sys.executable, *args], env, capture_stdout=True)[2].splitlines()
+        return json.loads(lines[-1]), memory.stop() - json.loads(lines[0])["baseline"], time.perf_counter() - start
     proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, text=True)
     memory = TreeMemory(proc.pid)
     lines = proc.stdout.read().splitlines()
@@ -140,9 +151,13 @@ def run_child(args: list[str], env: dict) -> tuple[dict, int, float]:
     return result, peak - json.loads(lines[0])["baseline"], wall
 
 
-def timed(cmd: list[str], env: dict) -> tuple[int, float, int]:
-    """(return code, wall seconds, peak tree PSS) of a command."""
+def timed(cmd: list[str], env: dict, in_process: bool = False) -> tuple[int, float, int]:
+    """(return code, wall seconds, peak tree PSS) of a command; ``in_process``: a smoke run."""
     start = time.perf_counter()
+    if in_process:
+        memory = TreeMemory(os.getpid())
+        smoke.run_command(cmd, env)
+        return 0, time.perf_counter() - start, memory.stop()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     memory = TreeMemory(proc.pid)
     _, err = proc.communicate()
@@ -158,7 +173,7 @@ def fresh_cache(cache: Path) -> None:
 
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    for entry in cache_dir().iterdir():
+    for entry in cache_dir().iterdir() if cache_dir().is_dir() else ():
         if entry.name not in ("tokens", "quantized"):
             (cache / entry.name).symlink_to(entry)
 
@@ -168,7 +183,6 @@ def folder_bytes(folder: str) -> int:
 
 
 def bench_size(n: int, args, model: str) -> dict:
-    sys.path.insert(0, str(HERE))
     from chat_generator import write_jsonl
 
     tmp = Path(args.tmp)
@@ -182,16 +196,17 @@ def bench_size(n: int, args, model: str) -> dict:
     env.pop("TOKENIZERS_PARALLELISM", None)  # the tokenizer's own default: parallel
     me = [str(Path(__file__).resolve()), "--child"]
     row = {"examples": n, "file_mb": path.stat().st_size / MB}
-    bare, bare_mem, _ = run_child(me + ["bare", str(path), model], env)
-    prep, prep_mem, _ = run_child(me + ["prepare", str(path), model], env)
-    cached, cached_mem, _ = run_child(me + ["prepare", str(path), model], env)
+    here = args.smoke  # smoke: every command in this process
+    bare, bare_mem, _ = run_child(me + ["bare", str(path), model], env, here)
+    prep, prep_mem, _ = run_child(me + ["prepare", str(path), model], env, here)
+    cached, cached_mem, _ = run_child(me + ["prepare", str(path), model], env, here)
     row.update(tokens=bare["tokens"], bare_s=bare["seconds"], bare_mem=bare_mem, prepare_s=prep["seconds"],
                prepare_mem=prep_mem, ratio=prep["seconds"] / bare["seconds"], cached_s=cached["seconds"],
                cached_mem=cached_mem, store_mb=folder_bytes(prep["store"]) / MB)
     data_cmd = ["-m", "loraq", "data", str(path), "--model", model, "--seq-len", "512", "--packing", "--show", "0"]
     if n <= args.old_max:  # the whole command, cold, beside today's (at 2 M, prepare above says it)
         fresh_cache(cache)
-        _, row["data_cold_s"], row["data_cold_mem"] = timed([sys.executable, *data_cmd], env)
+        _, row["data_cold_s"], row["data_cold_mem"] = timed([sys.executable, *data_cmd], env, here)
     if args.old_src and n <= args.old_max:
         old_env = dict(env, PYTHONPATH=args.old_src)
         _, row["old_data_s"], row["old_data_mem"] = timed([sys.executable, *data_cmd], old_env)
@@ -203,7 +218,8 @@ def bench_size(n: int, args, model: str) -> dict:
                                        dict(env, LORAQ_CRASH_AT="step-start:1"))
             assert code == -9, "the run did not reach step 1"
     if args.train_steps and n == max(args.sizes):
-        _, row["train_s"], row["train_mem"] = timed([sys.executable, *train, "--max-steps", str(args.train_steps)], env)
+        steps = ["--max-steps", str(args.train_steps)]
+        _, row["train_s"], row["train_mem"] = timed([sys.executable, *train, *steps], env, here)
         summary = json.loads((tmp / f"run-{n}" / "summary.json").read_text())
         row["train_steps"], row["train_loss"] = summary["steps"], summary["train_loss"]
     if not args.keep:
@@ -230,12 +246,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(_child(*sys.argv[2:5])), flush=True)
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        print(json.dumps(_child(*argv[1:4])), flush=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="20000,200000,2000000")
+    parser.add_argument("--sizes", default="20000,200000,2000000", help="comma-separated numbers of examples")
     parser.add_argument("--model", default=None, help="tokenizer source (default: the default model's folder)")
     parser.add_argument("--old-src", default=None, help="src/ of another loraq tree to time `loraq data` with")
     parser.add_argument("--old-max", type=int, default=200000, help="largest size to run --old-src on")
@@ -243,7 +260,12 @@ def main() -> None:
     parser.add_argument("--first-step-at", default="200000", help="sizes whose time to the first step is measured")
     parser.add_argument("--tmp", default="/tmp/loraq-data-bench", help="generated files, caches and runs")
     parser.add_argument("--keep", action="store_true", help="keep the generated files and caches")
-    args = parser.parse_args()
+    smoke.add_flag(parser, "all in this process, no first-step runs, no --old-src")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        smoke.setup()
+        args.sizes, args.first_step_at, args.train_steps, args.old_src = "40", "", 1, None
+        args.model, args.tmp, args.keep = str(smoke.tiny_model()), str(smoke.temp_dir("loraq-data-bench-")), False
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.first_step_at = [int(s) for s in args.first_step_at.split(",") if s]
     sys.path.insert(0, str(SRC))
@@ -253,7 +275,7 @@ def main() -> None:
 
         model = str(ensure_default_model(progress=False))
     print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}", flush=True)
+          f"Python {platform.python_version()}{' -- SMOKE RUN, not a measurement' if args.smoke else ''}", flush=True)
     rows = [bench_size(n, args, model) for n in args.sizes]
     print(table(rows))
     if not args.keep:

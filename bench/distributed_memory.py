@@ -14,26 +14,39 @@ the 4-bit statistics, the adapters, their gradients and AdamW state stay whole.
 
     python bench/distributed_memory.py                 # SmolLM2-135M, 2 ranks, gloo on CPU
     python bench/distributed_memory.py --nproc 4 --model DIR
+    python bench/distributed_memory.py --smoke         # a tiny random model, the 1-process runs only, in this process
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+
 MB = 1e6
-
-
-def baseline_rss_bytes() -> int:
-    code = ("import torch, torch.distributed, transformers, transformers.models.llama.modeling_llama, "
+BASELINE = ("import torch, torch.distributed, transformers, transformers.models.llama.modeling_llama, "
             "loraq.training.loop; from loraq.training.metrics import current_rss_bytes; print(current_rss_bytes())")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def run(method: str, nproc: int, fsdp: bool, model: str | None, data: str, out: Path, threads: int) -> dict:
+def baseline_rss_bytes(in_process: bool = False) -> int:
+    """RSS of a process that imported what every rank imports; ``in_process`` (smoke): this process's."""
+    if in_process:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(BASELINE, {})
+        return int(out.getvalue())
+    return int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout)
+
+
+def run(method: str, nproc: int, fsdp: bool, model: str | None, data: str, out: Path, threads: int,
+        in_process: bool = False) -> dict:
     cmd = [sys.executable, "-m", "loraq", "train", "--method", method, "--data", data, "--max-steps", "3",
            "--batch-size", "2", "--seq-len", "256", "--dtype", "fp32", "--eval-samples", "0", "--output-dir", str(out),
            "--threads", str(threads), "--nproc", str(nproc)]
@@ -41,7 +54,10 @@ def run(method: str, nproc: int, fsdp: bool, model: str | None, data: str, out: 
         cmd += ["--model", model]
     if fsdp:
         cmd.append("--fsdp")
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if in_process:
+        smoke.run_command(cmd)
+    else:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -67,24 +83,32 @@ def weight_bytes_per_rank(method: str, model_spec: str | None, nproc: int) -> di
             "fsdp": frozen / nproc + stats + adapter_total + buffers}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct from loraq's cache")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2, help="ranks of the DDP and FSDP2 runs")
     ap.add_argument("--threads", type=int, default=1, help="threads per rank")
-    args = ap.parse_args()
+    smoke.add_flag(ap, "the 1-process runs only (DDP and FSDP2 start ranks as processes), in this process")
+    args = ap.parse_args(argv)
     from loraq.data.demo import demo_paths
 
     data = str(demo_paths()[0])
-    base = baseline_rss_bytes()
+    if args.smoke:
+        smoke.setup()
+        args.model = str(smoke.tiny_model())
+        data = str(smoke.head_jsonl(demo_paths()[0], smoke.temp_dir("loraq-dist-") / "train.jsonl", 16))
+    base = baseline_rss_bytes(in_process=args.smoke)
     print(f"baseline per process (imports, no model): {base / MB:.0f} MB")
+    runs = [("1 process", 1, False)]
+    if not args.smoke:
+        runs += [(f"DDP x{args.nproc}", args.nproc, False), (f"FSDP2 x{args.nproc}", args.nproc, True)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("lora", "qlora"):
             counted = weight_bytes_per_rank(method, args.model, args.nproc)
-            for label, nproc, fsdp in (("1 process", 1, False), (f"DDP x{args.nproc}", args.nproc, False),
-                                       (f"FSDP2 x{args.nproc}", args.nproc, True)):
-                s = run(method, nproc, fsdp, args.model, data, Path(tmp) / f"{method}-{nproc}-{fsdp}", args.threads)
+            for label, nproc, fsdp in runs:
+                s = run(method, nproc, fsdp, args.model, data, Path(tmp) / f"{method}-{nproc}-{fsdp}", args.threads,
+                        in_process=args.smoke)
                 peak = max(s["peak_memory_bytes_per_rank"])
                 held = max(s["training_memory_bytes_per_rank"])
                 weights = counted["fsdp"] if fsdp else counted["ddp"]
@@ -93,13 +117,17 @@ def main() -> int:
                   f"4-bit stats {counted['quant_stats'] / MB:.1f} MB, "
                   f"adapters+grads+AdamW {counted['adapter_with_grads_and_adam'] / MB:.1f} MB, "
                   f"buffers {counted['buffers'] / MB:.1f} MB")
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[tuple]) -> None:
     print("\n| method | run | peak RSS / rank | minus baseline | RSS while training / rank | minus baseline "
           "| weights+optimizer / rank (counted) |")
     print("|---|---|---|---|---|---|---|")
     for method, label, peak, peak_net, held, held_net, weights in rows:
         print(f"| {method} | {label} | {peak:.0f} MB | {peak_net:.0f} MB | {held:.0f} MB | {held_net:.0f} MB "
               f"| {weights:.0f} MB |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ each tool's peak RSS alone). Settings as throughput.py: text packed into
 4 x 256, bf16, r=16, alpha 32, dropout 0, all-linear, AdamW, seed 0.
 
     python bench/interleaved.py [--methods qlora,lora] [--steps 20] [--warmup 3]
+    python bench/interleaved.py --smoke      # QLoRA on a tiny random model, 1 step after 1 warm-up (bench/smoke.py)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import smoke  # noqa: E402
 from throughput import ALPHA, BATCH, RANK, SEQ, docs_jsonl  # noqa: E402
 
 
@@ -71,24 +73,32 @@ def measure(method: str, steps: int, model_dir: Path, data: Path, out: Path) -> 
     return times
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="qlora,lora")
+    ap.add_argument("--methods", default="qlora,lora", help="comma-separated: qlora, lora")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per tool, after the warm-up")
     ap.add_argument("--warmup", type=int, default=3, help="first steps of each tool not counted")
     ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    smoke.add_flag(ap, "QLoRA only, 1 step after 1 warm-up")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LORAQ_NO_HUB", "1")
+    if args.smoke:
+        smoke.setup()
+        args.methods, args.steps, args.warmup = "qlora", 1, 1
+        model, tmp = smoke.tiny_model(), smoke.temp_dir("loraq-interleaved-")
+        data = docs_jsonl(tmp / "docs.jsonl", n_docs=6)
+    else:
+        from loraq.models.default import ensure_default_model
 
-    import torch
-
-    from loraq.models.default import ensure_default_model
-
-    model = Path(args.model) if args.model else ensure_default_model()
-    tmp = Path(tempfile.mkdtemp(prefix="loraq-interleaved-"))
-    data = docs_jsonl(tmp / "docs.jsonl")
+        model = Path(args.model) if args.model else ensure_default_model()
+        tmp = Path(tempfile.mkdtemp(prefix="loraq-interleaved-"))
+        data = docs_jsonl(tmp / "docs.jsonl")
     results = []
     for method in args.methods.split(","):
         times = measure(method, args.warmup + args.steps, model, data, tmp / f"run-{method}")
@@ -100,10 +110,17 @@ def main() -> None:
                         "pair_ratios": pairs})
         print(f"  {method}: loraq {statistics.median(ours):.3f} s, PEFT {statistics.median(peft):.3f} s per step",
               file=sys.stderr, flush=True)
+    print_table(results, args, model)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "results": results}, indent=2))
+
+
+def print_table(results: list[dict], args: argparse.Namespace, model: Path) -> None:
+    import torch
 
     print(f"\n# loraq vs PEFT(+bitsandbytes), steps interleaved in one process -- {dt.date.today()} -- "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}{' -- SMOKE RUN, not a measurement' if args.smoke else ''}")
     print(f"model {model.name}, batch {BATCH} x {SEQ} packed text, bf16, r={RANK}, alpha={ALPHA}, all-linear; "
           f"median of {args.steps} steps per tool after {args.warmup} warm-up steps\n")
     print("| method | loraq s/step | PEFT s/step | loraq tokens/s | PEFT tokens/s | speed vs PEFT "
@@ -116,8 +133,6 @@ def main() -> None:
         print(f"| {r['method']} | {r['loraq_median']:.3f} | {r['peft_median']:.3f} | "
               f"{BATCH * SEQ / r['loraq_median']:.0f} | {BATCH * SEQ / r['peft_median']:.0f} | "
               f"**{r['speedup']:.2f}x** | {pct[0]:.2f} / {pct[1]:.2f} / {pct[2]:.2f} ({peft_name} / loraq) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ checkpoint as stored)``.
 
     python bench/load_memory.py                 # the default model, --dtype auto
     python bench/load_memory.py --model DIR --dtype bf16
+    python bench/load_memory.py --smoke         # a tiny random model, both loads in this process (bench/smoke.py)
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
 
 MB = 1e6
 
@@ -121,9 +126,12 @@ def child(method: str, model_spec: str | None, dtype: str) -> None:
                       "source": str(source.path)}))
 
 
-def run_child(method: str, model_spec: str | None, dtype: str) -> dict:
+def run_child(method: str, model_spec: str | None, dtype: str, in_process: bool = False) -> dict:
+    """One load in a fresh process (``in_process``, a smoke run: in this one)."""
     cmd = ([sys.executable, __file__, "--child", method, "--dtype", dtype]
            + (["--model", model_spec] if model_spec else []))
+    if in_process:
+        return json.loads(smoke.run_command(cmd, capture_stdout=True)[2].strip().splitlines()[-1])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -139,22 +147,27 @@ def _cpu_name() -> str:
     return platform.processor() or "?"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model to load (default: the default model)")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp16, fp32")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    smoke.add_flag(parser, "both loads in this process, not fresh ones")
+    args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.model, args.dtype)
         return
+    if args.smoke:
+        smoke.setup()
+        args.model = str(smoke.tiny_model())
 
     import torch
 
-    qlora = run_child("qlora", args.model, args.dtype)
-    full = run_child("lora", args.model, args.dtype)
+    qlora = run_child("qlora", args.model, args.dtype, in_process=args.smoke)
+    full = run_child("lora", args.model, args.dtype, in_process=args.smoke)
     bound = 1.2 * (qlora["model_bytes"] + qlora["largest_bytes"])
-    print(f"# load_memory  {datetime.date.today()}  {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"# load_memory  {datetime.date.today()}  {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+          f"{'  -- SMOKE RUN, not a measurement' if args.smoke else ''}")
     print(f"# model {qlora['source']}  compute dtype {qlora['dtype']}")
     print(f"{'load':<28}{'peak RSS above baseline':>26}{'model in memory':>18}")
     print(f"{'QLoRA (nf4+DQ, lowmem)':<28}{qlora['peak_bytes'] / MB:>23.1f} MB{qlora['model_bytes'] / MB:>15.1f} MB")

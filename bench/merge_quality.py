@@ -12,6 +12,7 @@ Usage:
     python bench/merge_quality.py --run runs/x --val val.jsonl            # an existing run
     python bench/merge_quality.py --demo                                  # train the demo (loraq train), then measure
     python bench/merge_quality.py --skills                                # train on bench/skills.py's set, then measure
+    python bench/merge_quality.py --smoke          # --skills with a tiny random model: 2 steps, 4 examples scored
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loraq  # noqa: E402
+import smoke  # noqa: E402
 
 
 def measure(run: str | Path, val: str | Path, max_examples: int = 200) -> list[dict]:
@@ -67,26 +69,35 @@ def train_demo(out: Path) -> tuple[Path, Path]:
     return result.run_dir, Path(demo_paths()[1])
 
 
-def train_skills(out: Path, data_dir: Path) -> tuple[Path, Path]:
+def train_skills(out: Path, data_dir: Path, **overrides) -> tuple[Path, Path]:
+    """A QLoRA run on bench/skills.py's set; ``overrides`` (a smoke run's model, steps, sizes) win."""
     from skills import write
 
-    train, val = write(data_dir)
-    result = loraq.train(data=str(train), val_data=str(val), output_dir=str(out), overwrite=True, max_steps=150,
-                         batch_size=8, seq_len=128, lr=1e-3, warmup=0.1, eval_samples=100, log_every=10)
+    sizes = {k: overrides.pop(k) for k in ("n_train", "n_val") if k in overrides}
+    train, val = write(data_dir, **sizes)
+    settings = dict(max_steps=150, batch_size=8, seq_len=128, lr=1e-3, warmup=0.1, eval_samples=100, log_every=10)
+    result = loraq.train(data=str(train), val_data=str(val), output_dir=str(out), overwrite=True,
+                         **{**settings, **overrides})
     return result.run_dir, val
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run")
-    parser.add_argument("--val")
-    parser.add_argument("--demo", action="store_true")
-    parser.add_argument("--skills", action="store_true")
-    parser.add_argument("--work", default="/tmp/loraq-merge-quality")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--run", help="a finished QLoRA run folder")
+    parser.add_argument("--val", help="its held-out file (with --run)")
+    parser.add_argument("--demo", action="store_true", help="train the demo, then measure it")
+    parser.add_argument("--skills", action="store_true", help="train on bench/skills.py's set, then measure it")
+    parser.add_argument("--work", default="/tmp/loraq-merge-quality", help="where --demo / --skills train")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON at the end")
+    smoke.add_flag(parser, "--skills on a tiny random model, 2 steps, 4 held-out examples scored")
+    args = parser.parse_args(argv)
     work = Path(args.work)
-    runs = []
+    runs, max_examples = [], 200
+    if args.smoke:
+        smoke.setup()
+        work, max_examples = smoke.temp_dir("loraq-merge-quality-"), 4
+        runs.append(("five skills (smoke)", *train_skills(work / "skills", work / "skills-data", n_train=40, n_val=4,
+                                                          model=str(smoke.tiny_model()), max_steps=2, eval_samples=4)))
     if args.run:
         runs.append(("given run", Path(args.run), Path(args.val)))
     if args.demo:
@@ -97,7 +108,7 @@ def main() -> None:
               "runs": {}}
     for name, run, val in runs:
         print(f"{name}: {run} on {val}", flush=True)
-        report["runs"][name] = {"run": str(run), "val": str(val), "rows": measure(run, val)}
+        report["runs"][name] = {"run": str(run), "val": str(val), "rows": measure(run, val, max_examples)}
     if args.json:
         print(json.dumps(report, indent=2))
 

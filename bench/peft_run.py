@@ -8,32 +8,58 @@ trainable parameters, bf16. The batches are exactly loraq's (same packed
 rows, position ids restarting per document), so both tools see the same tokens.
 
     python bench/peft_run.py --method qlora|lora --steps N --model DIR --data docs.jsonl
+    python bench/peft_run.py --smoke      # 2 steps of each method on a tiny random model (bench/smoke.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=("qlora", "lora"), required=True)
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=("qlora", "lora"), help="required")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps (or --epoch)")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--model", help="HF folder (required)")
+    ap.add_argument("--data", help="a loraq dataset file (required)")
+    ap.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--alpha", type=int, default=32, help="LoRA alpha")
     ap.add_argument("--padding", action="store_true", help="HF-style padding instead of packing (epoch benchmark)")
     ap.add_argument("--epoch", action="store_true", help="run one epoch instead of --steps")
-    args = ap.parse_args()
+    smoke.add_flag(ap, "both methods, 2 steps each")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        return run_smoke(args)
+    if None in (args.method, args.model, args.data):
+        ap.error("give --method, --model and --data")
     if not args.epoch and args.steps < 1:
         ap.error("give --steps N or --epoch")
+    run(args)
 
+
+def run_smoke(args: argparse.Namespace) -> None:
+    from throughput import docs_jsonl
+
+    smoke.setup()
+    args.model, args.steps, args.seq_len = str(smoke.tiny_model()), 2, 64
+    args.data = str(docs_jsonl(smoke.temp_dir("loraq-peft-run-") / "docs.jsonl", n_docs=4))
+    for method in ("qlora", "lora"):
+        args.method = method
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``args.steps`` optimizer steps (or one epoch) of PEFT; prints steps, seconds, tokens and the last loss."""
     torch.manual_seed(0)
     model, opt, tok = build(args.method, args.model, args.rank, args.alpha)
     batches = load_batches(tok, args.data, args.seq_len, args.batch_size, padding=args.padding)

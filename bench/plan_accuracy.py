@@ -13,6 +13,7 @@ the bundled demo set, or Python's own documentation as text cut into
     python bench/plan_accuracy.py --predict-only     # the predictions alone (write them down first)
     python bench/plan_accuracy.py                    # predictions and measurements, a table
     python bench/plan_accuracy.py --only demo,1b-qlora-b4-s512
+    python bench/plan_accuracy.py --smoke            # one configuration of a tiny random model, run in this process
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from pathlib import Path
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import smoke  # noqa: E402
 
 # name -> (model, method, batch, seq_len, grad checkpointing, data); full fine-tuning in fp32: with bf16 autocast
 # it stops in the matmul attention's backward on this version (reported; not the planner's to fix)
@@ -57,18 +60,23 @@ SHAPES = {
                  num_key_value_heads=4, tie_word_embeddings=False),  # TinyLlama's block shape
     "1.1b-2": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
                    num_key_value_heads=4, tie_word_embeddings=False),  # the same, cut to 2 blocks
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False),  # --smoke's, on bench/smoke.py's vocabulary
 }
+SMOKE_CONFIGS = {"tiny-qlora-b2-s64-gc": ("tiny", "qlora", 2, 64, True, "text")}
 
 
-def random_model(folder: Path, overrides: dict) -> Path:
-    """A randomly initialised Llama of SmolLM2's vocabulary, written as a HF folder (bf16 safetensors)."""
+def random_model(folder: Path, overrides: dict, source: Path | None = None) -> Path:
+    """A randomly initialised Llama of SmolLM2's vocabulary (or ``source``'s), written as a HF folder (bf16
+    safetensors) with that model's tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraq.models.default import ensure_default_model
+    if source is None:
+        from loraq.models.default import ensure_default_model
 
-    smol = ensure_default_model(progress=False)
-    base = json.loads((smol / "config.json").read_text())
+        source = ensure_default_model(progress=False)
+    base = json.loads((Path(source) / "config.json").read_text())
     keep = ("vocab_size", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta")
     config = LlamaConfig(**{k: base[k] for k in keep if k in base}, max_position_embeddings=2048, **overrides)
     torch.manual_seed(0)
@@ -81,8 +89,8 @@ def random_model(folder: Path, overrides: dict) -> Path:
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     model.save_pretrained(str(folder))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (smol / name).is_file():
-            shutil.copy(smol / name, folder / name)
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, folder / name)
     return folder
 
 
@@ -115,7 +123,8 @@ def predict(values: dict) -> dict:
     return {"peak_bytes": plan.peak_bytes, "phase": plan.estimate.phase, "longest_row": plan.rows.longest}
 
 
-def measure(values: dict, out: Path) -> int | None:
+def measure(values: dict, out: Path, in_process: bool = False) -> int | None:
+    """The measured peak of a ``loraq train`` process (``in_process``, a smoke run: the run in this process)."""
     cmd = [PY, "-m", "loraq", "train", "--output-dir", str(out), "--overwrite"]
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
@@ -123,6 +132,9 @@ def measure(values: dict, out: Path) -> int | None:
             cmd.append(flag if value else "--no-" + flag[2:])
         else:
             cmd += [flag, str(value)]
+    if in_process:
+        smoke.run_command(cmd)
+        return int(json.loads((out / "summary.json").read_text())["peak_memory_bytes"])
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         print(f"  failed: {' '.join(cmd)}\n  {done.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -130,27 +142,33 @@ def measure(values: dict, out: Path) -> int | None:
     return int(json.loads((out / "summary.json").read_text())["peak_memory_bytes"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--predict-only", action="store_true")
+    parser.add_argument("--predict-only", action="store_true", help="the predictions alone, no training runs")
     parser.add_argument("--only", default=None, help="comma-separated configuration names")
     parser.add_argument("--json", default=None, help="write the rows here too")
-    args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(CONFIGS)
+    smoke.add_flag(parser, f"configuration {', '.join(SMOKE_CONFIGS)}, its run in this process")
+    args = parser.parse_args(argv)
+    configs, source, n_docs = CONFIGS, None, 60
+    if args.smoke:
+        smoke.setup()
+        configs, source, n_docs = SMOKE_CONFIGS, smoke.tiny_model(), 6
+    names = args.only.split(",") if args.only else list(configs)
     tmp = Path(tempfile.mkdtemp(prefix="loraq-plan-"))
     try:
-        needed = {CONFIGS[n][0] for n in names} - {"default"}
-        models = {key: random_model(tmp / key, SHAPES[key]) for key in sorted(needed)}
-        data = text_data(tmp / "docs.jsonl")
+        needed = {configs[n][0] for n in names} - {"default"}
+        models = {key: random_model(tmp / key, SHAPES[key], source) for key in sorted(needed)}
+        data = text_data(tmp / "docs.jsonl", n_docs)
         rows = []
-        print(f"# {dt.date.today()} {platform.processor() or platform.machine()}, torch/loraq plan accuracy, 3 steps")
+        print(f"# {dt.date.today()} {platform.processor() or platform.machine()}, torch/loraq plan accuracy, 3 steps"
+              f"{' -- SMOKE RUN, not a measurement' if args.smoke else ''}")
         print("| configuration | predicted | measured | predicted / measured |")
         print("|---|---|---|---|")
         for name in names:
-            values = flags(CONFIGS[name], models, data)
+            values = flags(configs[name], models, data)
             row = {"name": name, **values, **predict(values)}
             if not args.predict_only:
-                row["measured_bytes"] = measure(values, tmp / "run")
+                row["measured_bytes"] = measure(values, tmp / "run", in_process=args.smoke)
             rows.append(row)
             measured = row.get("measured_bytes")
             ratio = f"{row['peak_bytes'] / measured:.3f}" if measured else "-"

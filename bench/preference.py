@@ -25,6 +25,7 @@ whole rounds, not one tool.
 
     python bench/preference.py [--rounds 2] [--steps 10] [--warmup 2] [--pairs-per-step 8]
     python bench/preference.py --only dpo --steps 2 --warmup 1     # a quick check
+    python bench/preference.py --smoke      # 4 pairs, a tiny random model, 1 step of each, all in this process
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import smoke  # noqa: E402
+
 SEQ, RANK, ALPHA, LR = 128, 16, 32, 5e-4
 
 
@@ -50,7 +54,10 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError:  # not allowed here: the peak is then the process's
+        pass
 
 
 class Timer:
@@ -76,7 +83,7 @@ def pair_records(n: int) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def tokens_per_pair(records: list[dict]) -> float:
+def tokens_per_pair(records: list[dict], model: str | None = None) -> float:
     """Mean non-padding tokens of a pair's two rows (loraq's rendering; TRL's differs by a newline per row)."""
     from loraq.config import TrainConfig
     from loraq.data.preference import build_preference_data
@@ -85,11 +92,12 @@ def tokens_per_pair(records: list[dict]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        data = build_preference_data(TrainConfig(data=str(path), seq_len=SEQ, eval_samples=0), load_tokenizer(None))
+        data = build_preference_data(TrainConfig(data=str(path), seq_len=SEQ, eval_samples=0), load_tokenizer(model))
     return sum(len(p) for p in data.train) / len(data.train)
 
 
-def run_loraq(mode: str, records: list[dict], pairs_per_step: int, steps: int, warmup: int, tmp: Path) -> dict:
+def run_loraq(mode: str, records: list[dict], pairs_per_step: int, steps: int, warmup: int, tmp: Path,
+              model: str | None = None) -> dict:
     import loraq
     from loraq.training.hooks import Callback
 
@@ -109,13 +117,14 @@ def run_loraq(mode: str, records: list[dict], pairs_per_step: int, steps: int, w
     else:
         rows, settings = records, {"batch_size": pairs_per_step, "objective": "dpo", "beta": 0.1}
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    loraq.train(data=str(data), method="qlora", dtype="bf16", rank=RANK, alpha=ALPHA, seq_len=SEQ, lr=LR,
+    loraq.train(data=str(data), model=model, method="qlora", dtype="bf16", rank=RANK, alpha=ALPHA, seq_len=SEQ, lr=LR,
                 max_steps=warmup + steps, warmup=0, eval_samples=0, output_dir=str(tmp / f"run-{mode}"),
                 callbacks=[Timed()], **settings)
     return {"times": timer.times, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def run_trl(records: list[dict], pairs_per_step: int, steps: int, warmup: int, tmp: Path) -> dict:
+def run_trl(records: list[dict], pairs_per_step: int, steps: int, warmup: int, tmp: Path,
+            model_dir: str | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -124,7 +133,7 @@ def run_trl(records: list[dict], pairs_per_step: int, steps: int, warmup: int, t
 
     from loraq.models.default import ensure_default_model
 
-    folder = str(ensure_default_model(progress=False))
+    folder = model_dir or str(ensure_default_model(progress=False))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16)
@@ -152,8 +161,8 @@ def one_run(mode: str, args) -> dict:
     records = pair_records(args.pairs)
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "trl":
-            return run_trl(records, args.pairs_per_step, args.steps, args.warmup, Path(tmp))
-        return run_loraq(mode, records, args.pairs_per_step, args.steps, args.warmup, Path(tmp))
+            return run_trl(records, args.pairs_per_step, args.steps, args.warmup, Path(tmp), args.model)
+        return run_loraq(mode, records, args.pairs_per_step, args.steps, args.warmup, Path(tmp), args.model)
 
 
 def summarize(result: dict, tokens_per_step: float) -> dict:
@@ -162,32 +171,44 @@ def summarize(result: dict, tokens_per_step: float) -> dict:
             "peak_rss_gb": result["peak_rss_bytes"] / 1e9}
 
 
-def main() -> None:
+def run_mode(mode: str, args: argparse.Namespace) -> dict:
+    """:func:`one_run` in a process of its own (a smoke run: in this one)."""
+    if args.smoke:
+        return one_run(mode, args)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", mode, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--pairs-per-step", str(args.pairs_per_step), "--pairs", str(args.pairs),
+           *(["--model", args.model] if args.model else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pairs-per-step", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the three runs")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps per run before the timing")
+    parser.add_argument("--pairs-per-step", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--pairs", type=int, default=200, help="training pairs taken from the demo")
+    parser.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
     parser.add_argument("--only", default=None, help="one mode (sft, dpo, trl) in this process, printed as JSON")
-    args = parser.parse_args()
+    smoke.add_flag(parser, "4 pairs, 2 per step, 1 step, no warm-up; the three runs in this process")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        smoke.setup()
+        args.model, args.rounds, args.steps, args.warmup = str(smoke.tiny_model()), 1, 1, 0
+        args.pairs, args.pairs_per_step = 4, 2
     if args.only:
         print("RESULT " + json.dumps(one_run(args.only, args)), flush=True)
         return
-    tokens_per_step = tokens_per_pair(pair_records(args.pairs)) * args.pairs_per_step
+    tokens_per_step = tokens_per_pair(pair_records(args.pairs), args.model) * args.pairs_per_step
     rounds = []
     for r in range(args.rounds):
         row = {}
         for mode in ("sft", "dpo", "trl"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", mode, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--pairs-per-step", str(args.pairs_per_step),
-                   "--pairs", str(args.pairs)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM":
-                                                                            "false"})
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-            row[mode] = summarize(json.loads(line[7:]), tokens_per_step)
+            row[mode] = summarize(run_mode(mode, args), tokens_per_step)
             print(f"round {r + 1} {mode}: {json.dumps(row[mode])}", flush=True)
         row["dpo_time_per_token_vs_sft"] = row["dpo"]["step_seconds"] / row["sft"]["step_seconds"]
         row["dpo_rss_vs_sft"] = row["dpo"]["peak_rss_gb"] / row["sft"]["peak_rss_gb"]

@@ -3,6 +3,7 @@
     python bench/quality.py                          # the suite: 5 methods x 3 seeds, then the merges (hours, 2 cores)
     python bench/quality.py --init-only --json       # perplexity at initialisation: full, nf4, loftq, calibrated
     python bench/quality.py --steps 2 --seeds 0 --train-per-skill 8 --val-per-skill 2 --ppl-seqs 1   # a quick check
+    python bench/quality.py --smoke     # a tiny random model: --init-only, then the calibrated run, 2 steps
 
 The suite: six skills with exact answers, each generated with a seed, held-out
 prompts disjoint from the training ones -- the five of bench/skills.py
@@ -50,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "lora")]
 
 import loraq  # noqa: E402
+import smoke  # noqa: E402
 
 METHODS = ("full", "lora", "qlora", "loftq", "calibrated", "calibrated_r64")
 SEQ_LEN = 512  # perplexity blocks
@@ -80,7 +82,7 @@ def write_suite(folder: Path, train_per_skill: int, val_per_skill: int, seed: in
 def run_settings(method: str, args: argparse.Namespace) -> dict:
     """The loraq.train keyword arguments of one method: all shared but the method, init and full's lr."""
     shared = dict(max_steps=args.steps, batch_size=8, seq_len=128, warmup=0.1, schedule="cosine", dtype="bf16",
-                  eval_samples=10_000, log_every=10, lr=args.lr)
+                  eval_samples=10_000, log_every=10, lr=args.lr, **({"model": args.model} if args.model else {}))
     if method == "full":
         return {**shared, "method": "full", "lr": args.full_lr}
     lora = dict(rank=16, alpha=32, target_modules=["all-linear"])
@@ -142,11 +144,11 @@ def suite(args: argparse.Namespace) -> dict:
     train, val = write_suite(out / "data", args.train_per_skill, args.val_per_skill)
     results = out / "results.jsonl"
     done = done_runs(results)
-    tokenizer = loraq.load_for_inference(None, say=lambda _m: None).tokenizer
+    tokenizer = loraq.load_for_inference(args.model, say=lambda _m: None).tokenizer
     blocks = text_blocks(tokenizer, args.ppl_seqs)
     if ("base", 0) not in done:
         with held(args.lock):
-            done[("base", 0)] = {"method": "base", "seed": 0, "perplexity": model_perplexity(blocks)}
+            done[("base", 0)] = {"method": "base", "seed": 0, "perplexity": model_perplexity(blocks, args.model)}
         _append(results, done[("base", 0)])
     for seed in args.seeds:
         for method in args.methods:
@@ -223,12 +225,12 @@ def init_only(args: argparse.Namespace) -> dict:
     """{"full", "nf4", "loftq", "calibrated", ...}: perplexity at initialisation (module docstring)."""
     import copy
 
-    from loftq_table import NF4, load_default, loftq_model, nf4_model, perplexity
+    from loftq_table import NF4, loftq_model, nf4_model, perplexity
 
     from loraq.lora.config import LoraConfig
     from loraq.lora.model import inject_lora
 
-    model, tokenizer = load_default()
+    model, tokenizer = load_base(args.model)
     blocks = text_blocks(tokenizer, args.ppl_seqs)
     sources = {"calibrated": lambda: [row.tolist() for row in text_blocks(tokenizer, args.calibration_samples,
                                                                           skip_seq=args.ppl_seqs)],
@@ -256,6 +258,18 @@ def init_only(args: argparse.Namespace) -> dict:
     result.update(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
                   tokens=int(blocks.numel()), correction_rank=args.correction_rank or 16)
     return result
+
+
+def load_base(model: str | None):
+    """(the model in fp32, its tokenizer): ``model``'s, or the default model's (tests/lora/loftq_table.py's)."""
+    if model is None:
+        from loftq_table import load_default
+
+        return load_default()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model)
 
 
 def alternated_model(model, rows: list[list[int]], iters: int):
@@ -323,19 +337,22 @@ def suite_rows(tokenizer, args: argparse.Namespace) -> list[list[int]]:
         return calibration_rows(cfg, data.train_examples, tokenizer)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init-only", action="store_true", help="perplexity at initialisation only")
     parser.add_argument("--json", action="store_true", help="print one JSON object (after the tables)")
     parser.add_argument("--out", default="/tmp/loraq-quality", help="runs, data and results.jsonl")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                        help="comma-separated training seeds")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each run")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA runs")
     parser.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of full fine-tuning")
     parser.add_argument("--train-per-skill", type=int, default=120,
                         help="training examples per skill (bench/skills.py has 144 distinct initials prompts)")
-    parser.add_argument("--val-per-skill", type=int, default=20)
+    parser.add_argument("--val-per-skill", type=int, default=20, help="held-out examples per skill")
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="calibration rows (default: 64 text rows of 512 tokens for --init-only, "
                              "256 training rows)")
@@ -346,9 +363,31 @@ def main() -> None:
                         help="--init-only: the calibration rows fitted on (calibrated: more of the text; "
                              "calibrated_docstrings; calibrated_suite: the suite's training rows)")
     parser.add_argument("--ppl-seqs", type=int, default=16, help="512-token rows of pydoc_data.topics scored")
-    parser.add_argument("--no-merges", action="store_true")
+    parser.add_argument("--no-merges", action="store_true", help="skip the merges of the QLoRA-family runs")
     parser.add_argument("--lock", default=None, help="a file to flock around each training run (a shared machine)")
-    args = parser.parse_args()
+    smoke.add_flag(parser, "--init-only, then the suite's calibrated run (no merges: merge_quality.py's)")
+    return parser.parse_args(argv)
+
+
+def run_smoke(args: argparse.Namespace) -> None:
+    """Both parts on the tiny random model: --init-only with 1 calibration row, then 2 steps of the calibrated
+    init on 2 training examples per skill, 1 held out, perplexity on 1 row of 512 tokens; the merges are
+    bench/merge_quality.py's, whose smoke runs them."""
+    smoke.setup()
+    args.model, args.out, args.lock = str(smoke.tiny_model()), str(smoke.temp_dir("loraq-quality-")), None
+    args.steps, args.seeds, args.train_per_skill, args.val_per_skill, args.ppl_seqs = 2, [0], 2, 1, 1
+    args.calibration_samples = 1
+    report = init_only(args)
+    print("\n".join(f"{k}: {v}" for k, v in report.items()))
+    args.methods, args.calibration_samples, args.no_merges = ["calibrated"], 8, True
+    print_tables(suite(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.smoke:
+        run_smoke(args)
+        return
     if args.init_only:
         args.calibration_samples = args.calibration_samples or 64
         report = init_only(args)
@@ -357,7 +396,7 @@ def main() -> None:
     args.calibration_samples = args.calibration_samples or 256
     unknown = set(args.methods) - set(METHODS)
     if unknown:
-        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     report = suite(args)
     print_tables(report)
     if args.json:

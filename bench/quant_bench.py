@@ -3,6 +3,7 @@
     python bench/quant_bench.py                  # everything (perplexity takes a few minutes)
     python bench/quant_bench.py --no-perplexity  # bits and speed only
     python bench/quant_bench.py --threads 1      # pin intra-op threads (a busy shared machine)
+    python bench/quant_bench.py --smoke          # small weights, 1 repeat, perplexity of a tiny random model
 
 Prints, side by side:
 
@@ -26,12 +27,18 @@ import copy
 import math
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from loraq.quant.functional import dequantize_4bit, quantize_4bit
-from loraq.quant.model import quantizable_layer_names, quantize_model_
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smoke  # noqa: E402
+from loraq.quant.functional import dequantize_4bit, quantize_4bit  # noqa: E402
+from loraq.quant.model import quantizable_layer_names, quantize_model_  # noqa: E402
+
+SHAPES = [(1536, 576), (4096, 4096)]
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -46,23 +53,28 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def stored_bits() -> None:
-    w = torch.randn(4096, 4096)
+def stored_bits(shape: tuple[int, int] = (4096, 4096)) -> None:
+    w = torch.randn(shape)
     for double_quant in (True, False):
         packed, state = quantize_4bit(w, 64, "nf4", double_quant)
         bits = (packed.numel() * 8 + state.scale_bits) / w.numel()
         print(f"stored bits/param, NF4 blocksize 64, double quant {double_quant!s:5}: {bits:.4f}")
 
 
-def speed(repeats: int) -> None:
-    import bitsandbytes.functional as bnbf
+def speed(repeats: int, shapes: list[tuple[int, int]] = SHAPES) -> None:
     import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):  # bitsandbytes' fallback is torch.compile-wrapped: time it eagerly
+        _speed(repeats, shapes)
+
+
+def _speed(repeats: int, shapes: list[tuple[int, int]]) -> None:
+    import bitsandbytes.functional as bnbf
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-    torch._dynamo.config.disable = True  # bitsandbytes' fallback is torch.compile-wrapped: time it eagerly
     print(f"\nthreads: {torch.get_num_threads()}; load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'operation':44} {'loraq ms':>10} {'bnb ms':>10} {'ratio':>7}   (wall; thread CPU in brackets)")
-    for shape in [(1536, 576), (4096, 4096)]:
+    for shape in shapes:
         w = torch.randn(shape) * 0.02
         reps = repeats if w.numel() < 4e6 else max(3, repeats // 10)
         mine_q = timed(lambda: quantize_4bit(w, 64, "nf4", True), max(3, reps // 5))
@@ -126,18 +138,26 @@ def perplexity(model_dir: str, sequences: int, seq_len: int) -> None:
         print(f"| {label} | {math.exp(statistics.mean(losses)):.2f} |", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--no-perplexity", action="store_true")
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per operation (fewer for large ones)")
+    parser.add_argument("--no-perplexity", action="store_true", help="bits and speed only")
+    parser.add_argument("--sequences", type=int, default=32, help="rows of text whose perplexity is measured")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     parser.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
-    args = parser.parse_args()
+    smoke.add_flag(parser, "a 256 x 128 weight, 1 repeat, 1 row of 64 tokens of a tiny random model")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.smoke:
+        smoke.setup()
+        stored_bits((256, 128))
+        speed(1, [(256, 128)])
+        if not args.no_perplexity:
+            perplexity(str(smoke.tiny_model()), 1, 64)
+        return
     stored_bits()
     speed(args.repeats)
     if not args.no_perplexity:

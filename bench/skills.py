@@ -9,13 +9,15 @@
 Each answer follows from the prompt by a rule a small model can learn in a
 few hundred steps; none is spelled out, so the base model's exact match is
 low. ``python bench/skills.py OUT_DIR`` writes train.jsonl (1200) and
-val.jsonl (100, disjoint prompts) as chat records.
+val.jsonl (100, disjoint prompts) as chat records; ``--smoke`` writes 20 and 5
+into a temporary folder.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
+import tempfile
 from pathlib import Path
 
 WORDS = ("lamp river stone cloud apple tiger piano candle forest window garden silver rocket pencil orange "
@@ -82,5 +84,18 @@ def write(out_dir: str | Path, n_train: int = 1200, n_val: int = 100, seed: int 
     return paths
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="skills", help="where train.jsonl and val.jsonl go")
+    parser.add_argument("--smoke", action="store_true", help="20 + 5 records into a temporary folder, then remove it")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="loraq-skills-") as tmp:
+            train, val = write(tmp, n_train=20, n_val=5)
+            print(f"smoke: {len(train.read_text().splitlines())} train, {len(val.read_text().splitlines())} val")
+        return
+    print(*write(args.out_dir))
+
+
 if __name__ == "__main__":
-    print(*write(sys.argv[1] if len(sys.argv) > 1 else "skills"))
+    main()

@@ -6,9 +6,11 @@ to open, and the time to read one random example as the lists ``collate``
 takes (ids and labels) are compared.
 
     python bench/store_format.py
+    python bench/store_format.py --smoke     # 50 examples, a tiny random model's tokenizer, 20 reads
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
@@ -19,15 +21,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
+import smoke  # noqa: E402
 
 
 def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(folder) for f in files)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=20000, help="generated chat examples stored")
+    parser.add_argument("--reads", type=int, default=4000, help="random examples read back from each store")
+    parser.add_argument("--model", default=None, help="whose tokenizer (default: loraq's default model)")
+    smoke.add_flag(parser, "50 examples, 20 reads, a tiny random model's tokenizer")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        smoke.setup()
+        args.examples, args.reads, args.model = 50, 20, str(smoke.tiny_model())
+    if args.model is None:  # from the user's cache, before the token stores' cache below replaces it
+        from loraq.models.default import ensure_default_model
+
+        args.model = str(ensure_default_model(progress=False))
     tmp = Path(tempfile.mkdtemp(prefix="loraq-store-format-"))
     os.environ["LORAQ_CACHE"] = str(tmp / "cache")
+    try:
+        measure(tmp, args)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def measure(tmp: Path, args: argparse.Namespace) -> None:
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -36,12 +59,11 @@ def main() -> None:
     from loraq.data.prepare import prepare_store
     from loraq.data.readers import open_file
     from loraq.data.store import TokenStore
-    from loraq.models.default import ensure_default_model
     from loraq.models.load import load_tokenizer
 
     datasets.disable_progress_bars()
-    write_jsonl(str(tmp / "chat.jsonl"), 20000)
-    tokenizer = load_tokenizer(str(ensure_default_model(progress=False)))
+    write_jsonl(str(tmp / "chat.jsonl"), args.examples)
+    tokenizer = load_tokenizer(args.model)
     store = prepare_store(open_file(tmp / "chat.jsonl"), tokenizer, seq_len=512, workers=0)
     offsets = np.asarray(store.offsets)
     ids = [np.asarray(store.ids[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
@@ -51,7 +73,7 @@ def main() -> None:
                       "mask": pa.array(masks, type=pa.list_(pa.bool_()))})  # Arrow stores bools as bits too
     datasets.Dataset(table).save_to_disk(str(tmp / "arrow"))
     arrow_write = time.perf_counter() - start
-    picks = [random.Random(0).randrange(store.samples) for _ in range(4000)]
+    picks = [random.Random(0).randrange(store.samples) for _ in range(args.reads)]
 
     start = time.perf_counter()
     again = TokenStore.open(store.folder)
@@ -71,12 +93,11 @@ def main() -> None:
         row = loaded[i]
         [t if m else -100 for t, m in zip(row["input_ids"], row["mask"])]
     arrow_read = (time.perf_counter() - start) / len(picks)
-    print(f"{store.samples} examples, {int(offsets[-1]):,} tokens")
+    print(f"{store.samples} examples, {int(offsets[-1]):,} tokens{' (SMOKE RUN)' if args.smoke else ''}")
     print(f"numpy maps:       {folder_bytes(str(store.folder)) / 1e6:5.1f} MB, open {np_open * 1e3:5.1f} ms, "
           f"one example {np_read * 1e6:4.0f} us")
     print(f"Arrow (datasets): {folder_bytes(str(tmp / 'arrow')) / 1e6:5.1f} MB, open {arrow_open * 1e3:5.1f} ms, "
           f"one example {arrow_read * 1e6:4.0f} us (written in {arrow_write:.2f} s from the arrays)")
-    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

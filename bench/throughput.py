@@ -16,6 +16,7 @@ same run (torch.matmul 2048 x 2048). Model FLOPs per token for LoRA/QLoRA:
 gradient, plus attention (4 x layers x hidden x mean context, x3 for backward).
 
     python bench/throughput.py [--methods qlora,lora] [--short 3] [--long 13] [--model DIR]
+    python bench/throughput.py --smoke      # QLoRA on a tiny random model, 1 and 2 steps, in this process
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 PY = sys.executable
+import smoke  # noqa: E402
+
 BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
 
 
@@ -74,8 +78,14 @@ def model_flops_per_token(model_dir: Path, seq_len: int = SEQ) -> float:
     return 4 * matmul_params + attention
 
 
-def run_timed(cmd: list[str], env: dict | None = None, capture_stdout: bool = False) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS bytes, and stderr tail (or all of stdout, if asked) of one fresh process."""
+def run_timed(cmd: list[str], env: dict | None = None, capture_stdout: bool = False,
+              in_process: bool = False) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS bytes, and stderr tail (or all of stdout, if asked) of one fresh process.
+    ``in_process`` (smoke runs): the command runs in this process (:func:`smoke.run_command`), no fresh one."""
+    if in_process:
+        from smoke import run_command
+
+        return run_command(cmd, env, capture_stdout)
     with tempfile.TemporaryFile("w+") as err_file:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
@@ -117,56 +127,52 @@ def peft_cmd(method: str, steps: int, model: Path, data: Path) -> list[str]:
     return peft_train_cmd(method, model, data, "--steps", str(steps))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="qlora,lora")
-    ap.add_argument("--short", type=int, default=3)
-    ap.add_argument("--long", type=int, default=13)
+    ap.add_argument("--methods", default="qlora,lora", help="comma-separated: qlora, lora")
+    ap.add_argument("--short", type=int, default=3, help="steps of the short run")
+    ap.add_argument("--long", type=int, default=13, help="steps of the long run")
     ap.add_argument("--model", default=None, help="HF folder (default: loraq's default model)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--repeats", type=int, default=1,
                     help="repeat the whole alternation; per-step times are the median over repeats")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="also run loraq with --grad-checkpointing (its speed and memory cost)")
-    args = ap.parse_args()
+    smoke.add_flag(ap, "QLoRA only; both tools' runs in this process, not fresh ones")
+    return ap.parse_args(argv)
 
-    from loraq.models.default import ensure_default_model
 
-    model = Path(args.model) if args.model else ensure_default_model()
-    tmp = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
-    data = docs_jsonl(tmp / "docs.jsonl")
-    peak = matmul_peak_gflops("bf16")
-    flops = model_flops_per_token(model)
-    tokens_per_step = BATCH * SEQ
-    env = dict(os.environ, LORAQ_NO_HUB="1", HF_HUB_OFFLINE="1")
-
-    rows = []
-    for method in args.methods.split(","):
-        tools = ("loraq", "peft", *(["loraq+gc"] if args.grad_checkpointing else []))
-        res: dict[str, list] = {tool: [] for tool in tools}
-        for _ in range(args.repeats):
-            walls: dict[str, dict] = {tool: {} for tool in tools}
-            for steps in (args.short, args.long):  # alternate tools at each length
-                for tool in tools:
-                    cmd = (peft_cmd(method, steps, model, data) if tool == "peft"
-                           else loraq_cmd(method, steps, model, data, tmp / f"run-{method}", gc=tool == "loraq+gc"))
-                    wall, rss, _ = run_timed(cmd, env)
-                    walls[tool][steps] = (wall, rss)
-                    print(f"  {method:5s} {tool:8s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
-                          file=sys.stderr, flush=True)
+def measure(method: str, args: argparse.Namespace, model: Path, data: Path, tmp: Path, env: dict) -> list[dict]:
+    """One row per tool: seconds per step (long minus short run), peak RSS."""
+    tools = ("loraq", "peft", *(["loraq+gc"] if args.grad_checkpointing else []))
+    res: dict[str, list] = {tool: [] for tool in tools}
+    for _ in range(args.repeats):
+        walls: dict[str, dict] = {tool: {} for tool in tools}
+        for steps in (args.short, args.long):  # alternate tools at each length
             for tool in tools:
-                (w_s, r_s), (w_l, r_l) = walls[tool][args.short], walls[tool][args.long]
-                res[tool].append(((w_l - w_s) / (args.long - args.short), max(r_s, r_l)))
+                cmd = (peft_cmd(method, steps, model, data) if tool == "peft"
+                       else loraq_cmd(method, steps, model, data, tmp / f"run-{method}", gc=tool == "loraq+gc"))
+                wall, rss, _ = run_timed(cmd, env, in_process=args.smoke)
+                walls[tool][steps] = (wall, rss)
+                print(f"  {method:5s} {tool:8s} {steps:3d} steps: {wall:7.1f} s, peak RSS {rss / 2**30:.2f} GB",
+                      file=sys.stderr, flush=True)
         for tool in tools:
-            sec_per_step = statistics.median(t for t, _ in res[tool])
-            tps = tokens_per_step / sec_per_step
-            rows.append({"method": method, "tool": tool, "seconds_per_step": sec_per_step, "tokens_per_second": tps,
-                         "seconds_per_step_each": [t for t, _ in res[tool]],
-                         "peak_rss_bytes": max(r for _, r in res[tool]), "mfu": flops * tps / (peak * 1e9)})
+            (w_s, r_s), (w_l, r_l) = walls[tool][args.short], walls[tool][args.long]
+            res[tool].append(((w_l - w_s) / (args.long - args.short), max(r_s, r_l)))
+    rows = []
+    for tool in tools:
+        each = [t for t, _ in res[tool]]
+        sec_per_step = statistics.median(each)
+        rows.append({"method": method, "tool": tool, "seconds_per_step": sec_per_step,
+                     "tokens_per_second": BATCH * SEQ / sec_per_step, "seconds_per_step_each": each,
+                     "peak_rss_bytes": max(r for _, r in res[tool])})
+    return rows
 
+
+def print_table(args: argparse.Namespace, rows: list[dict], model: Path, peak: float, flops: float) -> None:
     print(f"\n# loraq vs PEFT{'+bitsandbytes' if 'qlora' in args.methods else ''} -- {dt.date.today()} -- "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{__import__('torch').__version__}")
+          f"{__import__('torch').__version__}{' -- SMOKE RUN, not a measurement' if args.smoke else ''}")
     print(f"model {model.name}, batch {BATCH} x {SEQ} packed text, bf16, r={RANK}, alpha={ALPHA}, all-linear; "
           f"bf16 matmul peak measured {peak:.0f} GFLOP/s; {flops / 1e9:.3f} GFLOP/token; "
           f"median of {args.repeats}\n")
@@ -181,6 +187,29 @@ def main() -> None:
             print(f"| {method} | {r['tool']}{'+bnb' if r['tool'] == 'peft' and method == 'qlora' else ''} | "
                   f"{r['tokens_per_second']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} GB | {100 * r['mfu']:.0f}% | "
                   f"{ratio_speed:.2f}x | {ratio_rss:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.smoke:  # QLoRA on a tiny random model, 1 and 2 steps of each tool in this process, a small matmul
+        smoke.setup()
+        args.methods, args.short, args.long, args.repeats = "qlora", 1, 2, 1
+        model, tmp = smoke.tiny_model(), smoke.temp_dir("loraq-bench-")
+        data = docs_jsonl(tmp / "docs.jsonl", n_docs=6)
+        peak = matmul_peak_gflops("bf16", n=128, reps=1)
+    else:
+        from loraq.models.default import ensure_default_model
+
+        model = Path(args.model) if args.model else ensure_default_model()
+        tmp = Path(tempfile.mkdtemp(prefix="loraq-bench-"))
+        data = docs_jsonl(tmp / "docs.jsonl")
+        peak = matmul_peak_gflops("bf16")
+    flops = model_flops_per_token(model)
+    env = dict(os.environ, LORAQ_NO_HUB="1", HF_HUB_OFFLINE="1")
+    rows = [row for method in args.methods.split(",") for row in measure(method, args, model, data, tmp, env)]
+    for row in rows:
+        row["mfu"] = flops * row["tokens_per_second"] / (peak * 1e9)
+    print_table(args, rows, model, peak, flops)
     if args.json:
         Path(args.json).write_text(json.dumps({"date": str(dt.date.today()), "peak_gflops": peak,
                                                "flops_per_token": flops, "rows": rows}, indent=2))
