@@ -16,6 +16,7 @@ import torch
 
 from loraq.config import TrainConfig
 from loraq.planning.activations import activation_bytes, forward_bytes, heap_bytes
+from loraq.planning.activations import probe_run as activations_probe_run
 from loraq.planning.shapes import model_shape
 
 
@@ -152,3 +153,23 @@ def test_checkpointing_adds_one_recomputed_block(llama_dir):
     block = activation_bytes(shape, batch, length, False, run) - kept
     full = forward_bytes(plain_shape, batch, length, False, plain)
     assert shape.layers * (block - 2 * batch * length * shape.head_dim * 2) < full < shape.layers * block + kept
+
+
+def test_a_probe_is_kept_on_disk_for_the_same_config_elsewhere(llama_dir, tmp_path, monkeypatch):
+    """The second plan of the same model class and settings (here: a copy in another folder) reads the first
+    one's measurement from loraq's cache: no probe model is built, and the bytes are the same."""
+    import shutil
+
+    from loraq.planning.probe import ActivationProbe
+
+    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path / "cache"))
+    shape, run = run_settings(llama_dir, "qlora", 2)
+    first = ActivationProbe(llama_dir)
+    expected = first.saved(activations_probe_run(run), 2, 100, False).total(2, 100)
+    copy = shutil.copytree(llama_dir, tmp_path / "copy")
+    second = ActivationProbe(copy)
+    assert second.saved(activations_probe_run(run), 2, 100, False).total(2, 100) == expected
+    assert first._models and not second._models
+    monkeypatch.setenv("LORAQ_PLAN_CACHE", "0")
+    third = ActivationProbe(copy)
+    assert third.saved(activations_probe_run(run), 2, 100, False).total(2, 100) == expected and third._models

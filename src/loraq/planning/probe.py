@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraq.planning import probe_store
+
 PROBE_BLOCKS = 2
 PROBE_LENGTHS = (16, 32, 48)  # evenly spaced, within one causal block of the matmul attention (kernels.attention.BLOCK)
 OUTSIDE = -1  # saved outside every decoder block (embeddings, the final norm)
@@ -141,29 +143,48 @@ class ActivationProbe:
         self.trust_remote_code = trust_remote_code
         self._models: dict[str, nn.Module] = {}
         self._matmul_capable: dict[str, bool] = {}  # apply_fast_paths found nothing that keeps the model on SDPA
-        self._saved: dict[tuple, SavedTensors] = {}
+        self._records: dict[str, dict[str, Any]] = {}  # per run: matmul_capable, heads, probe_blocks, kinds
+        self._keys: dict[str, str | None] = {}  # per run: its key in probe_store
         self._lock = threading.Lock()
 
     def saved(self, run: ProbeRun, batch: int, length: int, masked: bool) -> SavedTensors:
         """The saved tensors of a training forward of ``batch`` rows of ``length`` tokens (``masked``: padded or
         packed rows, so the attention gets a mask); use ``.total(batch, length)`` and the like on the result."""
-        matmul = self._matmul_path(run, batch, length)
-        key = (repr(run), masked, matmul)  # a LoraConfig is not hashable; its repr names every field
         with self._lock:
-            if key not in self._saved:
-                self._saved[key] = self._measure(run, masked, matmul)
-            return self._saved[key]
+            record = self._record(run)
+            matmul = self._matmul_path(run, record, batch, length)
+            kind = f"masked={int(masked)} matmul={int(matmul)}"
+            if kind not in record["kinds"]:
+                record["kinds"][kind] = self._measure(run, masked, matmul)
+                probe_store.write(self._keys[_run_key(run)], record)
+            storages = tuple(Storage(*values) for values in record["kinds"][kind])
+            return SavedTensors(storages, record["probe_blocks"], self.layers, matmul)
 
-    def _matmul_path(self, run: ProbeRun, batch: int, length: int) -> bool:
+    def _record(self, run: ProbeRun) -> dict[str, Any]:
+        """What is known of ``run`` on this model: on disk (:mod:`loraq.planning.probe_store`), else probed now."""
+        key = _run_key(run)
+        if key not in self._records:
+            self._keys[key] = probe_store.record_key(self.folder, key)
+            record = probe_store.read(self._keys[key])
+            if not {"matmul_capable", "heads", "probe_blocks", "kinds"} <= record.keys():
+                model = self._model(run)
+                record = {"matmul_capable": self._matmul_capable[key], "kinds": {},
+                          "heads": int(model.config.num_attention_heads),
+                          "probe_blocks": int(model.config.num_hidden_layers)}
+            self._records[key] = record
+        return self._records[key]
+
+    @staticmethod
+    def _matmul_path(run: ProbeRun, record: dict[str, Any], batch: int, length: int) -> bool:
         from loraq.kernels.attention import fits_matmul_path
 
-        model = self._model(run)
-        if not self._matmul_capable[repr(run)]:
+        if not record["matmul_capable"]:
             return False  # not on the CPU, or the model's attention keeps SDPA (dropout, softcapping, ...)
         itemsize = 4 if run.method == "full" else run.dtype.itemsize  # full: fp32 weights, queries in fp32
-        return fits_matmul_path(batch, int(model.config.num_attention_heads), length, itemsize)
+        return fits_matmul_path(batch, record["heads"], length, itemsize)
 
-    def _measure(self, run: ProbeRun, masked: bool, matmul: bool) -> SavedTensors:
+    def _measure(self, run: ProbeRun, masked: bool, matmul: bool) -> list[list[int]]:
+        """Each saved storage as ``[fixed, linear, quadratic, block]`` (:class:`Storage`)."""
         from loraq.kernels.attention import NAME
 
         model = self._model(run)
@@ -174,11 +195,10 @@ class ActivationProbe:
             raise RuntimeError(f"{self.folder}: the probe kept {[len(s) for s, _ in measured]} tensors at "
                                f"{PROBE_LENGTHS} tokens; cannot scale them")
         runs = [sizes for sizes, _ in measured] + [measured[0][1]]
-        storages = [_fit(sizes, block) for *sizes, block in zip(*runs[:-1], runs[-1])]
-        return SavedTensors(tuple(storages), int(model.config.num_hidden_layers), self.layers, matmul)
+        return [list(dataclasses.astuple(_fit(sizes, block))) for *sizes, block in zip(*runs[:-1], runs[-1])]
 
     def _model(self, run: ProbeRun) -> nn.Module:
-        key = repr(run)
+        key = _run_key(run)
         if key not in self._models:
             self._models[key], self._matmul_capable[key] = build_probe_model(self.folder, run, self.trust_remote_code)
         return self._models[key]
@@ -189,6 +209,12 @@ class ActivationProbe:
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.trust_remote_code)
         return int(config.num_hidden_layers)
+
+
+def _run_key(run: ProbeRun) -> str:
+    """The run's settings as text (a LoraConfig is not hashable), without the model's own path."""
+    lora = run.lora if run.lora is None else dataclasses.replace(run.lora, base_model_name_or_path=None)
+    return repr(dataclasses.replace(run, lora=lora))
 
 
 def build_probe_model(folder: str, run: ProbeRun, trust_remote_code: bool) -> tuple[nn.Module, bool]:
