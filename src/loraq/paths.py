@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,12 +144,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (e.g. two ranks fetching the default model at once)."""
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """An exclusive advisory lock (e.g. two ranks fetching the default model at once). Each lock guards one
+    thing (one model's fetch, one GGUF's conversion, one token store), so unrelated work never waits; when this
+    one must, ``waiting`` (what the other process is doing) is said on stderr first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(f"loraq: waiting for another loraq process {waiting} ({path}) ...", file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -112,7 +112,7 @@ def prepare_store(source: Any, tokenizer: Any, *, fmt: str = "auto", seq_len: in
         return store
     root = _writable_root(log)
     final = root / key
-    with file_lock(root / f".{key}.lock"):
+    with file_lock(root / f".{key}.lock", waiting=f"tokenizing {source.name} with these settings"):
         store = TokenStore.open(final)  # another process may have built it while this one waited
         if store is not None:
             return store

@@ -60,7 +60,7 @@ def ensure_default_model(progress: bool = True) -> Path:
     final = default_model_dir()
     if is_complete(final):
         return final
-    with file_lock(models_dir() / f".{DEFAULT_MODEL_NAME}.lock"):
+    with file_lock(models_dir() / f".{DEFAULT_MODEL_NAME}.lock", waiting=f"fetching {DEFAULT_MODEL_NAME}"):
         if is_complete(final):  # another process finished while we waited
             return final
         hub = _try_hub()

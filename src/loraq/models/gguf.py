@@ -38,7 +38,7 @@ def converted_folder(path: Path, progress: bool = True) -> Path:
     final = gguf_dir() / f"{path.stem}-{cache_key(path)}"
     if is_complete(final):
         return final
-    with file_lock(gguf_dir() / f".{final.name}.lock"):
+    with file_lock(gguf_dir() / f".{final.name}.lock", waiting=f"converting {path.name}"):
         if is_complete(final):  # another process converted it while we waited
             return final
         remove_stale_temporaries(final)
