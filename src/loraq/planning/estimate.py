@@ -11,8 +11,9 @@ AdamW's moments exist)::
                  4-bit layer, e per other parameter; lora: e P; full: 4 P
     head copy    V d e            a frozen head transposed for dh (CPU only; loss.LossBuffers)
     adapter      16 A             fp32 A/B, their gradients, AdamW's two moments
-                 + 2 e C          --init calibrated: the frozen pair beside the adapter (``C`` values, kept
-                                  in the compute dtype), and its copies saved with A/B's ([A; A0], [B, B0])
+                 + e C            --init calibrated: the frozen pair beside the adapter (``C`` values, kept
+                                  in the compute dtype; the [A; A0], [B, B0] copies a forward saves are
+                                  measured with the activations)
     full         4 P grads + 8 P AdamW (+ 2 x linear params: autocast's bf16 weight copies)
     loss         min(128, Nt) V e  the logit chunk buffer; Nt d e the gradient dh kept for backward
     activations  measured: what autograd keeps in one training forward of the model's own blocks, run on
