@@ -32,7 +32,7 @@ The fourth is glibc's heap: from the second step on, resident memory runs
 above the live bytes, because memory freed in one step is kept by the heap
 and the next step's allocations, timed differently, do not all fit its holes
 (``bench/NOTES.md``: 0-57% of the activations kept, across the configurations
-measured, history-dependent run to run). Counted as :data:`CPU_HEAP_SHARE`
+measured, history-dependent run to run). Counted as :data:`CPU_HEAP_SHARE` (by dtype)
 of the activation bytes a step allocates from the heap -- those in tensors
 below glibc's largest mmap threshold, 32 MiB, with or without checkpointing,
 which allocates them too, block by block
@@ -68,9 +68,10 @@ TOKENIZER_BYTES_PER_FILE_BYTE = 14  # a loaded fast tokenizer vs its tokenizer.j
 DATA_BYTES_PER_EXAMPLE = 40
 LOSS_CHUNK_ROWS = 128  # training.loss.fused_linear_cross_entropy's chunk_rows
 # CPU only: resident memory glibc's heap keeps above the live bytes, as a share of the activation bytes a step
-# allocates from it (chosen 2026-12-01 on ten configurations from SmolLM2 to a 1.1 B Llama, then checked on
-# four held out; bench/NOTES.md)
-CPU_HEAP_SHARE = 0.25
+# allocates from it, by the compute dtype's bytes a value. 16-bit: chosen 2026-12-01 on ten bf16 configurations
+# from SmolLM2 to a 1.1 B Llama, then checked on four held out; fp32: chosen 2026-12-07 on eight fp32 rows
+# measured on a 2-core EPYC without AVX-512, whose steps kept 0.10-0.64 of it (one full row 1.23; bench/NOTES.md)
+CPU_HEAP_SHARE = {2: 0.25, 4: 0.5}
 
 
 @dataclass
@@ -183,8 +184,9 @@ def _step_terms(shape: ModelShape, rows: RowShape, run: RunSettings) -> list[tup
         end = 4 * shape.total_params + 2 * 4 * shape.largest_param
         terms.append(("gradients (fp32) beyond the activations they replace", max(0, end - sum(x for _, x in terms))))
     if run.device == "cpu":
-        terms.append((f"freed memory glibc's heap keeps ({CPU_HEAP_SHARE:.0%} of the activations it served)",
-                      int(CPU_HEAP_SHARE * heap_bytes(shape, b, t, rows.varied, run))))
+        share = CPU_HEAP_SHARE.get(e, CPU_HEAP_SHARE[4])
+        terms.append((f"freed memory glibc's heap keeps ({share:.0%} of the activations it served)",
+                      int(share * heap_bytes(shape, b, t, rows.varied, run))))
     return terms
 
 
