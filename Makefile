@@ -42,7 +42,8 @@ test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/$(PIP) $(TORCH)
-	.venv-latest/bin/$(PIP) --upgrade --upgrade-strategy eager -e '.[test]'
+	echo '$(TORCH)' > .venv-latest/torch-pin.txt
+	.venv-latest/bin/$(PIP) --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e '.[test]'
 	.venv-latest/bin/pip freeze --exclude-editable --disable-pip-version-check | grep -i -E '^(transformers|peft|trl|torch)=='
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/python -m pytest -q
