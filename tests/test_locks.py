@@ -41,3 +41,23 @@ def test_different_things_do_not_wait_for_each_other(tmp_path, capfd):
     with file_lock(tmp_path / ".a.lock", waiting="converting a"), file_lock(tmp_path / ".b.lock", waiting="b"):
         pass
     assert "waiting" not in capfd.readouterr().err
+
+
+def test_the_ranks_of_one_run_wait_for_each_other_quietly(tmp_path, capfd, monkeypatch):
+    """Every rank prepares the same token store; the one that waits must not add a line to the run's one-line
+    errors (tests/distributed)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / ".store.lock"
+    path.touch()
+    with open(path, "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        def rank_one():
+            with file_lock(path, waiting="tokenizing"):
+                pass
+
+        thread = threading.Thread(target=rank_one)
+        thread.start()
+        time.sleep(0.3)
+        fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+    thread.join(10)
+    assert "waiting" not in capfd.readouterr().err

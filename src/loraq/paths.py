@@ -147,14 +147,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
     """An exclusive advisory lock (e.g. two ranks fetching the default model at once). Each lock guards one
     thing (one model's fetch, one GGUF's conversion, one token store), so unrelated work never waits; when this
-    one must, ``waiting`` (what the other process is doing) is said on stderr first."""
+    one must, ``waiting`` (what the other process is doing) is said on stderr first -- except by the ranks of a
+    multi-process run, which wait for each other by design and report their errors as one line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if waiting:
+            if waiting and int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # a rank waits for its siblings quietly
                 print(f"loraq: waiting for another loraq process {waiting} ({path}) ...", file=sys.stderr, flush=True)
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
