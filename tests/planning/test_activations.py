@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autograd_saved import kept_storages
 
 from loraq.config import TrainConfig
 from loraq.planning.activations import activation_bytes, forward_bytes, heap_bytes
@@ -51,7 +52,6 @@ def saved_storages(folder, method: str, batch: int, length: int, grad_checkpoint
     from loraq.lora.config import LoraConfig
     from loraq.lora.model import inject_lora
     from loraq.models.load import load_model
-    from loraq.quant.linear import Linear4bit
     from loraq.training.objective import CausalLMLoss
 
     # the quantizing inits load the full-precision weights and quantize the targets themselves
@@ -70,25 +70,13 @@ def saved_storages(folder, method: str, batch: int, length: int, grad_checkpoint
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_module = CausalLMLoss(model, torch.bfloat16 if method == "full" else None)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            weights |= {t.untyped_storage().data_ptr() for t in module.quant_state.tensors().values()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator)
     labels, mask = ids.clone(), torch.ones(batch, length, dtype=torch.long)
     if pad:
         labels[0, length - pad:], mask[0, length - pad:] = -100, 0
     positions = torch.arange(length).expand(batch, length)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_storages(model) as kept:
         loss_module(ids, labels, positions, mask, None)
     return kept
 

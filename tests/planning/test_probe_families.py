@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from autograd_saved import kept_storages
 
 from family_configs import FAMILIES, save_family
 from loraq.config import TrainConfig
@@ -30,23 +31,11 @@ def backbone_saved_bytes(folder, method: str, batch: int, length: int, pad: int)
     apply_fast_paths(model)
     inject_lora(model, LoraConfig.from_train_config(TrainConfig(method=method)))
     model.train()
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    for module in model.modules():
-        if hasattr(module, "quant_state"):
-            weights |= {t.untyped_storage().data_ptr() for t in module.quant_state.tensors().values()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     ids = torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, length - pad:] = 0
     backbone = getattr(model, model.base_model_prefix)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kept_storages(model) as kept:
         backbone(input_ids=ids, position_ids=torch.arange(length).expand(batch, length),
                  attention_mask=mask if pad else None, use_cache=False)
     return sum(kept.values())
