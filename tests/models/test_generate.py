@@ -9,7 +9,7 @@ from models_testlib import assert_one_line
 
 from loraq.cli import main
 from loraq.errors import ConfigError
-from loraq.models.generation import generate_text
+from loraq.generation.text import generate_text
 
 
 def _argmax_loop(model, tokenizer, ids: list[int], n: int, stops: set[int]) -> str:
@@ -112,7 +112,7 @@ def test_generate_starts_and_stops_where_training_s_exact_match_does(tiny_refere
 
     from loraq.data.formats import Sample
     from loraq.data.references import eval_references
-    from loraq.models.generation import build_prompt_ids
+    from loraq.generation.text import build_prompt_ids
     from loraq.training.evaluate import exact_match
 
     user = "Join red and sun."

@@ -14,7 +14,8 @@ def generate(prompt: str, *, model: str | None = None, adapter: str | None = Non
              allow_pickle: bool = False, trust_remote_code: bool = False, stream: TextIO | None = None,
              say: Callable[[str], None] | None = None) -> str:
     """One reply to ``prompt`` (greedy unless ``temperature`` > 0), streamed to ``stream`` as it decodes."""
-    from loraq.models.generation import check_options, generate_text
+    from loraq.generation.sampling import check_options
+    from loraq.generation.text import generate_text
 
     check_options(max_new_tokens, temperature, top_p)
     loaded = load_for_inference(model, adapter, dtype=dtype, quant=quant,
@@ -35,7 +36,7 @@ class ChatSession:
 
     def __init__(self, loaded: LoadedModel, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        from loraq.models.generation import check_options
+        from loraq.generation.sampling import check_options
 
         check_options(max_new_tokens, temperature, top_p)
         self.loaded = loaded
@@ -44,7 +45,7 @@ class ChatSession:
         self.options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
 
     def reply(self, text: str, stream: TextIO | None = None) -> str:
-        from loraq.models.generation import generate_text
+        from loraq.generation.text import generate_text
 
         self.messages.append({"role": "user", "content": text})
         answer = generate_text(self.loaded.model, self.loaded.tokenizer, self.messages, stream=stream, **self.options)
@@ -60,7 +61,7 @@ def chat(*, model: str | None = None, adapter: str | None = None, system: str | 
          dtype: str = "auto", quant: str = "auto", ignore_base_fingerprint: bool = False, allow_pickle: bool = False,
          trust_remote_code: bool = False, say: Callable[[str], None] | None = None) -> ChatSession:
     """A :class:`ChatSession` with the model (and adapter, on the base it was trained on) loaded once."""
-    from loraq.models.generation import check_options
+    from loraq.generation.sampling import check_options
 
     check_options(max_new_tokens, temperature, top_p)
     loaded = load_for_inference(model, adapter, dtype=dtype, quant=quant,

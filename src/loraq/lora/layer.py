@@ -74,6 +74,7 @@ class LoraLinear(nn.Module):
         self.lora_correction = nn.ModuleDict()
         self._base_before_merge: nn.Module | None = None
         self._merge_dtype: torch.dtype | None = None
+        self.row_adapters = None  # a loraq.lora.rows.RowAdapters while a batch routes its rows to adapters
 
     # -- adapters -------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
@@ -157,6 +158,8 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self.row_adapters.forward(self, x)
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
@@ -178,6 +181,8 @@ class LoraLinear(nn.Module):
         """
         if self.disabled or self.merged_adapters or len(self.active_adapters) != 1:
             return None
+        if not torch.is_grad_enabled():
+            return None  # nothing to differentiate: the generic path (the base's own inference product) is cheaper
         name = self.active_adapters[0]
         if name in self.lora_dropout or self.is_dora(name):
             return None

@@ -51,26 +51,16 @@ def evaluate_loss(loss_sum_fn: Callable[[Batch], tuple[torch.Tensor, int]],
     return EvalLoss(loss=total / count, tokens=count)
 
 
-@torch.no_grad()
 def generate_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, pad_id: int,
                    stop_token_ids: Sequence[int]) -> list[list[int]]:
-    """Greedy continuation of each tokenised prompt (left-padded into one batch); new tokens only."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id, eos_token_id=list(stop_token_ids),
-                             temperature=None, top_p=None, top_k=None)
-    finally:
-        model.train(was_training)
-    return [row[width:].tolist() for row in out.cpu()]
+    """Greedy continuation of each tokenised prompt, all in one batch (:mod:`loraq.generation.engine`); new
+    tokens only, up to the first stop token."""
+    from loraq.generation.engine import generate_ids
+    from loraq.generation.sampling import Sampling
+
+    results = generate_ids(model, prompts, Sampling(max_new_tokens=max_new_tokens), stop_ids=stop_token_ids,
+                           pad_id=pad_id)
+    return [r.tokens for r in results]
 
 
 @dataclass

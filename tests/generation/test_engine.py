@@ -1,0 +1,164 @@
+"""loraq's decode loop against transformers' ``generate`` (the reference): greedy and seeded sampling, left-padded
+batches of different lengths, rows leaving early, every family, and batches whose rows use different adapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from family_configs import FAMILIES, family_config
+from loraq.errors import ConfigError
+from loraq.generation.engine import StopText, generate_ids
+from loraq.generation.sampling import Sampling
+from loraq.lora.config import LoraConfig
+from loraq.lora.model import disable_adapters, inject_lora, set_adapter
+
+VOCAB = 300
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
+
+
+def tiny(family: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(family_config(family, VOCAB)).eval()
+
+
+def hf_alone(model, prompt: list[int], n: int, stops=(), **sampling) -> list[int]:
+    """transformers' generate on the prompt alone (no padding): the new tokens, stop token excluded."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=bool(sampling), pad_token_id=0,
+                             eos_token_id=list(stops) or None, top_k=None, **sampling)
+    new = out[0, len(prompt):].tolist()
+    return new[:next((k for k, t in enumerate(new) if t in stops), len(new))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_batch_of_different_lengths_equals_each_prompt_alone_in_transformers(family):
+    model = tiny(family)
+    got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), pad_id=0)
+    assert [r.tokens for r in got] == [hf_alone(model, p, 10) for p in PROMPTS]
+    assert all(r.finish_reason == "length" for r in got)
+
+
+def test_rows_that_stop_leave_and_the_rest_are_unchanged():
+    model = tiny()
+    budgets = [3, 12, 1, 7]  # rows leave the batch after 1, 3 and 7 steps
+    reference = [hf_alone(model, p, 12) for p in PROMPTS]
+    stop = reference[1][5]  # a token row 1 makes at step 6: it ends there, and any other row that makes it
+    got = generate_ids(model, PROMPTS, [Sampling(max_new_tokens=n) for n in budgets], stop_ids=[stop], pad_id=0)
+    for r, ref, n in zip(got, reference, budgets):
+        want = ref[:n][:next((k for k, t in enumerate(ref[:n]) if t == stop), n)]
+        assert r.tokens == want
+        assert r.finish_reason == ("stop" if len(want) < min(n, len(ref)) else "length")
+    assert got[1].finish_reason == "stop" and len(got[1].tokens) <= 5
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.3, top_k=20),
+                                dict(temperature=0.7, top_p=0.6), dict(temperature=1.0, top_k=50, top_p=0.9)])
+def test_seeded_sampling_draws_what_transformers_draws_after_manual_seed(kw):
+    model = tiny()
+    for seed in (1, 7):
+        (got,) = generate_ids(model, [PROMPTS[0]], Sampling(max_new_tokens=12, seed=seed, **kw), pad_id=0)
+        torch.manual_seed(seed)
+        hf_kw = {"top_k": None, **kw}
+        with torch.no_grad():
+            out = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, do_sample=True, pad_token_id=0,
+                                 **hf_kw)
+        assert got.tokens == out[0, len(PROMPTS[0]):].tolist()
+
+
+def test_a_seeded_row_draws_the_same_beside_other_rows():
+    model = tiny()
+    sampled = Sampling(max_new_tokens=10, temperature=1.5, seed=3)
+    (alone,) = generate_ids(model, [PROMPTS[2]], sampled, pad_id=0)
+    batch = generate_ids(model, PROMPTS, [Sampling(max_new_tokens=4, temperature=1.5, seed=9), Sampling(8), sampled,
+                                          Sampling(max_new_tokens=10, temperature=2.0)], pad_id=0)
+    assert batch[2].tokens == alone.tokens
+    again = generate_ids(model, [PROMPTS[2]], sampled, pad_id=0)[0]
+    assert again.tokens == alone.tokens
+    other = generate_ids(model, [PROMPTS[2]], Sampling(max_new_tokens=10, temperature=1.5, seed=4), pad_id=0)[0]
+    assert other.tokens != alone.tokens
+
+
+def test_stop_strings_cut_the_text_before_them():
+    model = tiny(seed=2)
+    reference = hf_alone(model, PROMPTS[1], 12)
+
+    def decode(ids):  # tokens as words: a stop string may span tokens
+        return " ".join(str(t) for t in ids)
+
+    stop = decode(reference[4:6])
+    first = next(k for k in range(1, 13) if stop in decode(reference[:k]))  # the token completing it
+    (got,) = generate_ids(model, [PROMPTS[1]], Sampling(max_new_tokens=12, stop=(stop,)), pad_id=0,
+                          stop_text=[StopText(decode, [stop])])
+    assert got.finish_reason == "stop"
+    assert got.tokens == reference[:first]
+    text = decode(reference[:first])
+    assert got.text == text[:text.find(stop)]
+
+
+def lora_model(names=("a", "b")):
+    model = tiny(seed=1)
+    g = torch.Generator().manual_seed(5)
+    for k, name in enumerate(names):
+        inject_lora(model, LoraConfig(r=4 + 4 * k, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), name)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if f"lora_A.{name}." in pname or f"lora_B.{name}." in pname:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_rows_with_adapters_a_b_and_none_equal_three_runs_of_transformers_generate():
+    model = lora_model()
+    routes = ["a", None, "b", "a"]
+    got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), pad_id=0, adapters=routes)
+    want = []
+    for prompt, route in zip(PROMPTS, routes):
+        if route is None:
+            with disable_adapters(model):
+                want.append(hf_alone(model, prompt, 10))
+        else:
+            set_adapter(model, route)
+            want.append(hf_alone(model, prompt, 10))
+    assert [r.tokens for r in got] == want
+    assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the tokens: the routing is tested
+
+
+def test_mixed_adapter_rows_leave_the_batch_with_their_routing():
+    model = lora_model()
+    routes = ["b", "a", None, "b"]
+    budgets = [2, 9, 4, 9]
+    got = generate_ids(model, PROMPTS, [Sampling(max_new_tokens=n) for n in budgets], pad_id=0, adapters=routes)
+    alone = [generate_ids(model, [p], Sampling(max_new_tokens=n), pad_id=0, adapters=[r])[0].tokens
+             for p, n, r in zip(PROMPTS, budgets, routes)]
+    assert [r.tokens for r in got] == alone
+
+
+def test_generation_leaves_the_model_as_it_was():
+    model = lora_model()
+    set_adapter(model, "a")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    generate_ids(model, PROMPTS[:2], Sampling(max_new_tokens=3), pad_id=0, adapters=["b", "b"])
+    generate_ids(model, PROMPTS[:2], Sampling(max_new_tokens=3), pad_id=0, adapters=["b", None])
+    assert model.training
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(layer.row_adapters is None for layer in model.modules() if hasattr(layer, "row_adapters"))
+
+
+def test_unknown_and_dora_adapters_are_refused_with_one_line():
+    model = lora_model(names=("a",))
+    with pytest.raises(ConfigError, match="'zz' is not loaded"):
+        generate_ids(model, PROMPTS[:2], Sampling(max_new_tokens=2), adapters=["a", "zz"])
+    inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True), "d")
+    with pytest.raises(ConfigError, match="DoRA"):
+        generate_ids(model, PROMPTS[:2], Sampling(max_new_tokens=2), adapters=["a", "d"])
+
+
+@pytest.mark.parametrize("kw, flag", [({"max_new_tokens": 0}, "--max-new-tokens"), ({"temperature": -1}, "--temp"),
+                                      ({"top_p": 0.0}, "--top-p"), ({"top_k": -2}, "--top-k")])
+def test_bad_options_name_their_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        Sampling(**kw)
