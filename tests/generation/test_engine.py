@@ -8,6 +8,7 @@ import torch
 from family_configs import FAMILIES, family_config
 from loraq.errors import ConfigError
 from loraq.generation.engine import StopText, generate_ids
+from loraq.generation.lean import supports
 from loraq.generation.sampling import Sampling
 from loraq.lora.config import LoraConfig
 from loraq.lora.model import disable_adapters, inject_lora, set_adapter
@@ -33,15 +34,28 @@ def hf_alone(model, prompt: list[int], n: int, stops=(), **sampling) -> list[int
     return new[:next((k for k, t in enumerate(new) if t in stops), len(new))]
 
 
+@pytest.fixture(params=["lean", "transformers"])
+def path(request, monkeypatch):
+    """Both decode paths: the lean step where it applies, and transformers' forward (``LORAQ_COMPILE=0``)."""
+    if request.param == "transformers":
+        monkeypatch.setenv("LORAQ_COMPILE", "0")
+    return request.param
+
+
+def test_the_lean_step_takes_the_llama_shaped_families_only():
+    for family in FAMILIES:
+        assert supports(tiny(family), 64) == (family in ("llama", "mistral", "qwen2")), family
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_batch_of_different_lengths_equals_each_prompt_alone_in_transformers(family):
+def test_greedy_batch_of_different_lengths_equals_each_prompt_alone_in_transformers(family, path):
     model = tiny(family)
     got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), pad_id=0)
     assert [r.tokens for r in got] == [hf_alone(model, p, 10) for p in PROMPTS]
     assert all(r.finish_reason == "length" for r in got)
 
 
-def test_rows_that_stop_leave_and_the_rest_are_unchanged():
+def test_rows_that_stop_leave_and_the_rest_are_unchanged(path):
     model = tiny()
     budgets = [3, 12, 1, 7]  # rows leave the batch after 1, 3 and 7 steps
     reference = [hf_alone(model, p, 12) for p in PROMPTS]
@@ -110,7 +124,7 @@ def lora_model(names=("a", "b")):
     return model.eval()
 
 
-def test_rows_with_adapters_a_b_and_none_equal_three_runs_of_transformers_generate():
+def test_rows_with_adapters_a_b_and_none_equal_three_runs_of_transformers_generate(path):
     model = lora_model()
     routes = ["a", None, "b", "a"]
     got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), pad_id=0, adapters=routes)
@@ -126,7 +140,7 @@ def test_rows_with_adapters_a_b_and_none_equal_three_runs_of_transformers_genera
     assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the tokens: the routing is tested
 
 
-def test_mixed_adapter_rows_leave_the_batch_with_their_routing():
+def test_mixed_adapter_rows_leave_the_batch_with_their_routing(path):
     model = lora_model()
     routes = ["b", "a", None, "b"]
     budgets = [2, 9, 4, 9]

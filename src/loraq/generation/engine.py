@@ -90,8 +90,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], options: Sa
                    [generator_for(o) for o in options])
     results = [Completion() for _ in prompts]
     with torch.no_grad(), _eval_mode(model), _routing(model, adapters) as routing:
-        cache = new_cache(model, len(prompts), length)
-        logits = _forward(model, ids.to(device), batch.mask, position_ids(batch.mask), cache, prefill=True)
+        forward, cache = _stepper(model, len(prompts), length)
+        logits = forward(ids.to(device), batch.mask, position_ids(batch.mask), prefill=True)
         while batch.rows:
             chosen = next_tokens(logits, batch.options, batch.generators).tolist()
             done = _record(chosen, batch, results, set(stop_ids), stop_text, on_token)
@@ -104,7 +104,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], options: Sa
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
             batch.positions = batch.positions + 1
             step = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
-            logits = _forward(model, step, batch.mask, batch.positions[:, None], cache)
+            logits = forward(step, batch.mask, batch.positions[:, None])
     return results
 
 
@@ -156,6 +156,20 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Each real token's position within its own row (pads get 0: they are masked anyway)."""
     return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _stepper(model: nn.Module, rows: int, length: int):
+    """``(forward(ids, mask, positions, prefill=False) -> last logits, cache)``: the lean step
+    (:mod:`loraq.generation.lean`) where it applies, else transformers' forward with a static cache."""
+    from loraq.generation.lean import LeanDecoder, supports
+
+    if supports(model, length):
+        decoder = LeanDecoder(model)
+        cache = decoder.new_cache(rows, length)
+        return (lambda ids, mask, positions, prefill=False: decoder.forward(ids, mask, positions, cache)), cache
+    cache = new_cache(model, rows, length)
+    return (lambda ids, mask, positions, prefill=False: _forward(model, ids, mask, positions, cache,
+                                                                   prefill=prefill)), cache
 
 
 def new_cache(model: nn.Module, rows: int, length: int):

@@ -1,0 +1,147 @@
+"""A lean decode step for the Llama-shaped families (Llama, Mistral, Qwen2): the model's own modules, less the
+framework around them.
+
+transformers' forward spends most of a small model's decode step outside its matrix products (mask building,
+cache bookkeeping, output objects, hooks: bench/NOTES.md, "decode"). Here each block is::
+
+    h  = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))      n1 = rms_norm_1(x)
+    x' = h + down_proj(act(gate_proj(n2)) * up_proj(n2))                              n2 = rms_norm_2(h)
+
+with the model's own linear layers called as modules (4-bit, LoRA, per-row adapters all act as usual), its
+own rotary embedding module for ``cos``/``sin`` (once per step, every RoPE scaling it knows), its norms'
+weights and epsilons through ``torch.nn.functional.rms_norm``, and
+``rope(t) = t cos + rotate_half(t) sin``, ``rotate_half([t1, t2]) = [-t2, t1]`` (halves of the head dim).
+Attention is ``softmax(q k^T / sqrt(d) + mask) v`` by ``scaled_dot_product_attention`` (grouped KV heads
+shared, ``enable_gqa``) over the keys kept so far. The KV cache is loraq's: one ``[rows, kv_heads, length,
+head_dim]`` pair per block, allocated once, written at the next free position (every row at the same column:
+the batch is left-padded), attended up to the last written column. A padded query attends to itself only
+(its output is never used), so no row of the softmax is empty.
+
+:func:`supports` says when this applies (the family, plain RMSNorms, no sliding window within the length,
+``LORAQ_COMPILE`` not ``0``); the engine otherwise uses transformers' forward with its static cache, which
+is also the reference the tests hold this one to.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def supports(model: nn.Module, length: int) -> bool:
+    """This step computes ``model`` for sequences of up to ``length`` tokens (see the module docstring)."""
+    if os.environ.get("LORAQ_COMPILE", "1").lower() in {"0", "false", "no", "off"}:
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FAMILIES:
+        return False
+    window = getattr(config, "sliding_window", None)
+    windowed = getattr(config, "use_sliding_window", True) and window is not None
+    if windowed and length > window:
+        return False
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    return all(_plain_norm(n) for b in inner.layers for n in (b.input_layernorm, b.post_attention_layernorm))
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight")
+
+
+class LeanCache:
+    """Keys and values of every block, ``[rows, kv_heads, length, head_dim]``, and how many columns are filled."""
+
+    def __init__(self, blocks: int, rows: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        shape = (rows, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
+        self.filled = 0
+
+    def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``[rows, kv_heads, T, d]`` at the next columns; all keys and values so far."""
+        end = self.filled + k.shape[2]
+        self.keys[block][:, :, self.filled:end] = k
+        self.values[block][:, :, self.filled:end] = v
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Only ``rows`` stay (the engine's name for it, as transformers' caches)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class LeanDecoder:
+    """``forward(ids, mask, positions, cache) -> last logits`` for a Llama-shaped model (module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.inner.layers[0].self_attn.scaling
+        self.dtype = self.inner.embed_tokens.weight.dtype
+
+    def new_cache(self, rows: int, length: int) -> LeanCache:
+        device = self.inner.embed_tokens.weight.device
+        return LeanCache(len(self.inner.layers), rows, self.kv_heads, length, self.head_dim, self.dtype, device)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        """Logits ``[rows, V]`` (float32) of the last position; ``mask [rows, filled + T]`` (1 = a real token)."""
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, positions)
+        rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+        attend = _attention_mask(mask, ids.shape[1])
+        for index, block in enumerate(self.inner.layers):
+            x = x + self._attention(block.self_attn, _rms(block.input_layernorm, x), rope, attend, cache, index)
+            n = _rms(block.post_attention_layernorm, x)
+            mlp = block.mlp
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n))
+        cache.filled += ids.shape[1]
+        last = _rms(self.inner.norm, x[:, -1:])
+        return self.model.lm_head(last)[:, -1].float()
+
+    def _attention(self, attn: nn.Module, n: torch.Tensor, rope, attend: torch.Tensor, cache: LeanCache,
+                   index: int) -> torch.Tensor:
+        rows, t, _ = n.shape
+        q = attn.q_proj(n).view(rows, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(n).view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(n).view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        keys, values = cache.write(index, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, t, self.heads * self.head_dim))
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm: normalised in float32, back to the input's dtype, then times the weight."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
+
+
+def _attention_mask(mask: torch.Tensor, t: int) -> torch.Tensor:
+    """``[rows, 1, T, filled + T]`` booleans: a query sees the real keys up to its own column (a pad query: itself)."""
+    total = mask.shape[1]
+    real = mask.bool()[:, None, None, :]
+    if t == 1:
+        return real
+    columns = torch.arange(total, device=mask.device)
+    query_columns = columns[total - t:, None]
+    causal = columns[None, :] <= query_columns
+    own = columns[None, :] == query_columns
+    return (real & causal) | own
