@@ -71,6 +71,7 @@ def test_cli_prints_the_greedy_reply(tiny_llama_dir, tiny_reference, tiny_tokeni
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "./missing-model"], "no such file or folder"),
     (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-1"], "--top-k"),
     (["--max-new-tokens", "many"], "--max-new-tokens"),
 ])
 def test_cli_mistakes_are_one_line_exit_2(tiny_llama_dir, capsys, argv, needle):
@@ -132,3 +133,25 @@ def test_generate_starts_and_stops_where_training_s_exact_match_does(tiny_refere
     assert generated == predicted
     assert len(tiny_tokenizer(generated, add_special_tokens=False)["input_ids"]) < 8
     assert expected.startswith(generated) and generated != free
+
+
+def test_cli_stop_strings_end_the_reply_before_them_and_the_stream_never_shows_them(tiny_llama_dir, tiny_reference,
+                                                                                      tiny_tokenizer, capsys):
+    free = generate_text(tiny_reference, tiny_tokenizer, "hello there", max_new_tokens=12)
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert len(stop) == 3
+    expected = free[:free.index(stop)]
+    stream = io.StringIO()
+    assert generate_text(tiny_reference, tiny_tokenizer, "hello there", max_new_tokens=12, stop=[stop],
+                         stream=stream) == expected
+    assert stream.getvalue() == expected + "\n"
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-new-tokens", "12",
+               "--dtype", "fp32", "--stop", "zzz-never", "--stop", stop])
+    assert rc == 0 and capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_top_k_one_is_greedy(tiny_llama_dir, tiny_reference, tiny_tokenizer, capsys):
+    greedy = generate_text(tiny_reference, tiny_tokenizer, "hello there", max_new_tokens=6)
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hello there", "--max-new-tokens", "6",
+               "--dtype", "fp32", "--temperature", "2", "--top-k", "1", "--seed", "5"])
+    assert rc == 0 and capsys.readouterr().out == greedy + "\n"

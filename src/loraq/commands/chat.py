@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from loraq.api.loading import add_model_arguments, model_keywords
-from loraq.commands.generate import add_decoding_arguments
+from loraq.commands.generate import add_decoding_arguments, decoding_keywords
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from loraq.api.generate import chat
 
-    session = chat(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, **model_keywords(args))
+    session = chat(system=args.system, **decoding_keywords(args), **model_keywords(args))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {session.loaded.source.name}" + (f" + {args.adapter}" if args.adapter else "")
