@@ -119,3 +119,15 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_llama_dir, chat_file,
     steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_exact_match_without_validation_data_says_it_scores_training_examples(tiny_llama_dir, chat_file, tmp_path,
+                                                                              capsys):
+    result = _train(tiny_llama_dir, chat_file, tmp_path / "run", max_steps=1, eval_samples=3)
+    said = capsys.readouterr()
+    assert result.summary["eval_examples"] == 3 and result.summary["eval_examples_held_out"] is False
+    assert "exact match on 3 training examples (no validation data: pass --val-fraction" in said.out + said.err
+    held = _train(tiny_llama_dir, chat_file, tmp_path / "held", max_steps=1, eval_samples=3, val_fraction=0.25)
+    said = capsys.readouterr()
+    assert held.summary["eval_examples_held_out"] is True
+    assert "exact match on 3 held-out examples" in said.out + said.err

@@ -88,6 +88,7 @@ class DataBundle:
     max_answer_tokens: int
     store_paths: list[str] = field(default_factory=list)  # the token stores read (train, then validation)
     calibration: list[list[int]] | None = None  # token rows for --init calibrated (calibration_rows)
+    references_held_out: bool = True  # False: no validation data, so exact match is scored on training examples
 
     def train_batches(self, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchIterator:
         """Endless shuffled batches; rank ``rank`` gets its slice of each global batch."""
@@ -247,7 +248,7 @@ def build_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None, *, worker
     return DataBundle(format=fmt, train=train.rows, val=val.rows if val is not None else [],
                       train_examples=train.examples, references=references, stats=stats, pad_id=pad_token_id(tokenizer),
                       packed=bool(cfg.packing), seq_len=cfg.seq_len,
-                      max_answer_tokens=max_answer_tokens(references, tokenizer),
+                      max_answer_tokens=max_answer_tokens(references, tokenizer), references_held_out=val is not None,
                       store_paths=[str(store.folder)] + ([str(val_store.folder)] if val_path else []),
                       calibration=calibration)
 

@@ -261,6 +261,7 @@ class PreferenceData:
     references: list = field(default_factory=list)
     max_answer_tokens: int = 0
     packed: bool = False
+    references_held_out: bool = True
 
     @property
     def train_examples(self) -> list[Example]:
@@ -337,7 +338,8 @@ def build_preference_data(cfg: Any, tokenizer: Any, skip_bad: bool | None = None
                                  getattr(cfg, "eval_samples", 0))
     return PreferenceData(format=FORMAT, train=train, val=val, stats=stats, pad_id=pad_token_id(tokenizer),
                           seq_len=cfg.seq_len, references=references,
-                          max_answer_tokens=max_answer_tokens(references, tokenizer))
+                          max_answer_tokens=max_answer_tokens(references, tokenizer),
+                          references_held_out=bool(val_samples))
 
 
 def as_sft_sample(sample: PreferenceSample) -> Sample:

@@ -18,7 +18,7 @@ from loraq.training.loop import LoopResult, describe_eval, evaluate
 from loraq.training.metrics import peak_memory_bytes
 from loraq.training.report import plot_loss, write_summary
 from loraq.training.result import RunResult
-from loraq.training.setup import Run, TrainedModel
+from loraq.training.setup import Run, TrainedModel, describe_references
 
 
 def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -> RunResult:
@@ -31,7 +31,7 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
             run.say(f"loraq: {describe_eval(last_eval)}")
     final_em = None
     if run.references:
-        run.say(f"loraq: tuned model exact match on {len(run.references)} examples ...")
+        run.say(f"loraq: tuned model exact match on {describe_references(data)} ...")
         final_em = exact_match_during_training(trained.model, trained.tokenizer, run.references,
                                                data.max_answer_tokens, trained.loss_module)
         run.say(f"loraq: tuned accuracy {final_em.accuracy:.1%}")
@@ -74,6 +74,7 @@ def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None,
         "base_accuracy": counters.base_accuracy,
         "final_accuracy": None if final_em is None else final_em.accuracy,
         "eval_examples": len(run.references),
+        "eval_examples_held_out": bool(getattr(data, "references_held_out", True)),
         "objective": cfg.objective,
     }
     if cfg.objective != "sft":

@@ -357,9 +357,17 @@ def _backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "single process"
 
 
+def describe_references(data) -> str:
+    """``64 held-out examples``, or ``64 training examples (...)`` when there is no validation data."""
+    if getattr(data, "references_held_out", True):
+        return f"{len(data.references)} held-out examples"
+    return (f"{len(data.references)} training examples (no validation data: pass --val-fraction or --val-data "
+            "to score held-out ones)")
+
+
 def _record_base_accuracy(counters: Counters, say: Say, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                           data: DataBundle, loss_module: nn.Module | None = None) -> None:
-    say(f"loraq: base model exact match on {len(data.references)} examples ...")
+    say(f"loraq: base model exact match on {describe_references(data)} ...")
     base: ExactMatch = exact_match_during_training(model, tokenizer, data.references, data.max_answer_tokens,
                                                    loss_module)
     say(f"loraq: base accuracy {base.accuracy:.1%}")
