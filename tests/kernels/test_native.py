@@ -48,8 +48,8 @@ def test_does_not_apply_to_float16_or_partial_blocks():
 
 
 def test_without_a_compiler_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native._LIBRARY, "tried", False)
+    monkeypatch.setattr(native._LIBRARY, "lib", None)
     monkeypatch.setenv("LORAQ_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     packed, state = quantize_4bit(torch.randn(64, 64), 64, "nf4", True)

@@ -5,8 +5,10 @@ Two ways in, both explicit:
 * :func:`install` registers the 4-bit dequantization kernels into the
   format's registry (:mod:`loraq.quant.backends`): the C kernel
   (:mod:`~loraq.kernels.native`), then the generated one
-  (:mod:`~loraq.kernels.dequant`). With ``LORAQ_COMPILE=0`` it registers
-  nothing and the eager reference runs. Model loading calls it.
+  (:mod:`~loraq.kernels.dequant`); and the product of a few rows with a
+  4-bit weight read from its codes (:mod:`~loraq.kernels.gemv4`, decoding).
+  With ``LORAQ_COMPILE=0`` it registers nothing and the eager references
+  run. Model loading calls it.
 * :func:`apply_fast_paths` swaps the matmul attention
   (:mod:`~loraq.kernels.attention`) and the lean RMSNorm / gated-activation
   autograd (:mod:`~loraq.kernels.norm_gate`) into a model for training, on the
@@ -26,16 +28,18 @@ if TYPE_CHECKING:
 
 
 def install() -> bool:
-    """Register the dequantization fast paths (idempotent); False when kernels are switched off."""
-    from loraq.quant.backends import register_dequantizer
+    """Register the dequantization and product fast paths (idempotent); False when kernels are switched off."""
+    from loraq.quant.backends import register_dequantizer, register_product
 
     if os.environ.get("LORAQ_COMPILE", "1").lower() in {"0", "false", "no", "off"}:
         return False
     from loraq.kernels.dequant import dequantize_generated
+    from loraq.kernels.gemv4 import matmul_4bit_native
     from loraq.kernels.native import dequantize_native
 
     register_dequantizer("native", dequantize_native)  # CPU, float32 / bf16 output
     register_dequantizer("generated", dequantize_generated)  # CPU float16, CUDA
+    register_product("native", matmul_4bit_native)  # CPU, 1-16 rows of float32 / bf16
     return True
 
 

@@ -22,7 +22,7 @@ runs scalar (the compiler may vectorise it).
 Built with ``cc -O3 -march=native -ffp-contract=off`` (no fused multiply-add:
 the two scale operations must round separately, as PyTorch's do) into
 loraq's cache, keyed by the source, the compiler and the CPU's flags, and
-loaded with ctypes. Linux only for now; where no
+loaded with ctypes (:mod:`loraq.kernels.cbuild`). Linux only for now; where no
 compiler works or ``LORAQ_COMPILE=0``, :func:`library` is None and callers
 use the generated or eager path. Threads: blocks are split across ``torch.get_num_threads()``
 OpenMP threads, linked against the same ``libgomp`` PyTorch loaded.
@@ -30,30 +30,18 @@ OpenMP threads, linked against the same ``libgomp`` PyTorch loaded.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import subprocess
-import threading
 
 import torch
 
-from loraq.kernels.compile import enabled
-from loraq.quant.functional import packed_bytes
+from loraq.kernels.cbuild import NATIVE, LazyLibrary
+from loraq.quant.functional import QuantState, packed_bytes
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-int omp_get_thread_num(void); /* declared here: some toolchains ship gcc without omp.h on the default path */
-int omp_get_num_threads(void);
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
+# The two helpers every 4-bit C kernel of loraq's shares (:mod:`loraq.kernels.gemv4` includes them too): a block's
+# scale, and float32 -> bfloat16 rounded to nearest-even (NaN kept a quiet NaN).
+C_HELPERS = r"""
 static inline float block_scale(const float *absmax, const uint8_t *qabsmax, const float *nested_code,
                                 const float *nested_absmax, float offset, int64_t nested_bs, int64_t b) {
     if (!qabsmax) return absmax[b];
@@ -68,7 +56,16 @@ static inline uint16_t bf16_rne(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
-
+"""
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+int omp_get_thread_num(void); /* declared here: some toolchains ship gcc without omp.h on the default path */
+int omp_get_num_threads(void);
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+""" + C_HELPERS + r"""
 /* Blocks [b0, b1): out_kind 0 = float32, 1 = bfloat16 (as uint16 bits). blocksize is even. */
 static void dequant_blocks(const uint8_t *packed, const float *code, const float *absmax, const uint8_t *qabsmax,
                            const float *nested_code, const float *nested_absmax, float offset, int64_t nested_bs,
@@ -138,73 +135,50 @@ void loraq_dequant4(const uint8_t *packed, const float *code, const float *absma
     }
 }
 """  # noqa: E501 -- C source: rewrapping it would change the kernel's cache key (a rebuild) for nothing
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1}
+_LIBRARY = LazyLibrary(
+    "dequant4", _SOURCE, {"loraq_dequant4": (None, [ctypes.c_void_p] * 6 + [
+        ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int])},
+    flags=("-ffp-contract=off",), what="native dequantization kernel", instead="using the generated one", log=log)
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(flags: tuple[str, ...] = ("-march=native",)) -> ctypes.CDLL:
+def _build(flags: tuple[str, ...] = NATIVE) -> ctypes.CDLL:
     """Compile (once per source, compiler, flags and CPU) into loraq's cache and load the library."""
-    from loraq.paths import cache_dir
-
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, *compiler, version, *flags, platform.machine(), _cpu_flags()]).encode())
-    folder = cache_dir() / "native"
-    target = folder / f"dequant4-{key.hexdigest()[:24]}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        source = target.with_suffix(f".{os.getpid()}.c")
-        partial = target.with_suffix(f".{os.getpid()}.so")
-        source.write_text(_SOURCE)
-        try:
-            subprocess.run([*compiler, "-O3", *flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(source),
-                            "-o", str(partial)], capture_output=True, text=True, timeout=300, check=True)
-            os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
-        finally:
-            source.unlink(missing_ok=True)
-            partial.unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.loraq_dequant4
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_int]
-    return lib
+    return _LIBRARY.build(flags)
 
 
 def library() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot be built (logged once) or kernels are switched off."""
-    global _lib, _tried
-    if not enabled() or platform.system() != "Linux":
-        return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                try:
-                    _lib = _build()
-                except Exception as exc:  # no compiler, no OpenMP, a read-only cache: the other paths still work
-                    detail = getattr(exc, "stderr", "") or str(exc)
-                    log.warning("loraq: native dequantization kernel unavailable (%s: %s); using the generated one",
-                                type(exc).__name__, detail.strip().splitlines()[0][:200] if detail.strip() else "")
-                    _lib = None
-                _tried = True
-    return _lib
+    return _LIBRARY.get()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+class StateArguments:
+    """A QuantState as the C kernels take it: ``code, absmax, qabsmax, nested_code, nested_absmax, offset,
+    nested_bs`` (:meth:`values`), the plain or the double-quantized scales; the other ones' pointers NULL.
+    Holds the contiguous float32 copies it made until the kernel has run; ``source`` is the state's ``absmax``
+    it was made from."""
+
+    def __init__(self, state: QuantState):
+        self.source = state.absmax
+        self.code = state.code.to(torch.float32).contiguous()
+        if state.double_quant:
+            self.absmax, self.qabsmax = None, state.absmax.contiguous()
+            self.nested_code = state.nested_code.to(torch.float32).contiguous()
+            self.nested_absmax = state.nested_absmax.to(torch.float32).contiguous()
+            self.offset, self.nested_bs = float(state.offset), state.nested_blocksize
+        else:
+            self.absmax, self.qabsmax = state.absmax.to(torch.float32).contiguous(), None
+            self.nested_code = self.nested_absmax = None
+            self.offset, self.nested_bs = 0.0, 1
+        self._values = (self.code.data_ptr(), _ptr(self.absmax), _ptr(self.qabsmax), _ptr(self.nested_code),
+                        _ptr(self.nested_absmax), self.offset, self.nested_bs)
+
+    def values(self) -> tuple:
+        return self._values
 
 
 def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctypes.CDLL | None = None,
@@ -215,7 +189,7 @@ def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctyp
     library from :func:`_build` (tests build one without AVX-512); default :func:`library`. ``out``: a
     contiguous CPU buffer of the weight's size in ``dtype`` to write into (else a new tensor).
     """
-    if packed.device.type != "cpu" or dtype not in _OUT_KIND:
+    if packed.device.type != "cpu" or dtype not in _OUT_KIND or state.code.numel() != 16:
         return None
     n, bs = state.numel, state.blocksize
     if n % bs or bs < 32 or bs % 32:
@@ -223,22 +197,9 @@ def dequantize_native(packed: torch.Tensor, state, dtype: torch.dtype, lib: ctyp
     lib = lib or library()
     if lib is None:
         return None
-    flat = packed_bytes(packed)
-    code = state.code.to(torch.float32).contiguous()
-    if code.numel() != 16:
-        return None
-    flat = flat.contiguous()
+    flat = packed_bytes(packed).contiguous()
     out = torch.empty(state.shape, dtype=dtype) if out is None else out.view(state.shape)
-    if state.double_quant:
-        absmax, qabsmax = None, state.absmax.contiguous()
-        nested_code = state.nested_code.to(torch.float32).contiguous()
-        nested_absmax = state.nested_absmax.to(torch.float32).contiguous()
-        offset, nested_bs = float(state.offset), state.nested_blocksize
-    else:
-        absmax, qabsmax = state.absmax.to(torch.float32).contiguous(), None
-        nested_code = nested_absmax = None
-        offset, nested_bs = 0.0, 1
-    lib.loraq_dequant4(flat.data_ptr(), code.data_ptr(), _ptr(absmax), _ptr(qabsmax), _ptr(nested_code),
-                       _ptr(nested_absmax), offset, nested_bs, bs, n // bs, _OUT_KIND[dtype], out.data_ptr(),
+    args = StateArguments(state)
+    lib.loraq_dequant4(flat.data_ptr(), *args.values(), bs, n // bs, _OUT_KIND[dtype], out.data_ptr(),
                        torch.get_num_threads())
     return out

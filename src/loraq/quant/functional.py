@@ -31,7 +31,7 @@ import functools
 import torch
 
 from loraq.choices import QUANT_TYPES
-from loraq.quant.backends import dequantizers
+from loraq.quant.backends import dequantizers, products
 from loraq.quant.blockwise8 import dequantize_blockwise_8bit, quantize_blockwise_8bit
 from loraq.quant.codes import (
     code_for,
@@ -45,6 +45,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_ABSMAX = 1e-38  # bitsandbytes' floor on a block's scale (an all-zero block)
+SMALL_BATCH_ROWS = 16  # rows of x up to which a product kernel (matmul_4bit) reads the packed codes directly
 CPU_CHUNK_BYTES = 1 << 18  # packed bytes per eager dequantization step on CPU: a 2 MB float32 scratch (bench/NOTES.md)
 
 
@@ -331,6 +332,27 @@ def dequantize_for_product(packed: torch.Tensor, state: QuantState, dtype: torch
         return dequantize_4bit(packed, state, dtype)
 
     return dequantize_4bit(packed, state, dtype, out=buffer(state.numel, dtype, packed.device))
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the 4-bit weight ``W = dequantize_4bit(packed, state, x.dtype)`` ``[out, in]``.
+
+    Where no gradient is asked for (grad mode off, or neither ``x`` nor ``bias`` requires one), the products
+    registered in :mod:`loraq.quant.backends` are tried first (``loraq.kernels.install()`` registers the C
+    kernel: CPU, up to ``SMALL_BATCH_ROWS`` rows of float32 / bf16 ``x``, which reads the packed codes and
+    never writes ``W`` out); they sum in float32 in another order than the reference, so the result equals it
+    within float32 rounding, not bit for bit. Otherwise, and where none applies, the reference: ``W`` in
+    ``x``'s dtype (into the thread's reused buffer when no autograd graph will keep it), then ``F.linear``.
+    """
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_graph and not _without_storage(packed) and not _without_storage(x):
+        for _name, product in products():
+            result = product(x, packed, state, bias)
+            if result is not None:
+                return result
+    weight = dequantize_4bit(packed, state, x.dtype) if needs_graph else dequantize_for_product(packed, state, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _without_storage(t: torch.Tensor) -> bool:

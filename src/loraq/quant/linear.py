@@ -11,6 +11,11 @@ The weight gets no gradient; the bias gets one only if it requires grad.
 
 Inputs of any leading shape ``[..., in_features]``; computation in
 ``compute_dtype``; the output comes back in the input's dtype.
+Decoding (at most ``SMALL_BATCH_ROWS`` rows on the CPU, and no autograd graph
+being recorded: grad mode off, or an eval-mode layer whose input and bias need
+no gradient) goes through :func:`~loraq.quant.functional.matmul_4bit`, which
+may read the packed codes directly instead of dequantizing (equal within
+float32 rounding); training always takes the autograd function.
 A layer quantized from a transformers ``Conv1D`` (weight stored ``[in, out]``)
 holds its weight as ``[out, in]``, as transformers + bitsandbytes quantize it
 (the stored weight transposed first), and remembers ``conv1d=True`` so that a
@@ -27,10 +32,12 @@ from torch import nn
 from loraq.devices import resolve_dtype
 from loraq.modules import is_conv1d, linear_weight
 from loraq.quant.functional import (
+    SMALL_BATCH_ROWS,
     QuantState,
     dequantize_4bit,
     dequantize_4bit_rows,
     dequantize_for_product,
+    matmul_4bit,
     quantize_4bit,
 )
 from loraq.quant.state_io import state_from_tensors, state_to_tensors
@@ -93,8 +100,19 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if self._decoding(x):
+            return matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state, bias).to(x.dtype)
         out = _Linear4bitFunction.apply(x.to(self.compute_dtype), self.weight, self.quant_state, bias)
         return out.to(x.dtype)
+
+    def _decoding(self, x: torch.Tensor) -> bool:
+        """A few CPU rows and no graph to record: grad mode off, or an eval-mode layer whose input and bias want
+        no gradient (a training-mode layer keeps the autograd function even for a frozen input, bit for bit)."""
+        if x.device.type != "cpu" or x.numel() > SMALL_BATCH_ROWS * max(self.in_features, 1):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (self.training or x.requires_grad or (self.bias is not None and self.bias.requires_grad))
 
     def _apply(self, fn, recurse=True):
         # a dtype cast must never reach the packed codes or the stats: move the state to wherever the weight went
