@@ -8,7 +8,10 @@
 //   {"kind": "nll", "tokens": [...]}                         -> {"nll": sum of -ln p(next token), "count": n}
 //   {"kind": "render_chat", "messages": [...]}               -> {"text": "..."}   the file's chat template, llama.cpp's Jinja engine
 //   {"kind": "metadata"}                                     -> {"architecture", "chat_template", "n_vocab", "add_bos"}
-import {getLlama} from "node-llama-cpp";
+//   {"kind": "timed", "tokens": [...], "new_tokens": 128}    -> {"tokens": [...], "prefill_s", "decode_s"}  greedy, exactly
+//        new_tokens (end-of-generation tokens banned, no repeat penalty); prefill_s: the prompt up to the first new token,
+//        decode_s: the other new_tokens - 1
+import {getLlama, TokenBias} from "node-llama-cpp";
 import fs from "node:fs";
 
 const [jobPath, resultPath] = process.argv.slice(2);
@@ -30,6 +33,26 @@ async function greedy(model, sequence, tokens, maxTokens) {
     return out;
 }
 
+function endOfGenerationBanned(model) {
+    // TokenBias.set skips end-of-generation tokens (node-llama-cpp 3.21.1), so they go into its map directly
+    const bias = new TokenBias(model.tokenizer);
+    for (let t = 0; t < vocabularySize(model); t++) if (model.isEogToken(t)) bias._biases.set(t, -Infinity);
+    return bias;
+}
+
+async function timed(model, sequence, tokens, newTokens) {
+    // one controlledEvaluate per token: exactly newTokens, and no evaluate() generator ever left early
+    const next = {generateNext: {token: true, options: {temperature: 0, repeatPenalty: false,
+                                                        tokenBias: endOfGenerationBanned(model)}}};
+    const step = async (items) => (await sequence.controlledEvaluate(items))[items.length - 1].next.token;
+    const start = performance.now();
+    const out = [await step(tokens.map((t, i) => (i + 1 < tokens.length ? t : [t, next])))];
+    const prefilled = performance.now();
+    while (out.length < newTokens) out.push(await step([[out[out.length - 1], next]]));
+    const end = performance.now();
+    return {tokens: out, prefill_s: (prefilled - start) / 1000, decode_s: (end - prefilled) / 1000};
+}
+
 async function nextProbabilities(sequence, tokens) {
     const items = tokens.map((t) => [t, {generateNext: {probabilities: true, options: sampling}}]);
     return (await sequence.controlledEvaluate(items)).map((r) => r.next.probabilities);
@@ -40,6 +63,8 @@ async function runTask(llamaModel, context, task) {
     try {
         if (task.kind === "generate")
             return {tokens: await greedy(llamaModel, sequence, task.tokens, task.max_tokens)};
+        if (task.kind === "timed")
+            return await timed(llamaModel, sequence, task.tokens, task.new_tokens);
         if (task.kind === "tokenize")
             return {tokens: Array.from(llamaModel.tokenize(task.text, task.special ?? true))};
         if (task.kind === "probabilities") {
