@@ -4,14 +4,21 @@ For each weight shape of SmolLM2-135M's blocks (q / o 576 x 576, k / v 192 x 576
 down 576 x 1536) and a 1024-hidden one (1024 x 1024), NF4 + double quantization at blocksize 64, and
 1, 4 and 16 rows of float32 ``x``, three paths alternate call by call (``--reps`` rounds after a warm-up):
 
-* fused: ``matmul_4bit_native`` (the C kernel reading the packed codes);
+* fused float / fused int16: ``matmul_4bit_native`` (the C kernel reading the packed codes) with
+  ``mode="float"`` (codes looked up as float32, FMA) and ``mode="int16"`` (codes and ``x`` as int16,
+  ``vpshufb`` lookups, ``vpmaddwd`` sums: the default on AVX2 without AVX-512F);
 * dequant + matmul: what ``Linear4bit`` did for every call before it, the weight dequantized (the C
   dequantization kernel where installed) into the reused buffer, then ``F.linear``;
 * fp32: ``F.linear`` with the float32 weight already in memory (8x the bytes; no 4-bit model keeps it).
 
-Printed: median microseconds of each, the fused kernel's rate in GB/s of packed weight bytes
-(``out * in / 2`` per call, the scales not counted), and the ratios (> 1: fused is faster). The last
-lines add up one SmolLM2 block (its seven layers) per token.
+Printed: median microseconds of each, the fused kernels' rates in GB/s of packed weight bytes
+(``out * in / 2`` per call, the scales not counted), the ratios (> 1: int16 is faster), and each fused path's
+largest error against float64 relative to the largest output. The last lines add up one SmolLM2 block (its
+seven layers) per token.
+
+``--head`` adds the int8 copy of the output head (``loraq.kernels.gemv8``, 49152 x 576 as SmolLM2's tied
+head): ``int8_rows_matmul`` by its float and int16 paths against ``F.linear`` with the float32 and the bf16
+weight, 1 / 4 / 16 rows of float32 ``x`` (bf16 ``x`` for the bf16 weight).
 
 ``--int8`` adds an experiment that is not in loraq (its C source is here, built by the benchmark alone): the
 integer dot product fast engines use for 4-bit weights (llama.cpp's IQ4_NL idea) -- ``x`` rounded to int8 per
@@ -20,7 +27,7 @@ integer dot product fast engines use for 4-bit weights (llama.cpp's IQ4_NL idea)
 thread, AVX2, ``in`` a multiple of 32, power-of-two blocks of at least 32. Its column is time and the largest
 error against a float64 reference relative to the largest output, beside the float kernel's.
 
-    python bench/gemv4.py [--threads 2] [--reps 200] [--dtype fp32|bf16] [--int8]
+    python bench/gemv4.py [--threads 2] [--reps 200] [--dtype fp32|bf16] [--int8] [--head]
     python bench/gemv4.py --smoke        # a 64 x 64 weight, 2 rounds; a kernel that does not build is reported
 """
 from __future__ import annotations
@@ -188,35 +195,65 @@ def measure(shape, rows: int, dtype: torch.dtype, lib, reps: int, int8_lib=None)
     xf = x.float()
     want = xf.double() @ dense.double().T
     dequant = lambda: F.linear(x, dequantize_for_product(packed, state, dtype))
-    paths = {"fused": dequant if lib is None else lambda: matmul_4bit_native(x, packed, state, lib=lib),
-             "dequant": dequant, "fp32": lambda: F.linear(xf, dense)}
+    fused = {mode: (dequant if lib is None else lambda mode=mode: matmul_4bit_native(x, packed, state, lib=lib,
+                                                                                     mode=mode))
+             for mode in ("float", "int16")}
+    paths = {"fused": fused["float"], "int16": fused["int16"], "dequant": dequant, "fp32": lambda: F.linear(xf, dense)}
     if int8_lib is not None:
         int8 = int8_product(int8_lib, packed.reshape(-1), state, dequantize_absmax(state).contiguous())
         paths["int8"] = lambda: int8(xf)
     errors = {name: float((paths[name]().double() - want).abs().max() / want.abs().max())
-              for name in ("fused", "int8") if name in paths}
-    assert errors["fused"] < 1e-2, "the fused result is wrong"
+              for name in ("fused", "int16", "int8") if name in paths}
+    assert errors["fused"] < 1e-2 and errors["int16"] < 1e-2, "a fused result is wrong"
     return dict(zip(paths, interleaved(list(paths.values()), reps))), errors
 
 
 def print_table(shapes, rows_list, args, lib, int8_lib) -> dict:
-    extra = " int8 (experiment) | int8 / fused | error fused | error int8 |" if int8_lib else ""
-    print(f"| out x in | rows | fused | dequant + matmul | fp32 F.linear | fused GB/s | dequant / fused "
-          f"| fp32 / fused |{extra}")
-    print("|---" * (8 + (4 if int8_lib else 0)) + "|")
+    extra = " int8 (experiment) | int8 / int16 | error int8 |" if int8_lib else ""
+    print(f"| out x in | rows | fused float | fused int16 | dequant + matmul | fp32 F.linear | float GB/s | int16 GB/s "
+          f"| float / int16 | dequant / int16 | fp32 / int16 | error float | error int16 |{extra}")
+    print("|---" * (13 + (3 if int8_lib else 0)) + "|")
     results = {}
     for shape in shapes:
         for rows in rows_list:
             t, err = results[shape, rows] = measure(shape, rows, DTYPES[args.dtype], lib, args.reps, int8_lib)
-            f = t["fused"]
-            line = (f"| {shape[0]} x {shape[1]} | {rows} | {f * 1e6:.1f} us | {t['dequant'] * 1e6:.1f} us "
-                    f"| {t['fp32'] * 1e6:.1f} us | {shape[0] * shape[1] / 2 / f / 1e9:.2f} | {t['dequant'] / f:.2f}x "
-                    f"| {t['fp32'] / f:.2f}x |")
+            f, i = t["fused"], t["int16"]
+            gb = shape[0] * shape[1] / 2 / 1e9
+            line = (f"| {shape[0]} x {shape[1]} | {rows} | {f * 1e6:.1f} us | {i * 1e6:.1f} us "
+                    f"| {t['dequant'] * 1e6:.1f} us | {t['fp32'] * 1e6:.1f} us | {gb / f:.2f} | {gb / i:.2f} "
+                    f"| {f / i:.2f}x | {t['dequant'] / i:.2f}x | {t['fp32'] / i:.2f}x | {err['fused']:.1e} "
+                    f"| {err['int16']:.1e} |")
             if int8_lib:
-                line += (f" {t['int8'] * 1e6:.1f} us | {f / t['int8']:.2f}x | {err['fused']:.1e} "
-                         f"| {err['int8']:.1e} |")
+                line += f" {t['int8'] * 1e6:.1f} us | {i / t['int8']:.2f}x | {err['int8']:.1e} |"
             print(line)
     return results
+
+
+def head_table(shape, rows_list, reps: int) -> None:
+    """The int8 head (loraq.kernels.gemv8) by both paths against F.linear with a float32 and a bf16 weight."""
+    import torch.nn.functional as F
+
+    from loraq.kernels import gemv8
+
+    lib = gemv8.build()
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    rows8, wb = gemv8.Int8Rows.from_weight(w), w.bfloat16()
+    dense = rows8.dequantize().double()
+    print(f"\n| head {shape[0]} x {shape[1]} | rows | int8 float | int8 int16 | fp32 F.linear | bf16 F.linear "
+          "| int16 GB/s | fp32 / int16 | bf16 / int16 | float / int16 | error int16 |")
+    print("|---" * 11 + "|")
+    for rows in rows_list:
+        x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+        xb = x.bfloat16()
+        want = x.double() @ dense.T
+        got = gemv8.int8_rows_matmul(x, rows8, lib=lib, mode="int16")
+        err = float((got.double() - want).abs().max() / want.abs().max())
+        t = interleaved([lambda x=x: gemv8.int8_rows_matmul(x, rows8, lib=lib, mode="float"),
+                         lambda x=x: gemv8.int8_rows_matmul(x, rows8, lib=lib, mode="int16"),
+                         lambda x=x: F.linear(x, w), lambda xb=xb: F.linear(xb, wb)], reps)
+        print(f"| | {rows} | {t[0] * 1e3:.2f} ms | {t[1] * 1e3:.2f} ms | {t[2] * 1e3:.2f} ms | {t[3] * 1e3:.2f} ms "
+              f"| {shape[0] * shape[1] / t[1] / 1e9:.2f} | {t[2] / t[1]:.2f}x | {t[3] / t[1]:.2f}x "
+              f"| {t[0] / t[1]:.2f}x | {err:.1e} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,12 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=200, help="rounds of the paths, after the warm-up")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="x's dtype (the fp32 column stays fp32)")
     ap.add_argument("--int8", action="store_true", help="add the int8-activation experiment (not in loraq)")
-    smoke.add_flag(ap, "a 64 x 64 weight, 1 and 4 rows, the int8 experiment too")
+    ap.add_argument("--head", action="store_true", help="add the int8 output head (gemv8) against F.linear")
+    smoke.add_flag(ap, "a 64 x 64 weight, 1 and 4 rows, the int8 experiment and a 256 x 64 head too")
     args = ap.parse_args(argv)
     shapes, rows_list = SHAPES, ROWS
     if args.smoke:
         smoke.setup()
-        shapes, rows_list, args.reps, args.int8 = [(64, 64)], (1, 4), 2, True
+        shapes, rows_list, args.reps, args.int8, args.head = [(64, 64)], (1, 4), 2, True, True
     else:
         torch.set_num_threads(args.threads)
         import loraq.kernels
@@ -245,9 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke:
         print()
         for rows in rows_list:
-            f, d, p = (sum(results[shape, rows][0][k] for shape in SMOL.values()) for k in ("fused", "dequant", "fp32"))
-            print(f"one SmolLM2 block (7 layers), {rows} row(s): fused {f * 1e3:.3f} ms, dequant + matmul "
-                  f"{d * 1e3:.3f} ms ({d / f:.2f}x), fp32 {p * 1e3:.3f} ms ({p / f:.2f}x)")
+            f, i, d, p = (sum(results[shape, rows][0][k] for shape in SMOL.values())
+                          for k in ("fused", "int16", "dequant", "fp32"))
+            print(f"one SmolLM2 block (7 layers), {rows} row(s): int16 {i * 1e3:.3f} ms, float {f * 1e3:.3f} ms "
+                  f"({f / i:.2f}x), dequant + matmul {d * 1e3:.3f} ms ({d / i:.2f}x), fp32 {p * 1e3:.3f} ms "
+                  f"({p / i:.2f}x)")
+    if args.head:
+        head_table((256, 64) if args.smoke else (49152, 576), rows_list, 2 if args.smoke else max(args.reps // 10, 5))
 
 
 if __name__ == "__main__":

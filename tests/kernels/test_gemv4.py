@@ -1,11 +1,26 @@
 """The C 4-bit product kernel (loraq.kernels.gemv4) against a float64 reference, every build this CPU can run.
 
-Reference: ``x.double() @ W.double().T + bias`` with ``W = dequantize_4bit(packed, state, float32)``. The
-kernel's weights are those same float32 values (the block's table scaled in float32, as the dequantization
-does), ``x`` in bf16 widens exactly, so its only error is the float32 sum: for ``n = in_features`` products
-and the bias, any order of summation stays within ``(n + 1) u sum_j |x_j w_j| + u |bias|`` (u = 2^-24, the
-classic bound ``gamma_{n+1}``, first order), plus, for bf16 output, one rounding to bf16 (2^-8 relative).
-A single wrong code in a row already breaks that bound tenfold (the negative control below).
+Reference: ``x.double() @ W.double().T + bias`` with ``W = dequantize_4bit(packed, state, float32)``.
+
+The float path: the kernel's weights are those same float32 values (the block's table scaled in float32, as the
+dequantization does), ``x`` in bf16 widens exactly, so its only error is the float32 sum: for ``n =
+in_features`` products and the bias, any order of summation stays within ``(n + 1) u sum_j |x_j w_j| + u |bias|``
+(u = 2^-24, the classic bound ``gamma_{n+1}``, first order), plus, for bf16 output, one rounding to bf16 (2^-8
+relative).
+
+The int16 path (the default on AVX2 without AVX-512F) rounds the codes to ``c_q / 2^13`` (at most 2^-14 off, so
+a weight at most ``2^-14 |s_j|`` off, s_j its block's scale) and ``x`` to ``x_q s_x`` with ``s_x = max|x_row| /
+32767`` (at most ``s_x / 2`` off per element); its integer sums are exact and the rest is float32. So::
+
+    |error| <= 2^-14 sum_j |x_j| |s_j| + (s_x / 2) sum_j (|w_j| + 2^-14 |s_j|)
+               + (n + 6) u sum_j (|x_j| + s_x) (|w_j| + 2^-14 |s_j|)
+
+(the last line: float32 sums, products and conversions, the float32 rounding of ``W`` and of ``s_x``), plus
+the bias and bf16 output terms as above. For the random data below the first line (the quantization) stays
+under 2^-10 of ``sum_j |x_j w_j|``, half of bf16's unit roundoff 2^-9 (checked; it nears that only for a row
+of small weights in a block with a large scale, blocks crossing rows); for a row with one value 1000x the others the
+activation term grows with ``max|x|`` (the outlier test).
+A single wrong code in a row already breaks either bound (the negative control below).
 """
 from __future__ import annotations
 
@@ -30,6 +45,7 @@ U32, U_BF16 = 2.0 ** -24, 2.0 ** -8
 # odd in / out, in not a multiple of any blocksize, blocks that cross rows (in < blocksize), a one-element weight
 SHAPES = ((7, 96), (13, 250), (5, 33), (9, 640), (3, 4160), (1, 1))
 ROWS = (1, 2, 5, 9, 16)
+DEFAULT_BOUND = "int16"  # the default path's bound where either path may run (it is the looser one)
 
 
 def _cpu_has(flag: str) -> bool:
@@ -55,21 +71,36 @@ def libraries(tmp_path_factory):
         return {name: gemv4.build(flags) for name, (flags, runs) in BUILDS.items() if runs}
 
 
-def reference_and_bound(x, packed, state, bias):
-    """(float64 reference, the largest error float32 accumulation -- and a bf16 output's rounding -- allows)."""
+def reference_and_bound(x, packed, state, bias, path="float"):
+    """(float64 reference, the largest error the kernel's ``path`` -- and a bf16 output's rounding -- allows)."""
     w = dequantize_4bit(packed, state, torch.float32).double()
     xd = x.double().reshape(-1, w.shape[1])
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
     ref = xd @ w.T + b
-    bound = (w.shape[1] + 1) * U32 * (xd.abs() @ w.abs().T) + U32 * b.abs()
+    if path == "float":
+        bound = (w.shape[1] + 1) * U32 * (xd.abs() @ w.abs().T) + U32 * b.abs()
+    else:
+        bound = int16_bound(xd, w, state) + U32 * b.abs()
     if x.dtype == torch.bfloat16:
         bound = bound + U_BF16 * (ref.abs() + bound)
     shape = (*x.shape[:-1], w.shape[0])
     return ref.view(shape), bound.view(shape)
 
 
-def assert_within(y, x, packed, state, bias, what=""):
-    ref, bound = reference_and_bound(x, packed, state, bias)
+def int16_bound(xd, w, state, rounding=True):
+    """The int16 path's bound (module docstring), without the bias; ``rounding=False``: its quantization terms
+    alone (no float32 sums)."""
+    s = functional.dequantize_absmax(state).double().repeat_interleave(state.blocksize)[: w.numel()].view(w.shape)
+    s_x = xd.abs().amax(dim=1, keepdim=True) / 32767
+    code_err = 2.0 ** -14 * s.abs()
+    quantized = s_x / 2 * (w.abs() + code_err).sum(1) + xd.abs() @ code_err.T
+    if not rounding:
+        return quantized
+    return quantized + (w.shape[1] + 6) * U32 * ((xd.abs() + s_x) @ (w.abs() + code_err).T)
+
+
+def assert_within(y, x, packed, state, bias, what="", path="float"):
+    ref, bound = reference_and_bound(x, packed, state, bias, path)
     assert y.dtype == x.dtype and y.shape == ref.shape, what
     error = (y.double() - ref).abs()
     worst = int((error - bound).flatten().argmax())
@@ -77,11 +108,20 @@ def assert_within(y, x, packed, state, bias, what=""):
                                           f"{bound.flatten()[worst].item():.3g} at {worst}")
 
 
-@pytest.mark.parametrize("build", list(BUILDS))
+def int16_applies(build, n_in, blocksize, mode):
+    """Whether ``mode`` runs the int16 path in ``build`` for this shape (this CPU: no AVX-512F, so the native
+    build's default is int16 where it has AVX2)."""
+    if build == "scalar" or not BUILDS["avx2"][1] or n_in % 2 or blocksize % 2 or mode == "float":
+        return False
+    return mode == "int16" or not _cpu_has("avx512f")
+
+
+@pytest.mark.parametrize(("build", "mode"), [("native", "auto"), ("native", "float"), ("avx2", "int16"),
+                                             ("avx2", "float"), ("scalar", "auto")])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_every_build_equals_float64_reference(libraries, build, blocksize, quant_type, double_quant):
+def test_every_build_equals_float64_reference(libraries, build, blocksize, quant_type, double_quant, mode):
     if build not in libraries:
         pytest.skip(f"this CPU cannot run the {build} build")
     lib = libraries[build]
@@ -89,26 +129,68 @@ def test_every_build_equals_float64_reference(libraries, build, blocksize, quant
         w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(s)) * (1 + s)
         packed, state = quantize_4bit(w, blocksize, quant_type, double_quant)
         g = torch.Generator().manual_seed(100 + s)
+        want = "int16" if int16_applies(build, n_in, blocksize, mode) else "float"
+        wd = dequantize_4bit(packed, state, torch.float32).double()
         for rows in ROWS:
             for dtype in (torch.float32, torch.bfloat16):
                 for with_bias in (False, True):
                     x = (torch.randn(rows, n_in, generator=g) * 2).to(dtype)
                     bias = torch.randn(n_out, generator=g).to(dtype) if with_bias else None
-                    y = gemv4.matmul_4bit_native(x, packed, state, bias, lib=lib)
-                    assert y is not None
-                    assert_within(y, x, packed, state, bias, f"{n_out}x{n_in} rows={rows} {dtype} bias={with_bias}")
+                    y, path = gemv4.product(x, packed, state, bias, lib=lib, mode=mode)
+                    assert path == want
+                    what = f"{n_out}x{n_in} rows={rows} {dtype} bias={with_bias} {path}"
+                    assert_within(y, x, packed, state, bias, what, path)
+                    if path == "int16" and dtype == torch.float32:  # the rounding of x and codes: < 2^-10
+                        xd = x.double()
+                        ratio = int16_bound(xd, wd, state, rounding=False) / (xd.abs() @ wd.abs().T)
+                        assert (ratio <= 2.0 ** -10).all(), f"{what}: {ratio.max().item():.3g}"
 
 
-def test_single_wrong_code_breaks_the_bound(libraries):
-    """Negative control: the tolerance is tight enough to see one weight decoded one code off."""
+@pytest.mark.parametrize("build", ["native", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int16_zero_rows_and_outliers(libraries, build, dtype):
+    """A row of zeros (s_x = 0: the bias alone), a row with one value 1000x the rest (its bound grows with
+    max|x|, the error stays inside it), rows with inf / NaN and rows too small or large to scale (the float path
+    runs, with IEEE results)."""
+    if build not in libraries:
+        pytest.skip(f"this CPU cannot run the {build} build")
+    lib = libraries[build]
+    w = torch.randn(70, 576, generator=torch.Generator().manual_seed(8))
+    packed, state = quantize_4bit(w, 64, "nf4", True)
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(9))
+    x[1] = 0
+    x[3, 17] = 1000.0
+    x = x.to(dtype)
+    bias = torch.randn(70).to(dtype)
+    y, path = gemv4.product(x, packed, state, bias, lib=lib, mode="int16")
+    assert path == "int16" and torch.equal(y[1], bias)
+    assert_within(y, x, packed, state, bias, "zero row and outlier", "int16")
+    for special in (float("inf"), float("nan"), 1e-31, 1e31):
+        xs = x.float().clone()
+        if special == 1e-31:
+            xs[2] *= 1e-32  # the whole row tiny
+        else:
+            xs[2, 3] = special  # one value among finite ones
+        y, path = gemv4.product(xs, packed, state, lib=lib, mode="int16")
+        assert path == "float", special
+        if special in (1e-31, 1e31):
+            assert_within(y, xs, packed, state, None, f"x {special}")
+        else:
+            assert not torch.isfinite(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("mode", ["float", "int16"])
+def test_single_wrong_code_breaks_the_bound(libraries, mode):
+    """Negative control: the tolerance is tight enough to see one weight decoded one code off (the int16 bound
+    is the looser one: 4x its bound here, the other rows' errors under 3% of theirs)."""
     w = torch.randn(16, 576, generator=torch.Generator().manual_seed(1))
     packed, state = quantize_4bit(w, 64, "nf4", True)
     x = torch.randn(1, 576, generator=torch.Generator().manual_seed(2))
     wrong = packed.clone()
     wrong[3 * 288 + 100] ^= 0x10  # one high nibble of row 3, one code step off
-    y = gemv4.matmul_4bit_native(x, wrong, state, lib=libraries["native"])
-    ref, bound = reference_and_bound(x, packed, state, None)
-    assert ((y.double() - ref).abs() > 10 * bound)[0, 3]
+    y, path = gemv4.product(x, wrong, state, lib=libraries["native"], mode=mode)
+    ref, bound = reference_and_bound(x, packed, state, None, path)
+    assert ((y.double() - ref).abs() > (10 if path == "float" else 3) * bound)[0, 3]  # int16: ~4x
 
 
 def test_any_leading_shape_and_strided_inputs(libraries):
@@ -116,9 +198,9 @@ def test_any_leading_shape_and_strided_inputs(libraries):
     packed, state = quantize_4bit(w, 32, "fp4", True)
     x = torch.randn(2, 3, 192, generator=torch.Generator().manual_seed(4))[..., ::2]  # not contiguous
     bias = torch.randn(80)[::2]
-    y = gemv4.matmul_4bit_native(x, packed, state, bias, lib=libraries["native"])
+    y, path = gemv4.product(x, packed, state, bias, lib=libraries["native"])
     assert y.shape == (2, 3, 40)
-    assert_within(y, x, packed, state, bias)
+    assert_within(y, x, packed, state, bias, path=path)
 
 
 def test_output_rows_split_across_threads(libraries):
@@ -130,7 +212,9 @@ def test_output_rows_split_across_threads(libraries):
         packed, state = quantize_4bit(w, 64, "nf4", True)
         for rows in (1, 16):
             x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-            assert_within(gemv4.matmul_4bit_native(x, packed, state, lib=libraries["native"]), x, packed, state, None)
+            for mode in ("float", "int16"):
+                y, path = gemv4.product(x, packed, state, lib=libraries["native"], mode=mode)
+                assert_within(y, x, packed, state, None, mode, path)
     finally:
         torch.set_num_threads(before)
 
@@ -199,7 +283,8 @@ def test_matmul_4bit_every_shape_and_fallback(product_calls):
         packed, state = quantize_4bit(torch.randn(n_out, n_in), 64, "nf4", True)
         for rows in (1, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1):
             x = torch.randn(rows, n_in)
-            assert_within(matmul_4bit(x, packed, state), x, packed, state, None, f"{n_out}x{n_in} rows={rows}")
+            assert_within(matmul_4bit(x, packed, state), x, packed, state, None, f"{n_out}x{n_in} rows={rows}",
+                          DEFAULT_BOUND)
     assert any(product_calls)
     x = torch.randn(SMALL_BATCH_ROWS + 1, 64)
     packed, state = quantize_4bit(torch.randn(8, 64), 64, "nf4", True)
@@ -237,7 +322,7 @@ def test_linear4bit_decoding_equals_training_path(compute_dtype, product_calls):
         decoded = layer(x)
     assert product_calls == [True] and decoded.dtype == x.dtype
     xc = x.to(compute_dtype)
-    ref, bound = reference_and_bound(xc, layer.weight, layer.quant_state, layer.bias.to(compute_dtype))
+    ref, bound = reference_and_bound(xc, layer.weight, layer.quant_state, layer.bias.to(compute_dtype), DEFAULT_BOUND)
     assert ((decoded.double() - ref).abs() <= bound).all()
     # the training path rounds its weight to the compute dtype first (bf16: 2^-8 per weight)
     slack = bound + (U_BF16 if compute_dtype == torch.bfloat16 else U32) * (xc.double().abs() @ layer.dequantize(

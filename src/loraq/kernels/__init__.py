@@ -8,7 +8,9 @@ Two ways in, both explicit:
   (:mod:`~loraq.kernels.dequant`); and the product of a few rows with a
   4-bit weight read from its codes (:mod:`~loraq.kernels.gemv4`, decoding).
   With ``LORAQ_COMPILE=0`` it registers nothing and the eager references
-  run. Model loading calls it.
+  run. Model loading calls it. An int8 copy of a float weight with a
+  product for 1-16 rows (:mod:`~loraq.kernels.gemv8`, decoding's output
+  head) is there for the decode engine to call; nothing registers it.
 * :func:`apply_fast_paths` swaps the matmul attention
   (:mod:`~loraq.kernels.attention`) and the lean RMSNorm / gated-activation
   autograd (:mod:`~loraq.kernels.norm_gate`) into a model for training, on the
