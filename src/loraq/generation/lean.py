@@ -24,6 +24,7 @@ is also the reference the tests hold this one to.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,7 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.inner.layers[0].self_attn.scaling
         self.dtype = self.inner.embed_tokens.weight.dtype
+        self.head = decode_head(model.lm_head)
 
     def new_cache(self, rows: int, length: int) -> LeanCache:
         device = self.inner.embed_tokens.weight.device
@@ -105,8 +107,9 @@ class LeanDecoder:
             mlp = block.mlp
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n))
         cache.filled += ids.shape[1]
-        last = _rms(self.inner.norm, x[:, -1:])
-        return self.model.lm_head(last)[:, -1].float()
+        last = _rms(self.inner.norm, x[:, -1])
+        logits = self.head(last) if self.head is not None else None
+        return (logits if logits is not None else self.model.lm_head(last)).float()
 
     def _attention(self, attn: nn.Module, n: torch.Tensor, rope, attend: torch.Tensor, cache: LeanCache,
                    index: int) -> torch.Tensor:
@@ -120,6 +123,35 @@ class LeanDecoder:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=self.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
         return attn.o_proj(out.transpose(1, 2).reshape(rows, t, self.heads * self.head_dim))
+
+
+# a head smaller than this is read in its own dtype: the int8 copy pays off on large vocabularies only
+INT8_HEAD_MIN_BYTES = 8 << 20
+_int8_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_head(head: nn.Module):
+    """The output head for decode steps (``x [rows, hidden] -> logits``, or None where it does not apply): the
+    weight's int8 copy with one float32 scale per row (:class:`loraq.kernels.gemv8.Int8Rows`: ``w ~ q * s_row``,
+    ``|w - q s_row| <= s_row / 2``), made once per weight version and kept while the head module lives. A quarter of
+    a float32 head's bytes, and most of a small model's bytes per token. Used for a plain ``nn.Linear`` head of at
+    least ``INT8_HEAD_MIN_BYTES`` without bias; the tests hold greedy tokens to transformers' up to near ties."""
+    weight = getattr(head, "weight", None)
+    if type(head) is not nn.Linear or head.bias is not None or weight is None or weight.device.type != "cpu":
+        return None
+    if weight.numel() * weight.element_size() < INT8_HEAD_MIN_BYTES or weight.dtype not in (torch.float32,
+                                                                                            torch.bfloat16):
+        return None
+    from loraq.kernels.gemv8 import Int8Rows, int8_rows_matmul, library
+
+    if library() is None:
+        return None
+    version = (weight.data_ptr(), weight._version)  # the same storage, not written since
+    kept = _int8_heads.get(head)
+    if kept is None or kept[0] != version:
+        kept = _int8_heads[head] = (version, Int8Rows.from_weight(weight))
+    rows = kept[1]
+    return lambda x: int8_rows_matmul(x, rows)
 
 
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
