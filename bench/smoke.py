@@ -4,7 +4,7 @@ A smoke run is one tiny configuration for a few steps, on the code path the real
 API change in loraq that breaks a benchmark fails ``tests/test_bench_smoke.py`` instead of the next person who
 runs it. Smokes need no network, no GPU, no llama.cpp and not the default model: :func:`tiny_model` writes a
 randomly initialised 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained in-process (vocabulary
-~400, ChatML specials and chat template: the recipe of the tests' ``make_tiny_llama`` / ``make_tiny_tokenizer``)
+~400, ChatML specials and chat template: the tests' own, from ``tests/tiny_models.py``)
 into a temporary folder, once per process, removed at exit. Nothing is written into the repository.
 
     import smoke
@@ -24,19 +24,6 @@ import time
 from pathlib import Path
 
 HELP = "a few seconds on a tiny random model, no numbers worth keeping: checks the benchmark still runs"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? The capital of France is Paris.",
-    "def add(a, b):\n    return a + b\n",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024",
-    "user assistant system instruction input output response question answer",
-    "Translate to French: hello -> bonjour; cat -> chat; thank you -> merci",
-]
 _MADE: dict[str, Path] = {}
 
 
@@ -53,33 +40,20 @@ def temp_dir(prefix: str) -> Path:
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
+    """The tests' tiny tokenizer (``tests/tiny_models.py``)."""
+    return _tiny_models().make_tiny_tokenizer()
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
-    """A random 2-layer Llama, hidden 64, 4 heads (2 KV), tied embeddings."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tests' random 2-layer Llama, hidden 64, 4 heads (2 KV), tied embeddings (``tests/tiny_models.py``)."""
+    return _tiny_models().make_tiny_llama(vocab_size, seed, **overrides)
 
-    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+def _tiny_models():
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    return importlib.import_module("tiny_models")
 
 
 def tiny_model() -> Path:
