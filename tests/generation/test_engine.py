@@ -55,6 +55,22 @@ def test_greedy_batch_of_different_lengths_equals_each_prompt_alone_in_transform
     assert all(r.finish_reason == "length" for r in got)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inside_a_training_run_with_its_fast_paths_the_tokens_are_transformers(family):
+    """Exact match during training generates from a model in train mode with loraq's training fast paths on
+    (matmul attention, lean norms): the loop switches to eval for the block and back, and the tokens stay
+    transformers' own."""
+    from loraq.kernels import apply_fast_paths
+
+    model = tiny(family)
+    want = [hf_alone(model, p, 8) for p in PROMPTS]
+    apply_fast_paths(model)
+    model.train()
+    got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=8), pad_id=0)
+    assert [r.tokens for r in got] == want
+    assert model.training
+
+
 def test_rows_that_stop_leave_and_the_rest_are_unchanged(path):
     model = tiny()
     budgets = [3, 12, 1, 7]  # rows leave the batch after 1, 3 and 7 steps
