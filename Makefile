@@ -29,9 +29,10 @@ install-test: $(VENV)/.test
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
-# The linter, then the whole suite, slow tests included (CI runs exactly this).
+# The linter, then the whole suite, slow tests included (CI runs exactly this); the 25 slowest tests are listed
+# at the end, so every CI log says where the suite's time goes.
 test: $(VENV)/.test lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow"
