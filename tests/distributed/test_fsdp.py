@@ -56,8 +56,13 @@ def test_fsdp2_shards_the_4bit_base_and_matches_the_unsharded_model(untied_llama
 
 
 @pytest.mark.slow
-def test_qlora_one_process_ddp_and_fsdp2_agree(tiny_llama_dir, chat_data, tmp_path):
-    """QLoRA with validation and exact match: 1 process (accum 2) == DDP x2 == FSDP2 x2."""
+def test_qlora_one_process_ddp_and_fsdp2_agree(tiny_llama_dir, chat_data, tmp_path, monkeypatch):
+    """QLoRA with validation and exact match: 1 process (accum 2) == DDP x2 == FSDP2 x2.
+
+    On the reference paths (``LORAQ_COMPILE=0``, inherited by the ranks): FSDP2's sharded 4-bit weights cannot
+    take the decode kernels, which sum in another order, and this random model's greedy tokens are near ties
+    everywhere; the kernels are held to their references in tests/kernels and tests/generation."""
+    monkeypatch.setenv("LORAQ_COMPILE", "0")
     common = dict(method="qlora", dtype="fp32", val_fraction=0.2, eval_samples=3)
     runs = {"one": dict(grad_accum=2), "ddp": dict(nproc=2), "fsdp": dict(nproc=2, fsdp=True)}
     train_in_process(tiny_llama_dir, chat_data, tmp_path / "one", **common, **runs["one"])

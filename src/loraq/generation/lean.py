@@ -18,8 +18,8 @@ the batch is left-padded), attended up to the last written column. A padded quer
 (its output is never used), so no row of the softmax is empty.
 
 :func:`supports` says when this applies (the family, plain RMSNorms, no sliding window within the length,
-``LORAQ_COMPILE`` not ``0``); the engine otherwise uses transformers' forward with its static cache, which
-is also the reference the tests hold this one to.
+``LORAQ_COMPILE`` not ``0``, no FSDP-sharded parameters); the engine otherwise uses transformers' forward with its
+static cache, which is also the reference the tests hold this one to.
 """
 from __future__ import annotations
 
@@ -47,7 +47,15 @@ def supports(model: nn.Module, length: int) -> bool:
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return False
+    if _sharded(model):  # FSDP2: each block gathers its shards in its own forward, which this step does not call
+        return False
     return all(_plain_norm(n) for b in inner.layers for n in (b.input_layernorm, b.post_attention_layernorm))
+
+
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _plain_norm(norm: nn.Module) -> bool:
