@@ -29,6 +29,7 @@ import platform
 
 import pytest
 import torch
+from kernel_builds import build_each
 
 import loraq.quant.functional as functional
 from loraq.kernels import gemv4
@@ -66,9 +67,7 @@ BUILDS = {
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
     """Each build this CPU runs, compiled into a temporary cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAQ_CACHE", str(tmp_path_factory.mktemp("gemv4-cache")))
-        return {name: gemv4.build(flags) for name, (flags, runs) in BUILDS.items() if runs}
+    return build_each(tmp_path_factory, gemv4, BUILDS)
 
 
 def reference_and_bound(x, packed, state, bias, path="float"):

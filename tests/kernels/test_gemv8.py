@@ -12,6 +12,7 @@ import platform
 
 import pytest
 import torch
+from kernel_builds import build_each
 
 from loraq.kernels import gemv8
 from loraq.kernels.cbuild import cpu_flags
@@ -27,9 +28,7 @@ BUILDS = {"native": (("-march=native",), True), "scalar": (("-march=native", "-m
 
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAQ_CACHE", str(tmp_path_factory.mktemp("gemv8-cache")))
-        return {name: gemv8.build(flags) for name, (flags, runs) in BUILDS.items() if runs}
+    return build_each(tmp_path_factory, gemv8, BUILDS)
 
 
 def assert_within(y, x, rows, path, what=""):
