@@ -79,7 +79,7 @@ class RowAdapters:
             return y
         if x.shape[0] != len(self.names):
             raise ValueError(f"a batch of {x.shape[0]} rows routed for {len(self.names)}")
-        out = y.clone() if torch.is_grad_enabled() else y
+        in_place = not torch.is_grad_enabled()  # the base's fresh output, nothing records it: add into it
         for name, rows, weights in self.groups:
             if name not in layer.adapter_names:
                 continue
@@ -87,6 +87,6 @@ class RowAdapters:
             xs = x.index_select(0, rows)
             h = torch.nn.functional.linear(xs, a.to(xs.dtype))
             scale = (weights * layer.scaling[name]).to(h.dtype).view(-1, *([1] * (h.ndim - 1)))
-            update = torch.nn.functional.linear(h * scale, b.to(xs.dtype)).to(out.dtype)
-            out = out.index_add(0, rows, update) if torch.is_grad_enabled() else out.index_add_(0, rows, update)
-        return out
+            update = torch.nn.functional.linear(h * scale, b.to(xs.dtype)).to(y.dtype)
+            y = y.index_add_(0, rows, update) if in_place else y.index_add(0, rows, update)
+        return y
