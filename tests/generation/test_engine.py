@@ -192,3 +192,90 @@ def test_unknown_and_dora_adapters_are_refused_with_one_line():
 def test_bad_options_name_their_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         Sampling(**kw)
+
+
+def joined_midway(model, plan, new_tokens=8, **row_kw):
+    """A DecodeBatch fed as a server feeds it: ``plan`` = [(step to join at, prompt, route)]; the rows' tokens."""
+    from loraq.generation.engine import DecodeBatch, Row
+    from loraq.lora.rows import RowAdapters
+
+    rows = [Row(k, p, Sampling(max_new_tokens=new_tokens), route=route, **row_kw) for k, (_, p, route) in
+            enumerate(plan)]
+    with torch.no_grad(), RowAdapters(model) as routing:
+        batch = DecodeBatch(model, pad_id=0, routing=routing)
+        step = 0
+        while step <= max(at for at, _, _ in plan) or batch.rows:
+            batch.join([r for r, (at, _, _) in zip(rows, plan) if at == step])
+            if batch.rows:
+                batch.step()
+            step += 1
+    return rows
+
+
+def test_rows_that_join_between_steps_decode_what_transformers_decodes_for_each_alone(path):
+    """Continuous batching: rows join a running batch (longer and shorter prompts than those decoding, other
+    adapters, a weighted mix of two) and each still gets transformers' tokens for its prompt alone."""
+    model = lora_model()
+    mix = (("a", 0.5), ("b", 1.0))
+    plan = [(0, PROMPTS[1], "a"), (0, PROMPTS[3], None), (2, PROMPTS[0], "b"), (3, PROMPTS[2], mix),
+            (9, PROMPTS[1], None)]
+    rows = joined_midway(model, plan)
+    want = []
+    for _, prompt, route in plan:
+        if route == mix:  # the layers' own sum of two active adapters, a's update weighted by scaling its B
+            want.append(_mixed_reference(model, prompt, 8))
+        elif route is None:
+            with disable_adapters(model):
+                want.append(hf_alone(model, prompt, 8))
+        else:
+            set_adapter(model, route)
+            want.append(hf_alone(model, prompt, 8))
+    assert [r.result.tokens for r in rows] == want
+    assert len({tuple(w) for w in want[:4]}) == 4
+
+
+def _mixed_reference(model, prompt, n):
+    from loraq.lora.model import lora_layers
+
+    layers = [layer for _, layer in lora_layers(model)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["a"].weight.mul_(0.5)
+        set_adapter(model, ["a", "b"])
+        try:
+            return hf_alone(model, prompt, n)
+        finally:
+            for layer in layers:
+                layer.lora_B["a"].weight.mul_(2.0)
+
+
+def test_log_probabilities_are_transformers_log_softmax_of_its_logits(path):
+    model = tiny()
+    (row,) = joined_midway(model, [(0, PROMPTS[0], ())], new_tokens=5, top_logprobs=3)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    reference = [torch.log_softmax(z[0].double(), -1) for z in out.logits]
+    assert [t for t, _, _ in row.result.logprobs] == row.result.tokens == out.sequences[0, 7:].tolist()
+    for (token, lp, top), ref in zip(row.result.logprobs, reference):
+        assert lp == pytest.approx(float(ref[token]), abs=1e-4)
+        values, ids = ref.topk(3)
+        assert [t for t, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_a_dropped_row_leaves_and_the_others_decode_as_before(path):
+    from loraq.generation.engine import DecodeBatch, Row
+
+    model = tiny()
+    rows = [Row(k, p, Sampling(max_new_tokens=8)) for k, p in enumerate(PROMPTS[:3])]
+    with torch.no_grad():
+        batch = DecodeBatch(model, pad_id=0)
+        batch.join(rows)
+        for _ in range(3):
+            batch.step()
+        assert [r.key for r in batch.drop({1})] == [1]
+        while batch.rows:
+            batch.step()
+    assert len(rows[1].result.tokens) == 3
+    assert [rows[k].result.tokens for k in (0, 2)] == [hf_alone(model, PROMPTS[k], 8) for k in (0, 2)]

@@ -13,13 +13,19 @@ batch: its cache rows, mask and adapter routing are dropped, and the next steps 
 
 Rows may use different adapters (``adapters[i]``: a loaded adapter's name, or None for the base alone;
 :mod:`loraq.lora.rows`); when every row names the same one it is simply made the active adapter.
+
+:class:`DecodeBatch` is the loop's state, for callers that add rows while others decode (the server's
+continuous batching): rows :meth:`~DecodeBatch.join` between steps. On the lean step the new rows are
+prefilled alone and their cache is merged into the running one, both left-padded to the wider
+(:meth:`loraq.generation.lean.LeanCache.join`); on transformers' forward the cache is rebuilt from every row's
+context. A row decodes the same tokens whichever rows it shares a batch with (up to floating-point ties).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +33,7 @@ from torch import nn
 
 from loraq.generation.sampling import Sampling, generator_for, next_tokens
 
-# (row index in the request list, token id) -> None; called for every token a row keeps
+# (row key -- the index in generate_ids' prompts --, token id) -> None; called for every token a row keeps
 TokenCallback = Callable[[int, int], None]
 
 
@@ -38,6 +44,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     text: str | None = None  # set by StopText: the decoded text cut before a stop string
+    # with Row.top_logprobs: per token (id, log-probability, [(id, log-probability) of the most likely])
+    logprobs: list | None = None
 
 
 class StopText:
@@ -57,22 +65,97 @@ class StopText:
 
 
 @dataclass
-class _Batch:
-    """The rows still decoding: their request indices, attention mask, next positions, options, generators."""
+class Row:
+    """One sequence being decoded: its caller's ``key``, prompt ids, options and what it has produced so far.
 
-    rows: list[int]
-    mask: torch.Tensor
-    positions: torch.Tensor
-    options: list[Sampling]
-    generators: list[torch.Generator | None]
+    ``route``: the adapters it uses (:data:`loraq.lora.rows.Route`; empty: the base alone); ``top_logprobs``:
+    ``None`` for no log-probabilities, else how many of the most likely tokens to record beside each one chosen.
+    """
 
-    def keep(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long)
+    key: Hashable
+    prompt: list[int]
+    options: Sampling
+    stop_text: StopText | None = None
+    route: tuple = ()
+    top_logprobs: int | None = None
+    result: Completion = field(default_factory=Completion)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = generator_for(self.options)
+
+    @property
+    def remaining(self) -> int:
+        return self.options.max_new_tokens - len(self.result.tokens)
+
+
+class DecodeBatch:
+    """Rows decoding together. :meth:`join` prefills new rows (between steps: continuous batching),
+    :meth:`step` chooses one token per row and computes the next logits, rows that end or are
+    :meth:`drop`-ped leave. State between steps: ``mask [rows, filled]`` (1 = a real token), ``logits
+    [rows, V]`` of each row's next token; a row's next position is ``mask.sum(1)`` (its real tokens so far)."""
+
+    def __init__(self, model: nn.Module, *, stop_ids: Sequence[int] = (), pad_id: int = 0, routing=None,
+                 on_token: TokenCallback | None = None, length: int | None = None):
+        self.model, self.stops, self.pad_id = model, set(stop_ids), pad_id
+        self.routing, self.on_token = routing, on_token
+        self.device = next(model.parameters()).device
+        self.rows: list[Row] = []
+        self.mask = self.logits = None
+        self.steps = _steps_for(model, length)  # length: the longest context a row will reach
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: Sequence[Row]) -> None:
+        """Prefill ``rows`` and add them to the batch; the next :meth:`step` chooses their first tokens."""
+        if not rows:
+            return
+        if any(len(r.prompt) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        logits, mask = self.steps.join(self, list(rows))
+        self.rows += rows
+        self.logits, self.mask = logits, mask.to(self.device)
+        self.route([r.route for r in self.rows])
+
+    def step(self) -> list[Row]:
+        """One token for every row; the rows that ended (and left the batch) with it."""
+        chosen = next_tokens(self.logits, [r.options for r in self.rows], [r.generator for r in self.rows]).tolist()
+        if any(r.top_logprobs is not None for r in self.rows):
+            _record_logprobs(self.logits, chosen, self.rows)
+        done = _record(chosen, self.rows, self.stops, self.on_token)
+        ended = [self.rows[k] for k in sorted(done)]
+        keep = [k for k in range(len(self.rows)) if k not in done]
+        if done:
+            self._keep(keep)
+        if self.rows:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            step = torch.tensor([chosen[k] for k in keep], dtype=torch.long, device=self.device)[:, None]
+            self.logits = self.steps.forward(step, self.mask, (self.mask.sum(1) - 1)[:, None])
+        return ended
+
+    def drop(self, keys: set) -> list[Row]:
+        """Remove the rows whose key is in ``keys`` (a caller that went away); the rows removed."""
+        gone = [r for r in self.rows if r.key in keys]
+        if gone:
+            self._keep([k for k, r in enumerate(self.rows) if r.key not in keys])
+        return gone
+
+    def route(self, routes: list) -> None:
+        if self.routing is not None:
+            self.routing.set(routes)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only the rows at ``keep`` stay: in the list, the mask, the logits, the cache and the routing."""
         self.rows = [self.rows[k] for k in keep]
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        self.options = [self.options[k] for k in keep]
-        self.generators = [self.generators[k] for k in keep]
+        if not keep:
+            self.mask = self.logits = None
+            self.steps.reset()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.mask, self.logits = self.mask.index_select(0, index), self.logits.index_select(0, index)
+        self.steps.keep(index)
+        self.route([r.route for r in self.rows])
 
 
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], options: Sampling | Sequence[Sampling], *,
@@ -83,63 +166,55 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], options: Sa
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     options = [options] * len(prompts) if isinstance(options, Sampling) else list(options)
-    device = next(model.parameters()).device
-    ids, mask = left_padded(prompts, pad_id)
-    length = ids.shape[1] + max(o.max_new_tokens for o in options)
-    batch = _Batch(list(range(len(prompts))), mask.to(device), (mask.sum(1) - 1).to(device), options,
-                   [generator_for(o) for o in options])
-    results = [Completion() for _ in prompts]
-    with torch.no_grad(), _eval_mode(model), _routing(model, adapters) as routing:
-        forward, cache = _stepper(model, len(prompts), length)
-        logits = forward(ids.to(device), batch.mask, position_ids(batch.mask), prefill=True)
+    checkers = stop_text if stop_text is not None else [None] * len(prompts)
+    with torch.no_grad(), eval_mode(model), _routing(model, adapters) as routing:
+        from loraq.lora.rows import as_route
+
+        rows = [Row(i, list(p), o, c, as_route(adapters[i]) if routing is not None else ())
+                for i, (p, o, c) in enumerate(zip(prompts, options, checkers))]
+        length = max(len(p) for p in prompts) + max(o.max_new_tokens for o in options)
+        batch = DecodeBatch(model, stop_ids=stop_ids, pad_id=pad_id, routing=routing, on_token=on_token,
+                            length=length)
+        batch.join(rows)
         while batch.rows:
-            chosen = next_tokens(logits, batch.options, batch.generators).tolist()
-            done = _record(chosen, batch, results, set(stop_ids), stop_text, on_token)
-            if done:
-                keep = [k for k in range(len(batch.rows)) if k not in done]
-                _leave(keep, batch, cache, routing)
-                if not keep:
-                    break
-                chosen = [chosen[k] for k in keep]
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-            batch.positions = batch.positions + 1
-            step = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
-            logits = forward(step, batch.mask, batch.positions[:, None])
-    return results
+            batch.step()
+    return [r.result for r in rows]
 
 
-def _record(chosen: list[int], batch: _Batch, results: list[Completion], stops: set[int],
-            stop_text: Sequence[StopText | None] | None, on_token: TokenCallback | None) -> set[int]:
+def _record(chosen: list[int], rows: list[Row], stops: set[int], on_token: TokenCallback | None) -> set[int]:
     """Append each row's token (or end it); the batch positions of the rows that ended."""
     done = set()
-    for k, (row, token) in enumerate(zip(batch.rows, chosen)):
-        result = results[row]
+    for k, (row, token) in enumerate(zip(rows, chosen)):
+        result = row.result
         if token in stops:
             result.finish_reason = "stop"
             done.add(k)
             continue
         result.tokens.append(token)
-        checker = stop_text[row] if stop_text is not None else None
-        cut = checker.cut(result.tokens) if checker is not None else None
+        cut = row.stop_text.cut(result.tokens) if row.stop_text is not None else None
         if cut is not None:  # the token that completes a stop string is not streamed: the text ends before it
             result.text, result.finish_reason = cut, "stop"
             done.add(k)
             continue
         if on_token is not None:
-            on_token(row, token)
-        if len(result.tokens) >= batch.options[k].max_new_tokens:
+            on_token(row.key, token)
+        if row.remaining <= 0:
             done.add(k)
     return done
 
 
-def _leave(keep: list[int], batch: _Batch, cache, routing) -> None:
-    """Drop the rows not in ``keep`` from the batch, the cache and the adapter routing."""
-    batch.keep(keep)
-    if keep:
-        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        cache.reorder_cache(index)  # transformers' public row selection (beam search's): index_select per layer
-        if routing is not None:
-            routing.keep(keep)
+def _record_logprobs(logits: torch.Tensor, chosen: list[int], rows: list[Row]) -> None:
+    """``log softmax`` of the model's logits (before temperature and filtering) at each chosen token, and the
+    ``top_logprobs`` most likely tokens, appended to the rows that asked (``result.logprobs``)."""
+    for k, row in enumerate(rows):
+        if row.top_logprobs is None:
+            continue
+        lp = torch.log_softmax(logits[k].float(), -1)
+        top = torch.topk(lp, row.top_logprobs) if row.top_logprobs > 0 else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        if row.result.logprobs is None:
+            row.result.logprobs = []
+        row.result.logprobs.append((chosen[k], float(lp[chosen[k]]), alternatives))
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,18 +233,70 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp_min(0)
 
 
-def _stepper(model: nn.Module, rows: int, length: int):
-    """``(forward(ids, mask, positions, prefill=False) -> last logits, cache)``: the lean step
-    (:mod:`loraq.generation.lean`) where it applies, else transformers' forward with a static cache."""
+def _steps_for(model: nn.Module, length: int | None):
+    """The lean step (:mod:`loraq.generation.lean`) where it applies to contexts of ``length`` (None: the
+    model's longest), else transformers' forward."""
     from loraq.generation.lean import LeanDecoder, supports
 
-    if supports(model, length):
-        decoder = LeanDecoder(model)
-        cache = decoder.new_cache(rows, length)
-        return (lambda ids, mask, positions, prefill=False: decoder.forward(ids, mask, positions, cache)), cache
-    cache = new_cache(model, rows, length)
-    return (lambda ids, mask, positions, prefill=False: _forward(model, ids, mask, positions, cache,
-                                                                   prefill=prefill)), cache
+    length = length or getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    return _LeanSteps(model, LeanDecoder(model)) if supports(model, length) else _ModelSteps(model)
+
+
+class _LeanSteps:
+    """Rows join by a prefill of their own, merged into the running cache (:meth:`LeanCache.join`)."""
+
+    def __init__(self, model: nn.Module, decoder):
+        self.model, self.decoder, self.cache = model, decoder, None
+
+    def join(self, batch: DecodeBatch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and mask of the batch with ``rows`` added after its own."""
+        ids, mask = left_padded([r.prompt for r in rows], batch.pad_id)
+        device = batch.device
+        cache = self.decoder.new_cache(len(rows), ids.shape[1] + max(r.remaining for r in rows))
+        batch.route([r.route for r in rows])
+        logits = self.decoder.forward(ids.to(device), mask.to(device), position_ids(mask).to(device), cache)
+        if not batch.rows:
+            self.cache = cache
+            return logits, mask
+        room = max(r.remaining for r in batch.rows + rows)
+        self.cache, merged = self.cache.join(batch.mask, cache, mask.to(device), room)
+        return torch.cat([batch.logits, logits]), merged
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.decoder.forward(ids, mask, positions, self.cache)
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index)
+
+    def reset(self) -> None:
+        self.cache = None
+
+
+class _ModelSteps:
+    """transformers' forward with a static cache; rows that join rebuild it: every row's context (prompt and
+    tokens so far) is prefilled again (correct for any family, only slower than a merge)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.cache = model, None
+
+    def join(self, batch: DecodeBatch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        everyone = batch.rows + rows
+        ids, mask = left_padded([r.prompt + r.result.tokens for r in everyone], batch.pad_id)
+        self.cache = new_cache(self.model, len(everyone), ids.shape[1] + max(r.remaining for r in everyone))
+        batch.route([r.route for r in everyone])
+        device = batch.device
+        logits = _forward(self.model, ids.to(device), mask.to(device), position_ids(mask).to(device), self.cache,
+                          prefill=True)
+        return logits, mask
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _forward(self.model, ids, mask, positions, self.cache)
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index)  # transformers' public row selection (beam search's)
+
+    def reset(self) -> None:
+        self.cache = None
 
 
 def new_cache(model: nn.Module, rows: int, length: int):
@@ -199,7 +326,7 @@ def _parameters(model_class: type) -> frozenset[str]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     was_training = model.training
     model.eval()
     try:

@@ -79,6 +79,29 @@ class LeanCache:
         self.values[block][:, :, self.filled:end] = v
         return self.keys[block][:, :, :end], self.values[block][:, :, :end]
 
+    def join(self, mask: torch.Tensor, other: LeanCache, other_mask: torch.Tensor,
+             room: int) -> tuple[LeanCache, torch.Tensor]:
+        """This cache's rows then ``other``'s in one cache, and their mask (``mask`` / ``other_mask``: 1 = a real
+        token, one column per filled column). Both are left-padded to the wider, ``W``, after dropping the
+        leading columns that no row of this cache uses any more; ``room`` free columns follow."""
+        lead = int((mask.sum(0) > 0).nonzero()[0]) if mask.numel() else 0
+        mine, theirs = self.filled - lead, other.filled
+        width = max(mine, theirs)
+        rows, kv_heads, _, head_dim = self.keys[0].shape
+        total = rows + other.keys[0].shape[0]
+        joined = LeanCache(0, total, kv_heads, width + room, head_dim, self.keys[0].dtype, self.keys[0].device)
+        for first, second, into in ((self.keys, other.keys, joined.keys), (self.values, other.values, joined.values)):
+            for a, b in zip(first, second):
+                c = a.new_zeros((total, kv_heads, width + room, head_dim))
+                c[:rows, :, width - mine:width] = a[:, :, lead:self.filled]
+                c[rows:, :, width - theirs:width] = b[:, :, :theirs]
+                into.append(c)
+        joined.filled = width
+        merged = mask.new_zeros((total, width))
+        merged[:rows, width - mine:] = mask[:, lead:]
+        merged[rows:, width - theirs:] = other_mask
+        return joined, merged
+
     def reorder_cache(self, rows: torch.Tensor) -> None:
         """Only ``rows`` stay (the engine's name for it, as transformers' caches)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
