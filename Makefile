@@ -29,13 +29,14 @@ install-test: $(VENV)/.test
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
-# The linter, then the whole suite, slow tests included (CI runs exactly this); the 25 slowest tests are listed
-# at the end, so every CI log says where the suite's time goes.
+# The linter, then the whole suite, slow tests included (CI runs exactly this), on two pytest-xdist workers of
+# one thread each (tests/conftest.py); the 25 slowest tests are listed at the end, so every CI log says where
+# the suite's time goes.
 test: $(VENV)/.test lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --durations=25
 
 test-fast: $(VENV)/.test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # The suite in a fresh venv of the newest releases pyproject.toml's ranges allow (torch stays the pinned CPU
 # build: a newer one is a multi-GB CUDA download): what `pip install loraq` gives a user today.
@@ -47,7 +48,7 @@ test-latest:
 	.venv-latest/bin/$(PIP) --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e '.[test]'
 	.venv-latest/bin/pip freeze --exclude-editable --disable-pip-version-check | grep -i -E '^(transformers|peft|trl|torch)=='
 	.venv-latest/bin/ruff check .
-	.venv-latest/bin/python -m pytest -q
+	.venv-latest/bin/python -m pytest -q -n 2
 
 # Resolve `.[test]` afresh (no lock) in a scratch venv and write every version it got into $(LOCK).
 lock:

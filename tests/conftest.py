@@ -75,6 +75,10 @@ def pytest_configure(config):
     # the suite's own cache (models fetched and converted, 4-bit layers, token stores, kernels, llama.cpp): the
     # user's loraq cache is never read or written by a test; kept between runs so each thing is fetched once
     os.environ["LORAQ_CACHE"] = os.environ.get("LORAQ_TEST_CACHE") or str(TEST_CACHE)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on two cores: one thread each (and in their children), not two fighting four
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     # as loading a model does: the 4-bit fast paths registered, so every test that dequantizes runs them
     import loraq.kernels
 

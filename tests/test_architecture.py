@@ -13,7 +13,7 @@ TESTS = Path(__file__).resolve().parent
 # bottom up; a module may import its own layer and the layers below it (docs/DESIGN.md, "Layers")
 GROUND = {"loraq", "errors", "config", "choices", "devices", "paths", "faults", "modules", "outputs"}
 LAYERS = [GROUND, {"quant"}, {"kernels"}, {"data"}, {"models"}, {"lora"}, {"generation"}, {"distributed"}, {"training"},
-          {"exporting"}, {"planning"}, {"api"}, {"commands", "cli", "__main__"}]
+          {"exporting"}, {"planning"}, {"serving"}, {"api"}, {"commands", "cli", "__main__"}]
 MAX_FUNCTION_LINES = 60
 
 

@@ -26,6 +26,7 @@ _LAZY = {
     "train": "loraq.api.train:train",
     "generate": "loraq.api.generate:generate",
     "chat": "loraq.api.generate:chat",
+    "serve": "loraq.api.serve:serve",
     "evaluate": "loraq.api.evaluate:evaluate",
     "inspect_data": "loraq.api.data:inspect_data",
     "merge": "loraq.api.merge:merge",

@@ -22,6 +22,7 @@ COMMANDS = {
     "merge": "merge an adapter into its base model and write a plain HF folder",
     "generate": "generate text from a prompt (optionally with an adapter)",
     "chat": "chat with a model interactively",
+    "serve": "serve a base and its adapters over an OpenAI-compatible HTTP API (batched across adapters)",
     "eval": "loss, perplexity and exact-match accuracy on a dataset",
     "data": "inspect a dataset: detected format, token counts, masking, packing",
     "models": "list the models in loraq's cache",

@@ -12,6 +12,7 @@ COMMAND_API = {
     "export": "export",
     "generate": "generate",
     "chat": "chat",
+    "serve": "serve",
     "eval": "evaluate",
     "data": "inspect_data",
     "models": "cached_models",

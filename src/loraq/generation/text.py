@@ -59,29 +59,46 @@ def _decoder(tokenizer: Any):
     return lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class TextStream:
-    """Writes a row's text to ``out`` as it becomes final (see the module docstring)."""
+class TextDeltas:
+    """A row's text as it becomes final (see the module docstring): :meth:`add` a token, get the new piece."""
 
-    def __init__(self, decode, stops: Sequence[str], out: TextIO):
-        self.decode, self.stops, self.out = decode, [s for s in stops if s], out
+    def __init__(self, decode, stops: Sequence[str]):
+        self.decode, self.stops = decode, [s for s in stops if s]
         self.tokens: list[int] = []
         self.written = 0
 
-    def add(self, row: int, token: int) -> None:
+    def add(self, token: int) -> str:
         self.tokens.append(token)
         text = self.decode(self.tokens)
         final = len(text.rstrip("\ufffd")) - self._held(text)
-        if final > self.written:
-            self._write(text[self.written:final])
-            self.written = final
+        if final <= self.written:
+            return ""
+        piece, self.written = text[self.written:final], final
+        return piece
 
     def _held(self, text: str) -> int:
         """How many characters at the end could still be the start of a stop string."""
         return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
+    def finish(self, text: str) -> str:
+        """What is left of the row's whole ``text`` (cut before a stop string) after the pieces given."""
+        piece, self.written = text[self.written:], len(text)
+        return piece
+
+
+class TextStream:
+    """Writes a row's text to ``out`` as it becomes final, and a newline at the end."""
+
+    def __init__(self, decode, stops: Sequence[str], out: TextIO):
+        self.deltas, self.out = TextDeltas(decode, stops), out
+
+    def add(self, row: int, token: int) -> None:
+        self._write(self.deltas.add(token))
+
     def finish(self, text: str) -> None:
-        self._write(text[self.written:] + "\n")
+        self._write(self.deltas.finish(text) + "\n")
 
     def _write(self, piece: str) -> None:
-        self.out.write(piece)
-        self.out.flush()
+        if piece:
+            self.out.write(piece)
+            self.out.flush()

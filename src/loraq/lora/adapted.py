@@ -183,17 +183,11 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None, *, base: 
                  say: Callable[[str], None] | None = None) -> LoadedModel:
     """The base (see :func:`plan_base`) with the adapter on it, unmerged, in eval mode."""
     from loraq.lora.files import load_adapter
-    from loraq.models.load import load_model
 
     tell = say or _warn
     plan = plan_base(adapter, model, base=base, quant=quant, dtype=dtype, allow_pickle=allow_pickle,
                      ignore_base_fingerprint=ignore_base_fingerprint, warn=lambda m: tell(f"warning: {m}"))
-    q = plan.quant or QuantSettings()
-    loftq = plan.replays_init and plan.record.init == "loftq"
-    method = "lora" if (plan.quant is None or loftq) and not plan.source.quantized else "qlora"
-    loaded = load_model(plan.source, method=method, dtype="fp32" if loftq else plan.dtype, quant=q.quant_type,
-                        double_quant=q.double_quant, blocksize=q.blocksize, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code, device=device)
+    loaded = load_planned_base(plan, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device)
     if plan.splits_factors:
         _apply_trained_half(loaded, adapter, plan, allow_pickle, lambda m: tell(f"warning: {m}"))
     else:
@@ -205,6 +199,19 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None, *, base: 
     tell(plan.message)  # once it is done: a mistake found while loading stays the only line
     loaded.model.eval()
     return loaded
+
+
+def load_planned_base(plan: BasePlan, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                      device: str | torch.device | None = None) -> LoadedModel:
+    """The base :func:`plan_base` chose, without the adapter (LoftQ's replay starts from float32 weights)."""
+    from loraq.models.load import load_model
+
+    q = plan.quant or QuantSettings()
+    loftq = plan.replays_init and plan.record.init == "loftq"
+    method = "lora" if (plan.quant is None or loftq) and not plan.source.quantized else "qlora"
+    return load_model(plan.source, method=method, dtype="fp32" if loftq else plan.dtype, quant=q.quant_type,
+                      double_quant=q.double_quant, blocksize=q.blocksize, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, device=device)
 
 
 def _apply_trained_half(loaded: LoadedModel, adapter: str | Path, plan: BasePlan, allow_pickle: bool,

@@ -252,6 +252,12 @@ def load_adapter(
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}; load this one under another name")
     config, tensors = checked_adapter(model, adapter_dir, allow_pickle=allow_pickle)
+    install_adapter(model, config, tensors, adapter_name)
+    return config
+
+
+def install_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Add an adapter whose tensors :func:`checked_adapter` checked against ``model`` under ``adapter_name``."""
     inject_lora(model, config, adapter_name, initialise=False)
     with torch.no_grad():
         for name, layer in lora_layers(model):
@@ -264,7 +270,6 @@ def load_adapter(
             if adapter_name in wrapper.modules_to_save:
                 module = wrapper.modules_to_save[adapter_name]
                 module.load_state_dict({k: tensors[f"{PEFT_PREFIX}{name}.{k}"] for k in module.state_dict()})
-    return config
 
 
 def checked_adapter(model: nn.Module, adapter_dir: str | Path,

@@ -49,8 +49,17 @@ class RowAdapters:
         if saved_modules(model):
             raise ConfigError("adapters that train whole modules (modules_to_save) cannot share a batch; "
                               "generate with one adapter at a time")
+        self.model, self.active = model, False
         self.layers = [layer for _, layer in lora_layers(model)]
         self.set(routes)
+
+    def refresh(self) -> None:
+        """Take in layers added since (an adapter installed while the block is open)."""
+        from loraq.lora.model import lora_layers
+
+        self.layers = [layer for _, layer in lora_layers(self.model)]
+        if self.active:
+            self.__enter__()
 
     def known(self) -> set[str]:
         return set().union(*(layer.adapter_names for layer in self.layers)) if self.layers else set()
@@ -83,9 +92,11 @@ class RowAdapters:
             if layer.merged_adapters:
                 raise ConfigError("per-row adapters need unmerged adapters; unmerge the model first")
             layer.row_adapters = self
+        self.active = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self.active = False
         for layer in self.layers:
             layer.row_adapters = None
 
