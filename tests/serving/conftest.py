@@ -15,7 +15,7 @@ API_KEY, ADMIN_KEY = "test-key", "admin-key"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def save_random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets=TARGETS) -> Path:
+def save_random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, targets=TARGETS, **config) -> Path:
     """A LoRA adapter of the model in ``base_dir`` with random (non-zero) factors, saved as a PEFT folder."""
     from transformers import AutoModelForCausalLM
 
@@ -24,7 +24,7 @@ def save_random_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, target
     from loraq.lora.model import inject_lora
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    inject_lora(model, LoraConfig(r=r, alpha=2.0 * r, target_modules=list(targets)))
+    inject_lora(model, LoraConfig(r=r, alpha=2.0 * r, target_modules=list(targets), **config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -33,6 +33,10 @@ def serve(*, model: str | None = None, adapter: Mapping[str, str] | None = None,
         raise ConfigError(f"--quant {quant!r} is not one of: {', '.join(INFERENCE_QUANT)}")
     named = dict(adapters_in(adapters_dir)) if adapters_dir else {}
     named.update(adapter or {})
+    from loraq.lora.files import read_adapter_config
+
+    for path in named.values():  # a mistyped folder fails before anything loads
+        read_adapter_config(path)
     first = next(iter(named.values()), None)
     keywords = {"dtype": dtype, "quant": quant, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     server = Server(lambda: load_base(model, first, say=say, **keywords), named, host=host, port=port,

@@ -101,11 +101,12 @@ def _add_adapter_routes(app, server) -> None:
 
 def _ready(server, request, admin: bool = False):
     """The served model, after the key check; 503 while it loads."""
-    key = server.admin_key if admin else server.api_key
-    if admin and key is None:
+    if admin and server.admin_key is None:
         raise ApiError(403, "loading adapters at runtime needs an admin key: start the server with --admin-key",
                        kind="permission_error", code="no_admin_key")
-    if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+    keys = {server.admin_key} if admin else {server.api_key, server.admin_key} - {None}  # the admin key opens all
+    if (admin or server.api_key is not None) and request.headers.get("authorization", "") not in {
+            f"Bearer {k}" for k in keys}:
         raise ApiError(401, "Incorrect API key provided" + (" (this route needs the admin key)" if admin else ""),
                        kind="authentication_error", code="invalid_api_key")
     if server.served is None:

@@ -5,7 +5,8 @@ the server's own, so two servers in one process do not share counts).
 ``loraq_prompt_tokens_total{model}``, ``loraq_generation_tokens_total{model}`` (``model``: the base's name or the
 adapter's, as the request named it), ``loraq_queue_depth``, ``loraq_batch_rows``,
 ``loraq_time_to_first_token_seconds`` and ``loraq_request_seconds`` (histograms),
-``loraq_adapter_events_total{adapter,event}`` (load, eviction, unload).
+``loraq_adapter_events_total{adapter,event}`` (load, eviction, unload), ``loraq_decode_steps_total`` and
+``loraq_decode_rows_total`` (rows summed over steps: their ratio is the mean batch).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class Metrics:
                                              buckets=BUCKETS, registry=r)
         self.latency = Histogram("loraq_request_seconds", "from arrival to the last token", buckets=BUCKETS,
                                  registry=r)
+        self.decode_steps = Counter("loraq_decode_steps", "decode steps run", registry=r)
+        self.decode_rows = Counter("loraq_decode_rows", "rows decoded, summed over steps (/ steps: the mean batch)",
+                                   registry=r)
         self.adapter_events = Counter("loraq_adapter_events", "adapters loaded, evicted, unloaded",
                                       ["adapter", "event"], registry=r)
 

@@ -93,9 +93,12 @@ def parse_chat(body: Any, ctx: Context) -> Job:
 def parse_completion(body: Any, ctx: Context) -> Job:
     """A ``/v1/completions`` body as a :class:`Job` (a prompt: text, texts, token ids, or lists of them)."""
     body = _object(body)
-    for unsupported in ("echo", "suffix", "best_of"):
-        if body.get(unsupported) not in (None, False, "", 1):
-            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
+    best_of = body.get("best_of")
+    unsupported = {"echo": body.get("echo") not in (None, False), "suffix": body.get("suffix") not in (None, ""),
+                   "best_of": best_of is not None and (isinstance(best_of, bool) or best_of != 1)}
+    for name, asked in unsupported.items():
+        if asked:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
     prompts = _prompts(body.get("prompt"), ctx.tokenizer)
     top = body.get("logprobs")
     top = None if top is None else _int(body, "logprobs", 0, 0, 5)

@@ -125,6 +125,8 @@ class Scheduler:
         return True
 
     def _step(self, batch) -> None:
+        self.metrics.decode_steps.inc()
+        self.metrics.decode_rows.inc(len(batch.rows))
         try:
             ended = batch.step()
         except Exception as exc:  # a bug: the rows in the batch fail, the server goes on

@@ -8,6 +8,7 @@ graceful shutdown: no new connections, in-flight requests finish (at most ``grac
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -153,11 +154,18 @@ class Server:
     def run(self) -> None:
         """Serve on this thread until SIGTERM / SIGINT; the model loads meanwhile."""
         self.say(f"listening on {self.url} (GET /health is 503 until the model is loaded)")
+        server = self._uvicorn_server()
         threading.Thread(target=self._load_quietly, name="loraq-load", daemon=True).start()
+        # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again with the handlers it
+        # found: these make that a normal return (exit 0), not a death by signal
+        before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._uvicorn_server().run(sockets=[self.socket])
+            server.run(sockets=[self.socket])
         finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
             self._stop_decoding()
+        self.say("stopped")
         if self.failed is not None:
             raise self.failed
 
