@@ -213,3 +213,11 @@ def test_server_sent_events_end_with_done(http, base_name):
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_ignore_eos_decodes_exactly_max_tokens(client, base_name):
+    """vLLM's extension, for benchmarks: the model's stop tokens end nothing."""
+    got = [client.completions.create(model=base_name, prompt=p, max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens
+           for p in ("a", "hello", "The")]
+    assert got == [30, 30, 30]

@@ -78,6 +78,7 @@ class Row:
     stop_text: StopText | None = None
     route: tuple = ()
     top_logprobs: int | None = None
+    ignore_stop_ids: bool = False  # only max_new_tokens and stop strings end it (a benchmark's fixed length)
     result: Completion = field(default_factory=Completion)
     generator: torch.Generator | None = None
 
@@ -186,7 +187,7 @@ def _record(chosen: list[int], rows: list[Row], stops: set[int], on_token: Token
     done = set()
     for k, (row, token) in enumerate(zip(rows, chosen)):
         result = row.result
-        if token in stops:
+        if token in stops and not row.ignore_stop_ids:
             result.finish_reason = "stop"
             done.add(k)
             continue

@@ -7,7 +7,8 @@ what OpenAI lacks). A field out of range is an :class:`ApiError` with status 400
 
 Defaults are OpenAI's: ``temperature`` 1, ``top_p`` 1, ``n`` 1; ``max_tokens`` (or ``max_completion_tokens``):
 what is left of the context, at most ``DEFAULT_MAX_TOKENS``. Choice ``j`` of a request with ``seed`` s
-samples with seed ``s + j`` (so ``n`` choices differ and each reproduces). loraq's extension: ``"adapters":
+samples with seed ``s + j`` (so ``n`` choices differ and each reproduces). vLLM's ``ignore_eos``: the model's
+stop tokens end nothing (benchmarks ask for exactly ``max_tokens``). loraq's extension: ``"adapters":
 [{"name": ..., "scale": ...}]`` with ``model`` = the base mixes adapters for the request (each row's update
 is the weighted sum, :mod:`loraq.lora.rows`).
 """
@@ -63,6 +64,7 @@ class Job:
     logprobs: int | None = None
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: the model's stop tokens end nothing
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -132,7 +134,8 @@ def _job(kind: str, body: dict, ctx: Context, prompts: list[list[int]], top: int
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
-    return Job(kind, model, prompts, options, route, top, stream, bool(stream_options.get("include_usage")))
+    return Job(kind, model, prompts, options, route, top, stream, bool(stream_options.get("include_usage")),
+               _bool(body, "ignore_eos", False))
 
 
 def _object(body: Any) -> dict:

@@ -215,7 +215,8 @@ class Scheduler:
             for j, options in enumerate(pending.job.options):
                 choice = Choice(pending, p * len(pending.job.options) + j)
                 checker = StopText(decode, options.stop) if options.stop else None
-                choice.row = Row(choice, prompt, options, checker, route, pending.job.logprobs)
+                choice.row = Row(choice, prompt, options, checker, route, pending.job.logprobs,
+                                 ignore_stop_ids=pending.job.ignore_eos)
                 pending.choices.append(choice)
         pending.left = len(pending.choices)
         return [c.row for c in pending.choices]
