@@ -154,7 +154,7 @@ def throughput_lines(url: str, names: list[str], args: argparse.Namespace) -> li
 
 
 def load_lines(url: str, names: list[str], server, args: argparse.Namespace) -> list[str]:
-    lines = ["", f"| clients | requests | output tok/s | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | "
+    lines = ["", "| clients | requests | output tok/s | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | "
                  "mean batch |", "|---|---|---|---|---|---|---|---|"]
     for clients in args.levels:
         jobs = mixed_jobs(names, clients * args.per_client)
