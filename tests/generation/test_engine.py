@@ -279,3 +279,25 @@ def test_a_dropped_row_leaves_and_the_others_decode_as_before(path):
             batch.step()
     assert len(rows[1].result.tokens) == 3
     assert [rows[k].result.tokens for k in (0, 2)] == [hf_alone(model, PROMPTS[k], 8) for k in (0, 2)]
+
+
+def test_the_stacked_adapter_form_equals_the_segment_form_on_every_layer():
+    """lora/rows.py's fast path (all adapters' factors stacked, one product per layer) against its reference
+    (each adapter's rows gathered and updated apart), with single adapters, none, and weighted mixes."""
+    from loraq.lora.model import lora_layers
+    from loraq.lora.rows import RowAdapters
+
+    model = lora_model(names=("a", "b", "c"))
+    routes = ["a", None, (("a", 0.5), ("c", -1.25)), "b", (("b", 2.0),), "c"]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad(), RowAdapters(model, routes) as routing:
+        for _, layer in lora_layers(model):
+            x = torch.randn(len(routes), 3, layer.in_features, generator=g)
+            stacked = routing.forward(layer, x)
+            routing.stacked = False
+            try:
+                reference = routing.forward(layer, x)
+            finally:
+                routing.stacked = True
+            torch.testing.assert_close(stacked, reference, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(reference, layer.base(x))

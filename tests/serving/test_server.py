@@ -221,3 +221,21 @@ def test_ignore_eos_decodes_exactly_max_tokens(client, base_name):
                                      extra_body={"ignore_eos": True}).usage.completion_tokens
            for p in ("a", "hello", "The")]
     assert got == [30, 30, 30]
+
+
+def test_an_adapters_dir_of_130_is_listed_and_served_through_4_active_slots(tmp_path, tiny_llama_dir, adapter_dirs):
+    import shutil
+
+    import loraq
+
+    for k in range(130):
+        shutil.copytree(adapter_dirs["abc"[k % 3]], tmp_path / f"ad{k:03d}")
+    with loraq.serve(model=str(tiny_llama_dir), adapters_dir=str(tmp_path), port=0, dtype="fp32",
+                     max_active_adapters=4) as big:
+        c = openai.OpenAI(base_url=big.url + "/v1", api_key="none", max_retries=0)
+        assert len(c.models.list().data) == 131
+        answers = {name: chat(c, name).choices[0].message.content for name in ("ad000", "ad001", "ad002", "ad003",
+                                                                             "ad004", "ad129")}
+        assert answers["ad000"] == answers["ad003"] == answers["ad129"] != answers["ad001"]
+        assert answers["ad001"] == answers["ad004"] != answers["ad002"]
+        assert len(big.served.registry.installed) == 4

@@ -152,6 +152,7 @@ class DecodeBatch:
         if not keep:
             self.mask = self.logits = None
             self.steps.reset()
+            self.route([])
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.mask, self.logits = self.mask.index_select(0, index), self.logits.index_select(0, index)

@@ -278,8 +278,14 @@ def checked_adapter(model: nn.Module, adapter_dir: str | Path,
     folder = _adapter_folder(adapter_dir)
     config = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder, allow_pickle=allow_pickle)
-    _check_tensors(tensors, _expected_shapes(model, config, folder), config, folder)
+    check_adapter_tensors(model, config, tensors, folder)
     return config, tensors
+
+
+def check_adapter_tensors(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                          folder: str | Path) -> None:
+    """AdapterError unless ``tensors`` are exactly what ``config`` needs on ``model`` (keys and shapes)."""
+    _check_tensors(tensors, _expected_shapes(model, config, Path(folder)), config, Path(folder))
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig, folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -64,15 +64,17 @@ class AdapterRegistry:
         self.lock = threading.Lock()  # the model's structure: checks read it, installs change it
         self.on_event = on_event or (lambda kind, name: None)
         self._versions = 0
+        self.changes = 0  # installs and removals so far: the decode thread re-lays its adapter stacks on a change
 
     def register(self, name: str, path: str | Path) -> Registered:
         """Check the folder against the base and make it ``name``'s current version (replacing any)."""
-        from loraq.lora.files import checked_adapter
+        from loraq.lora.files import check_adapter_tensors, read_adapter_config, read_adapter_tensors
 
         path = Path(path).expanduser()
         plan = self._plan(name, path)
-        with self.lock:
-            config, tensors = checked_adapter(self.model, path)
+        config, tensors = read_adapter_config(path), read_adapter_tensors(path)  # no lock: decoding goes on
+        with self.lock:  # against the model's layers as they are (installs change them)
+            check_adapter_tensors(self.model, config, tensors, path)
         if config.use_dora:
             raise AdapterError(f"adapter {name!r} ({path}) is a DoRA adapter: its magnitude rescales the base's "
                                "output, so it cannot share a batch; merge it (`loraq merge`) and serve the result")
@@ -153,10 +155,12 @@ class AdapterRegistry:
             load_correction(self.model, entry.path, internal)
         entry.tensors = None  # the model holds them now
         self.installed[key] = internal
+        self.changes += 1
         self.on_event("load", key[0])
 
     def _uninstall(self, key: tuple[str, int], kind: str) -> None:
         from loraq.lora.model import delete_adapter
 
         delete_adapter(self.model, self.installed.pop(key))
+        self.changes += 1
         self.on_event(kind, key[0])

@@ -66,6 +66,7 @@ class Scheduler:
         self.waiting: deque[Pending] = deque()
         self.wake = threading.Condition()
         self.stopping = False
+        self._layout = -1  # the registry's change count the routing was laid out for
         self.thread = threading.Thread(target=self._run, name="loraq-decode", daemon=True)
 
     def start(self) -> None:
@@ -107,13 +108,21 @@ class Scheduler:
             batch = DecodeBatch(self.model, stop_ids=self.stop_ids, pad_id=self.pad_id, routing=routing,
                                 on_token=self._on_token, length=self.context_length)
             while True:
-                self._drop_cancelled(batch)
-                if not self._admit(batch, routing) and not batch.rows:
-                    if not self._idle():
-                        return
-                    continue
-                if batch.rows:
-                    self._step(batch)
+                try:
+                    self._drop_cancelled(batch)
+                    if not self._admit(batch, routing) and not batch.rows:
+                        if not self._idle():
+                            return
+                        continue
+                    if batch.rows:
+                        self._step(batch)
+                except Exception as exc:  # a bug: the requests decoding fail, the thread (and server) goes on
+                    self._fail_all(batch, exc)
+
+    def _fail_all(self, batch, exc: Exception) -> None:
+        log.exception("decode thread")
+        for row in batch.drop({r.key for r in batch.rows}):
+            row.key.pending.emit(("error", ApiError(500, f"decoding failed: {exc}", kind="server_error")))
 
     def _idle(self) -> bool:
         """Wait for work; False once stopping with nothing left."""
@@ -130,10 +139,8 @@ class Scheduler:
         try:
             ended = batch.step()
         except Exception as exc:  # a bug: the rows in the batch fail, the server goes on
-            log.exception("decode step failed")
+            self._fail_all(batch, exc)
             ended = []
-            for row in batch.drop({r.key for r in batch.rows}):
-                row.key.pending.emit(("error", ApiError(500, f"decoding failed: {exc}", kind="server_error")))
         for row in ended:
             self._finished(row.key)
         self.metrics.batch_rows.set(len(batch.rows))
@@ -182,7 +189,9 @@ class Scheduler:
             if route is not False:
                 joining += self._rows(pending, route)
         if joining:
-            routing.refresh()
+            if self.registry.changes != self._layout:  # adapters installed or removed: new slots
+                self._layout = self.registry.changes
+                routing.refresh()
             self._join(batch, joining)
         return bool(joining)
 
@@ -199,8 +208,12 @@ class Scheduler:
         in_use = {key for r in running + joining for key in r.key.pending.versions}
         try:
             names = self.registry.activate({key for key, _ in versions}, in_use)
-        except LoraqError as exc:
+        except LoraqError as exc:  # its folder changed since it was registered
             pending.emit(("error", ApiError(400, str(exc), param="model")))
+            return False
+        except Exception as exc:  # a bug: this request fails, the others go on
+            log.exception("installing adapters")
+            pending.emit(("error", ApiError(500, f"installing its adapters failed: {exc}", kind="server_error")))
             return False
         if names is None:
             return None
