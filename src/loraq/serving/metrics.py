@@ -42,7 +42,7 @@ class Metrics:
     def finished(self, pending) -> None:
         job = pending.job
         self.requests.labels(job.model, "ok").inc()
-        self.prompt_tokens.labels(job.model).inc(sum(len(p) for p in job.prompts) * len(job.options))
+        self.prompt_tokens.labels(job.model).inc(sum(len(p) for p in job.prompts))  # as usage counts them
         self.generation_tokens.labels(job.model).inc(sum(len(c.row.result.tokens) for c in pending.choices))
         self.latency.observe(time.monotonic() - pending.submitted)
 
