@@ -95,7 +95,8 @@ def test_adapters_that_do_not_fit_the_base_are_refused_with_the_reason(server, t
     DoRA adapter: each a 400 naming why; the server keeps serving."""
     import shutil
 
-    from conftest import save_random_adapter
+    from adapter_folders import save_random_adapter
+
     from tiny_models import make_tiny_llama
 
     other = tmp_path / "other-model"
