@@ -64,8 +64,8 @@ def load_base(model: str | None, first_adapter: str | None, *, dtype: str, quant
                               "base it trains against; serve its merged model instead (`loraq merge`)")
         loaded = load_planned_base(plan, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         if say is not None:
-            say(f"serving the {plan.quant.describe() + ' 4-bit' if plan.quant else 'full-precision'} base "
-                f"{plan.source.name}")
+            weights = f"4-bit ({plan.quant.describe()})" if plan.quant else "full-precision"
+            say(f"the base: {plan.source.name}, {weights}, as {first_adapter} was trained")
         return loaded, ServedBase(plan.source.name, str(plan.source.path), plan.quant, plan.dtype)
     from loraq.api.loading import load_for_inference
     from loraq.models.source import resolve_source

@@ -78,6 +78,7 @@ def parse_chat(body: Any, ctx: Context) -> Job:
     from loraq.generation.text import build_prompt_ids
 
     body = _object(body)
+    _route(body.get("model"), body.get("adapters"), ctx)  # an unknown model first: 404 whatever else is wrong
     messages = _messages(body.get("messages"))
     try:
         ids = build_prompt_ids(ctx.tokenizer, messages)[0].tolist()
@@ -95,6 +96,7 @@ def parse_chat(body: Any, ctx: Context) -> Job:
 def parse_completion(body: Any, ctx: Context) -> Job:
     """A ``/v1/completions`` body as a :class:`Job` (a prompt: text, texts, token ids, or lists of them)."""
     body = _object(body)
+    _route(body.get("model"), body.get("adapters"), ctx)
     best_of = body.get("best_of")
     unsupported = {"echo": body.get("echo") not in (None, False), "suffix": body.get("suffix") not in (None, ""),
                    "best_of": best_of is not None and (isinstance(best_of, bool) or best_of != 1)}
@@ -109,8 +111,6 @@ def parse_completion(body: Any, ctx: Context) -> Job:
 
 def _job(kind: str, body: dict, ctx: Context, prompts: list[list[int]], top: int | None) -> Job:
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model is required: the base's name or an adapter's (GET /v1/models)", param="model")
     route = _route(model, body.get("adapters"), ctx)
     n = _int(body, "n", 1, 1, ctx.max_n)
     longest = max(len(p) for p in prompts)
@@ -188,7 +188,9 @@ def _prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
     return out
 
 
-def _route(model: str, mix: Any, ctx: Context) -> tuple:
+def _route(model: Any, mix: Any, ctx: Context) -> tuple:
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: the base's name or an adapter's (GET /v1/models)", param="model")
     if model != ctx.base_name and not ctx.is_adapter(model):
         raise ApiError(404, f"The model '{model}' does not exist: this server has the base {ctx.base_name!r} and "
                        "the adapters GET /v1/models lists", param="model", code="model_not_found")
