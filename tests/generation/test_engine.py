@@ -140,18 +140,20 @@ def lora_model(names=("a", "b")):
     return model.eval()
 
 
+def routed_alone(model, prompt: list[int], route: str | None, n: int) -> list[int]:
+    """transformers' generate for the prompt alone with adapter ``route`` active (None: adapters off)."""
+    if route is None:
+        with disable_adapters(model):
+            return hf_alone(model, prompt, n)
+    set_adapter(model, route)
+    return hf_alone(model, prompt, n)
+
+
 def test_rows_with_adapters_a_b_and_none_equal_three_runs_of_transformers_generate(path):
     model = lora_model()
     routes = ["a", None, "b", "a"]
     got = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), pad_id=0, adapters=routes)
-    want = []
-    for prompt, route in zip(PROMPTS, routes):
-        if route is None:
-            with disable_adapters(model):
-                want.append(hf_alone(model, prompt, 10))
-        else:
-            set_adapter(model, route)
-            want.append(hf_alone(model, prompt, 10))
+    want = [routed_alone(model, prompt, route, 10) for prompt, route in zip(PROMPTS, routes)]
     assert [r.tokens for r in got] == want
     assert len({tuple(w) for w in want[:3]}) == 3  # the adapters change the tokens: the routing is tested
 
@@ -220,16 +222,9 @@ def test_rows_that_join_between_steps_decode_what_transformers_decodes_for_each_
     plan = [(0, PROMPTS[1], "a"), (0, PROMPTS[3], None), (2, PROMPTS[0], "b"), (3, PROMPTS[2], mix),
             (9, PROMPTS[1], None)]
     rows = joined_midway(model, plan)
-    want = []
-    for _, prompt, route in plan:
-        if route == mix:  # the layers' own sum of two active adapters, a's update weighted by scaling its B
-            want.append(_mixed_reference(model, prompt, 8))
-        elif route is None:
-            with disable_adapters(model):
-                want.append(hf_alone(model, prompt, 8))
-        else:
-            set_adapter(model, route)
-            want.append(hf_alone(model, prompt, 8))
+    # a mix: the layers' own sum of two active adapters, a's update weighted by scaling its B
+    want = [_mixed_reference(model, prompt, 8) if route == mix else routed_alone(model, prompt, route, 8)
+            for _, prompt, route in plan]
     assert [r.result.tokens for r in rows] == want
     assert len({tuple(w) for w in want[:4]}) == 4
 
