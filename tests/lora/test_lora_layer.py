@@ -134,3 +134,18 @@ def test_pissa_moves_the_principal_part_and_keeps_the_output(rslora):
         assert rel_err(delta, best) < 1e-5
         assert rel_err(layer.base.weight.double(), w - best) < 1e-5
     assert rel_err(logits(model, ids), logits(original, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_inference_product_equals_the_float64_formula_and_follows_updates(dtype):
+    """Without autograd the update adds into the base's output with cached (s B)^T; it equals the formula, and an
+    in-place change of B (an optimizer step between two evaluations) is seen at once."""
+    layer = _layer(r=4, alpha=8.0, dtype=dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        assert rel_err(layer(x), _reference(layer, x, 4, 8.0, False)) < tolerance
+        layer.lora_B["default"].weight.mul_(-3.0)
+        assert rel_err(layer(x), _reference(layer, x, 4, 8.0, False)) < tolerance
+        layer.delete_adapter("default")
+        assert not layer._inference_factors
