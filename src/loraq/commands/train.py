@@ -63,6 +63,7 @@ def print_report(summary: dict, run_dir) -> None:
               if s["method"] != "full"
               else f"files in {run_dir}/: model.safetensors, config.json, metrics.jsonl, summary.json, loss.png",
               f"next: loraq generate --adapter {run_dir} --prompt \"...\"   |   "
+              f"loraq serve --adapter tuned={run_dir}   |   "
               f"loraq merge --adapter {run_dir} --out merged/   |   loraq export --adapter {run_dir} --out model.gguf"
               if s["method"] != "full"
               else f"next: loraq generate --model {run_dir} --prompt \"...\"   |   "
