@@ -11,8 +11,9 @@ public name's *current* install, so reloading a name installs the new version be
 decoding keep the old until they finish, then it is removed. At most ``max_active`` installs are kept; the least
 recently used one that no row uses is evicted to make room, and reinstalled from its folder on the next request.
 
-Registration and reading files happen on the caller's thread; :meth:`AdapterRegistry.activate` (installing,
-evicting) runs on the decode thread between steps, so the model never changes under a step.
+Registration and reading files happen on the caller's thread (an evicted adapter's files are read again by
+:meth:`AdapterRegistry.prefetch` on the thread of the request that needs it); :meth:`AdapterRegistry.activate`
+(installing, evicting) runs on the decode thread between steps, so the model never changes under a step.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Registered:
     rank: int
     corrected: bool  # a calibrated-init adapter: its frozen correction of the 4-bit base is installed with it
     tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # read at registration, then dropped
+    prefetched: bool = False  # tensors read again after an eviction (checked again when installed)
     config: object = field(default=None, repr=False)
 
 
@@ -101,6 +103,16 @@ class AdapterRegistry:
                                f"{want}: serve it from a server started with such a base")
         return plan
 
+    def prefetch(self, name: str) -> None:
+        """Read an evicted adapter's tensors now (a request's thread), so installing it on the decode thread
+        does not wait for the disk."""
+        from loraq.lora.files import read_adapter_tensors
+
+        entry = self.registered.get(name)
+        if entry is None or entry.tensors is not None or (entry.name, entry.version) in self.installed:
+            return
+        entry.tensors, entry.prefetched = read_adapter_tensors(entry.path), True
+
     def unregister(self, name: str) -> None:
         with self.lock:
             if name not in self.registered:
@@ -139,21 +151,23 @@ class AdapterRegistry:
             self._uninstall(key, "unload")
 
     def _install(self, key: tuple[str, int]) -> None:
-        from loraq.lora.files import checked_adapter, install_adapter
+        from loraq.lora.files import check_adapter_tensors, checked_adapter, install_adapter
 
         entry = self.registered.get(key[0])
         if entry is None or entry.version != key[1]:
             raise AdapterError(f"adapter {key[0]!r} was unloaded")
         internal = f"served{key[1]}"
         config, tensors = entry.config, entry.tensors
-        if tensors is None:  # evicted earlier: read from its folder again
+        if tensors is None:  # evicted earlier and not prefetched: read from its folder again
             config, tensors = checked_adapter(self.model, entry.path)
+        elif entry.prefetched:  # read again since it was registered: checked again (the folder may have changed)
+            check_adapter_tensors(self.model, config, tensors, entry.path)
         install_adapter(self.model, config, tensors, internal)
         if entry.corrected:
             from loraq.lora.correction import load_correction
 
             load_correction(self.model, entry.path, internal)
-        entry.tensors = None  # the model holds them now
+        entry.tensors, entry.prefetched = None, False  # the model holds them now
         self.installed[key] = internal
         self.changes += 1
         self.on_event("load", key[0])

@@ -133,6 +133,7 @@ async def _complete(server, request, kind: str):
     body = await _body(request)
     try:
         job = served.parse(body, kind)
+        await asyncio.to_thread(served.prefetch, job)
         pending = served.scheduler.submit(job, asyncio.get_running_loop())
     except ApiError as exc:
         server.metrics.refused(str(body.get("model", "")), exc.status)

@@ -57,6 +57,14 @@ class Served:
                            "(the server's --max-batch)", param="n")
         return job
 
+    def prefetch(self, job: Job) -> None:
+        """Read the files of the job's adapters that are not installed (on the caller's thread)."""
+        for name, _ in job.route:
+            try:
+                self.registry.prefetch(name)
+            except LoraqError:  # its folder went away: the install says so to this request
+                pass
+
     def shaper(self, job: Job):
         from loraq.serving.responses import Shaper
 
