@@ -85,7 +85,8 @@ class AdapterRegistry:
                                "which cannot share a batch; merge it (`loraq merge`) and serve the result")
         with self.lock:
             self._versions += 1
-            entry = Registered(name, path, self._versions, int(config.r), plan.corrects_base, tensors, config)
+            entry = Registered(name, path, self._versions, int(config.r), plan.corrects_base, tensors=tensors,
+                               config=config)
             self.registered[name] = entry
         return entry
 
