@@ -128,7 +128,7 @@ def test_a_full_queue_is_429_with_retry_after(tiny_llama_dir):
 
     with loraq.serve(model=str(tiny_llama_dir), port=0, dtype="fp32", max_batch=1, max_queue=1) as small:
         name = small.served.base.name
-        long = chat_body(name, max_tokens=300, temperature=0)
+        long = chat_body(name, max_tokens=480, temperature=0, ignore_eos=True)  # busy for a while, whatever it says
         results = []
         with httpx.Client(base_url=small.url, timeout=120) as http:
             threads = [threading.Thread(target=lambda: results.append(http.post("/v1/chat/completions", json=long)))

@@ -134,14 +134,10 @@ class Scheduler:
         return True
 
     def _step(self, batch) -> None:
+        """One decode step (a failure is the caller's: :meth:`_run` fails the batch's requests and goes on)."""
         self.metrics.decode_steps.inc()
         self.metrics.decode_rows.inc(len(batch.rows))
-        try:
-            ended = batch.step()
-        except Exception as exc:  # a bug: the rows in the batch fail, the server goes on
-            self._fail_all(batch, exc)
-            ended = []
-        for row in ended:
+        for row in batch.step():
             self._finished(row.key)
         self.metrics.batch_rows.set(len(batch.rows))
 
