@@ -3,6 +3,7 @@ those), and the server keeps serving."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -135,10 +136,10 @@ def test_a_full_queue_is_429_with_retry_after(tiny_llama_dir):
                        for _ in range(2)]
             for t in threads:
                 t.start()
-            for _ in range(200):  # one decoding, one waiting
-                if small.metrics.queue_depth._value.get() == 1:
-                    break
-                threading.Event().wait(0.02)
+            deadline = time.monotonic() + 60
+            while not (small.metrics.batch_rows._value.get() == 1 and small.metrics.queue_depth._value.get() == 1):
+                assert time.monotonic() < deadline, "never one request decoding and one waiting"
+                time.sleep(0.01)
             refused = http.post("/v1/chat/completions", json=chat_body(name))
             for t in threads:
                 t.join()
