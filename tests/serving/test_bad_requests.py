@@ -125,6 +125,7 @@ def _write_record(folder, base_path: str, fingerprint: str) -> None:
 
 
 def test_a_full_queue_is_429_with_retry_after(tiny_llama_dir):
+    """One request decoding (--max-batch 1), one waiting (--max-queue 1): the third is refused at once."""
     import loraq
 
     with loraq.serve(model=str(tiny_llama_dir), port=0, dtype="fp32", max_batch=1, max_queue=1) as small:
@@ -132,14 +133,15 @@ def test_a_full_queue_is_429_with_retry_after(tiny_llama_dir):
         long = chat_body(name, max_tokens=480, temperature=0, ignore_eos=True)  # busy for a while, whatever it says
         results = []
         with httpx.Client(base_url=small.url, timeout=120) as http:
-            threads = [threading.Thread(target=lambda: results.append(http.post("/v1/chat/completions", json=long)))
-                       for _ in range(2)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while not (small.metrics.batch_rows._value.get() == 1 and small.metrics.queue_depth._value.get() == 1):
-                assert time.monotonic() < deadline, "never one request decoding and one waiting"
-                time.sleep(0.01)
+            threads = []
+            for gauge in (small.metrics.batch_rows, small.metrics.queue_depth):  # first decoding, then one waiting
+                threads.append(threading.Thread(target=lambda: results.append(
+                    http.post("/v1/chat/completions", json=long))))
+                threads[-1].start()
+                deadline = time.monotonic() + 60
+                while gauge._value.get() != 1:
+                    assert time.monotonic() < deadline, f"{gauge} never reached 1"
+                    time.sleep(0.01)
             refused = http.post("/v1/chat/completions", json=chat_body(name))
             for t in threads:
                 t.join()
