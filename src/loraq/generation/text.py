@@ -44,7 +44,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str | list[dict], *, max_n
     options = Sampling(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
     ids = build_prompt_ids(tokenizer, prompt, chat_template)[0].tolist()
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    decode = _decoder(tokenizer)
+    decode = text_decoder(tokenizer)
     writer = TextStream(decode, options.stop, stream) if stream is not None else None
     (result,) = generate_ids(model, [ids], options, stop_ids=stops, pad_id=pad_token_id(tokenizer, stops),
                              stop_text=[StopText(decode, options.stop)],
@@ -55,7 +55,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str | list[dict], *, max_n
     return text
 
 
-def _decoder(tokenizer: Any):
+def text_decoder(tokenizer: Any):
+    """ids -> the text a reply shows (special tokens left out): the one decoding rule of generate, chat and serve."""
     return lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
 
 

@@ -78,7 +78,7 @@ def parse_chat(body: Any, ctx: Context) -> Job:
     from loraq.generation.text import build_prompt_ids
 
     body = _object(body)
-    _route(body.get("model"), body.get("adapters"), ctx)  # an unknown model first: 404 whatever else is wrong
+    route = _route(body.get("model"), body.get("adapters"), ctx)  # an unknown model first: 404 whatever else
     messages = _messages(body.get("messages"))
     try:
         ids = build_prompt_ids(ctx.tokenizer, messages)[0].tolist()
@@ -90,13 +90,13 @@ def parse_chat(body: Any, ctx: Context) -> Job:
         top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    return _job("chat", body, ctx, [ids], top)
+    return _job("chat", body, ctx, [ids], top, route)
 
 
 def parse_completion(body: Any, ctx: Context) -> Job:
     """A ``/v1/completions`` body as a :class:`Job` (a prompt: text, texts, token ids, or lists of them)."""
     body = _object(body)
-    _route(body.get("model"), body.get("adapters"), ctx)
+    route = _route(body.get("model"), body.get("adapters"), ctx)
     best_of = body.get("best_of")
     unsupported = {"echo": body.get("echo") not in (None, False), "suffix": body.get("suffix") not in (None, ""),
                    "best_of": best_of is not None and (isinstance(best_of, bool) or best_of != 1)}
@@ -106,12 +106,11 @@ def parse_completion(body: Any, ctx: Context) -> Job:
     prompts = _prompts(body.get("prompt"), ctx.tokenizer)
     top = body.get("logprobs")
     top = None if top is None else _int(body, "logprobs", 0, 0, 5)
-    return _job("completion", body, ctx, prompts, top)
+    return _job("completion", body, ctx, prompts, top, route)
 
 
-def _job(kind: str, body: dict, ctx: Context, prompts: list[list[int]], top: int | None) -> Job:
-    model = body.get("model")
-    route = _route(model, body.get("adapters"), ctx)
+def _job(kind: str, body: dict, ctx: Context, prompts: list[list[int]], top: int | None, route: tuple) -> Job:
+    model = body["model"]
     n = _int(body, "n", 1, 1, ctx.max_n)
     longest = max(len(p) for p in prompts)
     max_tokens = _max_tokens(body, ctx.context_length - longest)

@@ -58,11 +58,13 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, registry, metrics, *, max_batch: int, max_queue: int, context_length: int):
         from loraq.data.prompts import pad_token_id, stop_token_ids
+        from loraq.generation.text import text_decoder
 
         self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
         self.max_batch, self.max_queue, self.context_length = max_batch, max_queue, context_length
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.pad_id = pad_token_id(tokenizer, self.stop_ids)
+        self.decode = text_decoder(tokenizer)
         self.waiting: deque[Pending] = deque()
         self.wake = threading.Condition()
         self.stopping = False
@@ -219,7 +221,7 @@ class Scheduler:
     def _rows(self, pending: Pending, route: tuple) -> list:
         from loraq.generation.engine import Row, StopText
 
-        decode = self._decode
+        decode = self.decode
         for p, prompt in enumerate(pending.job.prompts):
             for j, options in enumerate(pending.job.options):
                 choice = Choice(pending, p * len(pending.job.options) + j)
@@ -239,6 +241,3 @@ class Scheduler:
             for pending in {r.key.pending for r in rows}:
                 pending.emit(("error", ApiError(500, f"prefill failed: {exc}", kind="server_error")))
         self.metrics.batch_rows.set(len(batch.rows))
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -68,7 +68,7 @@ class Served:
     def shaper(self, job: Job):
         from loraq.serving.responses import Shaper
 
-        decode = self.scheduler._decode
+        decode = self.scheduler.decode
         return Shaper(job, decode, lambda token: decode([token]))
 
     def model_cards(self) -> list[dict]:
