@@ -17,8 +17,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text", "preference")
 FORMATS = ("auto", *DATA_FORMATS)
 NONFINITE = ("stop", "skip")
-OBJECTIVES = ("sft", "dpo", "orpo")  # sft: next-token loss; dpo/orpo: preference pairs
+OBJECTIVES = ("sft", "dpo", "orpo", "grpo")  # sft: next-token loss; dpo/orpo: preference pairs; grpo: rewards
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # GRPO's token-loss reductions (TRL's loss_type)
+SCALE_REWARDS = ("group", "batch", "none")  # GRPO's advantage scaling
+IMPORTANCE_LEVELS = ("token", "sequence")  # GRPO's importance weights
 INFERENCE_QUANT = ("auto", "none", *QUANT_TYPES)  # the base generate/chat/eval load: auto = as trained
 MERGE_INTO = ("auto", "dequantized", "original", "requantized")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to: experiment trackers (optional extras)

@@ -19,12 +19,15 @@ from typing import Any
 from loraq.choices import (
     COMPUTE_DTYPES,
     FORMATS,
+    IMPORTANCE_LEVELS,
     INITS,
+    LOSS_TYPES,
     METHODS,
     NONFINITE,
     OBJECTIVES,
     PREFERENCE_OBJECTIVES,
     QUANT_TYPES,
+    SCALE_REWARDS,
     SCHEDULES,
     TRACKERS,
 )
@@ -35,11 +38,12 @@ AUTO = "auto"  # a field with auto=True takes this word besides a number
 
 def opt(default: Any = None, help: str = "", *, choices: Iterable[str] | None = None, lo: float | None = None,
         hi: float | None = None, flag: str | None = None, list_sep: bool = False, factory: Any = None,
-        cli: bool = True, auto: bool = False):
+        cli: bool = True, auto: bool = False, repeat: bool = False):
     """A field with the metadata that drives argparse and validation (``auto``: the word "auto" is accepted
-    besides a number, for the caller to resolve before use)."""
+    besides a number, for the caller to resolve before use; ``repeat``: a list given by repeating the flag, each
+    value whole)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "lo": lo, "hi": hi, "flag": flag,
-            "list_sep": list_sep, "cli": cli, "auto": auto}
+            "list_sep": list_sep, "cli": cli, "auto": auto, "repeat": repeat}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,10 +109,37 @@ class TrainConfig:
     objective: str = opt("sft", "sft: next-token loss on the answers; dpo: direct preference optimisation on "
                                 "prompt/chosen/rejected pairs; orpo: SFT loss plus the odds-ratio term (no reference)",
                          choices=OBJECTIVES)
-    beta: float = opt(0.1, "DPO: scale of the log-ratio to the reference (higher: stay closer to it)", lo=0)
+    beta: float = opt(0.1, "DPO: scale of the log-ratio to the reference (higher: stay closer to it); GRPO: "
+                           "weight of the KL term to the adapter-off model (default 0 there: no reference pass)",
+                      lo=0)
     label_smoothing: float = opt(0.0, "DPO: assumed share of flipped preference labels (conservative DPO)", lo=0,
                                  hi=0.49)
     orpo_lambda: float = opt(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", lo=0)
+    # GRPO (TRL 1.16 GRPOConfig's names and defaults)
+    reward: list = opt(help="grpo: a reward function (repeat the flag for several): exact_answer[:COLUMN], "
+                            "regex:PATTERN, length:N, json[:SCHEMA.json], or path/to/file.py:function",
+                       factory=list, repeat=True)
+    reward_weights: list = opt(help="grpo: comma-separated weights, one per --reward (default: 1 each)",
+                               list_sep=True, factory=list)
+    num_generations: int = opt(8, "grpo: completions sampled per prompt (a group)", lo=2, hi=1024)
+    max_completion_length: int = opt(256, "grpo: new tokens per completion at most", lo=1, hi=1 << 20)
+    temperature: float = opt(1.0, "grpo: sampling temperature of the completions (and of their log-probabilities)",
+                             lo=0.01, hi=100)
+    top_p: float = opt(1.0, "grpo: nucleus sampling: keep the smallest set of tokens with this much probability",
+                       lo=0.01, hi=1)
+    epsilon: float = opt(0.2, "grpo: clip the importance weight below at 1 - epsilon", lo=0, hi=1)
+    epsilon_high: float | None = opt(None, "grpo: clip it above at 1 + epsilon-high (default: --epsilon)", lo=0)
+    loss_type: str = opt("dapo", "grpo: how token losses are averaged: dapo (over the step's completion tokens), "
+                                 "grpo (per completion, then over completions), bnpo (over the micro-batch's "
+                                 "tokens), dr_grpo (over completions x --max-completion-length)", choices=LOSS_TYPES)
+    scale_rewards: str = opt("group", "grpo: divide advantages by the group's reward std, the batch's, or none",
+                             choices=SCALE_REWARDS)
+    num_iterations: int = opt(1, "grpo: optimizer steps on each batch of completions (> 1: clipped off-policy "
+                                 "steps)", lo=1, hi=64)
+    mask_truncated_completions: bool = opt(False, "grpo: leave completions cut by --max-completion-length out "
+                                                  "of the loss")
+    importance_sampling_level: str = opt("token", "grpo: importance weights per token or per sequence",
+                                         choices=IMPORTANCE_LEVELS)
     init_adapter: str | None = opt(None, "dpo/orpo: start from this run's adapter (an SFT run folder); the model "
                                          "as it starts is the reference and a copy of the adapter trains")
     # --- the loop --------------------------------------------------------
@@ -251,8 +282,8 @@ class TrainConfig:
 
     def _validate_objective(self) -> None:
         preference = self.objective in PREFERENCE_OBJECTIVES
-        owners = {"beta": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
-                  "init_adapter": PREFERENCE_OBJECTIVES}
+        owners = {"beta": ("dpo", "grpo"), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
+                  "init_adapter": (*PREFERENCE_OBJECTIVES, "grpo"), **dict.fromkeys(GRPO_KEYS, ("grpo",))}
         for key, objectives in owners.items():
             if key in self.explicit and self.objective not in objectives:
                 raise ConfigError(f"{_flag(key)} applies to --objective {' or '.join(objectives)}, not "
@@ -260,7 +291,9 @@ class TrainConfig:
         if self.objective == "dpo" and self.beta <= 0:
             raise ConfigError(f"--beta {self.beta} must be positive: it scales the log-ratio to the reference "
                               "(0.1 is usual)")
-        if not preference:
+        if self.objective == "grpo":
+            self._validate_grpo()
+        elif not preference:
             return
         if self.packing:
             raise ConfigError(f"--packing is not supported with --objective {self.objective}: each pair's answers "
@@ -279,6 +312,24 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(key)} and --init-adapter both shape the adapter (it keeps the one it "
                                   "continues); drop one")
 
+    def _validate_grpo(self) -> None:
+        if "beta" not in self.explicit:
+            self.beta = 0.0  # TRL's GRPO default: no KL term, no reference pass
+        if not self.reward:
+            raise ConfigError("--objective grpo needs at least one --reward (e.g. --reward exact_answer, "
+                              "--reward 'regex:^Answer: .*', --reward my_rewards.py:score)")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weights for {len(self.reward)} "
+                              "--reward functions; give one each")
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            raise ConfigError(f"--importance-sampling-level sequence goes with --loss-type grpo (the "
+                              f"{self.loss_type} loss sums tokens, which a weight per sequence would count once per "
+                              "token)")
+
+
+GRPO_KEYS = ("reward", "reward_weights", "num_generations", "max_completion_length", "temperature", "top_p",
+             "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "mask_truncated_completions",
+             "importance_sampling_level")
 
 # what other fine-tuning tools (transformers' TrainingArguments, PEFT, axolotl) call loraq's keys: named in the
 # "did you mean" of an unknown key, never accepted silently
@@ -294,7 +345,7 @@ OTHER_TOOLS_NAMES = {
     "lora_target_modules": "target_modules", "use_rslora": "rslora", "sample_packing": "packing",
     "val_set_size": "val_fraction", "output": "output_dir", "resume_from_checkpoint": "resume",
     "load_in_4bit": "method", "bf16": "dtype", "fp16": "dtype", "torch_dtype": "dtype",
-    "loss_type": "objective", "dpo_beta": "beta", "max_prompt_length": "seq_len",
+    "dpo_beta": "beta", "max_prompt_length": "seq_len",
     "use_dora": "dora", "peft_use_dora": "dora", "loraplus_lr_embedding": "embedding_lr",
 }
 
@@ -337,20 +388,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if kind is list:
-        if isinstance(value, str):
-            items = [v.strip() for v in _split_list(value) if v.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise ConfigError(f"{where} must be a list or a comma-separated string, got {value!r}")
-        if f.name == "report_to":  # "none" chooses no tracker, as in transformers' TrainingArguments
-            return [str(v).strip().lower() for v in items if str(v).strip().lower() != "none"]
-        if f.name == "layers_to_transform":
-            try:
-                return [int(v) for v in items]
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where} must be layer indices like 0,1,2, got {value!r}") from None
-        return [str(v) for v in items]
+        return _coerce_list(f, value, where)
     if kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of pattern to value, got {value!r}")
@@ -360,6 +398,26 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _coerce_list(f: dataclasses.Field, value: Any, where: str) -> list:
+    if isinstance(value, str):
+        items = [value.strip()] if f.metadata.get("repeat") else [v.strip() for v in _split_list(value) if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(f"{where} must be a list or a comma-separated string, got {value!r}")
+    if f.name == "report_to":  # "none" chooses no tracker, as in transformers' TrainingArguments
+        return [str(v).strip().lower() for v in items if str(v).strip().lower() != "none"]
+    numbers = {"layers_to_transform": (int, "layer indices like 0,1,2"),
+               "reward_weights": (float, "numbers like 1,0.5")}
+    if f.name in numbers:
+        kind, what = numbers[f.name]
+        try:
+            return [kind(v) for v in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {what}, got {value!r}") from None
+    return [str(v) for v in items]
 
 
 def _or_auto(f: dataclasses.Field) -> str:
@@ -404,6 +462,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.metadata.get("repeat"):
+            parser.add_argument(flag, action="append", metavar="SPEC", **kw)
             continue
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]

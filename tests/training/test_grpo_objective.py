@@ -14,7 +14,7 @@ from loraq.training.grpo import GrpoSettings, group_advantages, policy_loss
 G, PROMPT, COMPLETION = 4, 5, 7
 
 
-def trl_trainer(tiny_llama_dir, tmp_path, settings: GrpoSettings):
+def trl_trainer(tiny_llama_dir, tmp_path, settings: GrpoSettings, temperature: float = 1.0):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -26,6 +26,7 @@ def trl_trainer(tiny_llama_dir, tmp_path, settings: GrpoSettings):
                       scale_rewards=settings.scale_rewards,
                       importance_sampling_level=settings.importance_sampling_level,
                       use_bias_correction_kl=settings.use_bias_correction_kl, report_to=[], use_cpu=True,
+                      temperature=temperature,
                       bf16=False, logging_steps=1)
     trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=args,
                           train_dataset=Dataset.from_list([{"prompt": "hi"}] * G),
@@ -115,3 +116,27 @@ def test_settings_refuse_what_trl_refuses():
         GrpoSettings(loss_type="ppo")
     with pytest.raises(ConfigError, match="sequence"):
         GrpoSettings(loss_type="dapo", importance_sampling_level="sequence")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "full-logits"])
+def test_per_token_logps_equal_trl_at_a_temperature(tiny_llama_dir, tmp_path, fused):
+    """TokenLogps (the policy's per-token log-probabilities, fused head or full logits) equals TRL's
+    ``_get_per_token_logps_and_entropies`` on completions of different lengths, at temperature 0.7."""
+    from loraq.training.logps import TokenLogps
+
+    trainer = trl_trainer(tiny_llama_dir, tmp_path, GrpoSettings(), temperature=0.7)
+    model = trainer.model
+    batch = inputs(3, False, 0.0)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    theirs = trainer._get_per_token_logps_and_entropies(model, ids, mask, COMPLETION)[0]
+    model.lm_head.weight.requires_grad_(not fused)  # the fused head scores a frozen head only
+    module = TokenLogps(model)
+    assert module._fused == fused or not fused
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :PROMPT] = -100
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    ours = module(ids, labels, positions, mask, temperature=0.7)[:, PROMPT:]
+    scored = batch["completion_mask"].bool()
+    assert torch.allclose(ours[scored], theirs[scored].float(), atol=1e-5, rtol=0)
+    assert (ours[~scored] == 0).all()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from loraq.errors import ConfigError
+from loraq.errors import ConfigError, LoraqError
 from loraq.training.rewards import answers_match, load_rewards, score
 
 
@@ -51,7 +51,7 @@ def test_bad_reward_specs_are_one_line(spec, says):
 
 def test_a_wrong_return_and_a_missing_column_name_the_reward(tmp_path):
     (tmp_path / "bad.py").write_text("def f(completions, **_):\n    return 1.0\n")
-    with pytest.raises(ConfigError, match="'f' returned float"):
+    with pytest.raises(LoraqError, match="'f' returned float"):
         score(load_rewards([f"{tmp_path / 'bad.py'}:f"]), ["p"], ["c"], [[1]], {})
-    with pytest.raises(ConfigError, match="no 'answer' column"):
+    with pytest.raises(LoraqError, match="no 'answer' column"):
         score(load_rewards(["exact_answer"]), ["p"], ["c"], [[1]], {"solution": ["1"]})

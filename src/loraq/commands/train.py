@@ -18,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     demo = cfg.data is None
     cfg = apply_demo_defaults(cfg).validate()
     if demo and reports_here():
-        what = ("the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)" if cfg.objective == "sft" else
-                f"{cfg.objective} on the bundled preference demo (see recipes/dpo-demo.yaml)")
+        what = {"sft": "the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)",
+                "grpo": "grpo on the bundled arithmetic prompts (see recipes/grpo-demo.yaml)"}.get(
+            cfg.objective, f"{cfg.objective} on the bundled preference demo (see recipes/dpo-demo.yaml)")
         print(f"loraq: no --data given: running {what}", flush=True)
     result = train(cfg)
     if reports_here():
@@ -49,12 +50,20 @@ def print_report(summary: dict, run_dir) -> None:
         base = s.get("base_accuracy")
         lines.append(f"exact match: base {base:.1%} -> tuned {s['final_accuracy']:.1%}" if base is not None
                      else f"exact match: tuned {s['final_accuracy']:.1%}")
-    sample = s.get("sample")
+    if s.get("final_success") is not None:
+        base = s.get("base_success")
+        lines.append(f"held-out success (greedy, {s['eval_prompts']} prompts): "
+                     + (f"base {base:.1%} -> " if base is not None else "") + f"tuned {s['final_success']:.1%}; "
+                     + "reward " + (f"{s['base_reward']:.3f} -> " if s.get("base_reward") is not None else "")
+                     + f"{s['final_reward']:.3f}")
+    sample = s.get("sample") or s.get("grpo_sample")
     if sample:
         prompt = sample["prompt"]
         if isinstance(prompt, list):
             prompt = prompt[-1]["content"]
-        lines += ["example:", f"  prompt:    {_one_line(prompt)}", f"  reference: {_one_line(sample['reference'])}"]
+        lines += ["example:", f"  prompt:    {_one_line(prompt)}"]
+        if "reference" in sample:
+            lines.append(f"  reference: {_one_line(sample['reference'])}")
         if sample.get("base") is not None:
             lines.append(f"  before:    {_one_line(sample['base'])}")
         lines.append(f"  after:     {_one_line(sample['tuned'])}")

@@ -44,6 +44,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     text: str | None = None  # set by StopText: the decoded text cut before a stop string
+    stop_token: int | None = None  # the stop token that ended it (not in ``tokens``), if one did
     # with Row.top_logprobs: per token (id, log-probability, [(id, log-probability) of the most likely])
     logprobs: list | None = None
 
@@ -189,7 +190,7 @@ def _record(chosen: list[int], rows: list[Row], stops: set[int], on_token: Token
     for k, (row, token) in enumerate(zip(rows, chosen)):
         result = row.result
         if token in stops and not row.ignore_stop_ids:
-            result.finish_reason = "stop"
+            result.finish_reason, result.stop_token = "stop", token
             done.add(k)
             continue
         result.tokens.append(token)

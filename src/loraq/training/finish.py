@@ -77,7 +77,9 @@ def build_summary(run: Run, loop: LoopResult, last_eval: EvalLoss | None,
         "eval_examples_held_out": bool(getattr(data, "references_held_out", True)),
         "objective": cfg.objective,
     }
-    if cfg.objective != "sft":
+    if cfg.objective == "grpo":
+        summary.update(grpo_summary(run, last_eval))
+    elif cfg.objective != "sft":
         summary.update(preference_summary(run, last_eval))
     if run.references and final_em is not None:
         first = run.references[0]
@@ -94,6 +96,19 @@ def preference_summary(run: Run, last_eval: EvalLoss | None) -> dict[str, Any]:
             "base_preference_accuracy": None if reference is None else reference.base_preference_accuracy(),
             "final_preference_accuracy": metrics.get("preference_accuracy"),
             "eval_pairs": len(run.data.val), **{f"eval_{k}": v for k, v in metrics.items()}}
+
+
+def grpo_summary(run: Run, last_eval: EvalLoss | None) -> dict[str, Any]:
+    """GRPO: held-out success and reward before and after (greedy), and the first held-out prompt's completions."""
+    metrics = getattr(last_eval, "metrics", None) or {}
+    counters, val = run.counters, run.data.val
+    out = {"eval_perplexity": None, "eval_prompts": len(val), "base_success": counters.base_accuracy,
+           "final_success": metrics.get("success"), "base_reward": counters.base_reward,
+           "final_reward": metrics.get("reward"), **{f"eval_{k}": v for k, v in metrics.items()}}
+    if val and last_eval is not None:
+        out["grpo_sample"] = {"prompt": val[0].prompt, "base": (counters.base_predictions or [None])[0],
+                              "tuned": getattr(last_eval, "sample", None)}
+    return out
 
 
 def save_final(run_dir: Path, trained: TrainedModel) -> None:

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from loraq.choices import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from loraq.errors import ConfigError
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
-SCALE_REWARDS = ("group", "batch", "none")
-IMPORTANCE_LEVELS = ("token", "sequence")
 STD_EPS = 1e-4
 
 

@@ -117,9 +117,14 @@ class SequenceLogps(CausalLMLoss):
         nll_mask = nll_targets != IGNORE_INDEX
         return RowLogps(answer, answer_mask.sum(-1), -(token_logp * nll_mask).sum(-1), nll_mask.sum(-1))
 
-    def _fused_token_logps(self, input_ids, position_ids, attention_mask, targets) -> torch.Tensor:
-        """[R, T] log-probabilities (0 where not scored) through :class:`FusedTokenLogps`."""
+    def _fused_token_logps(self, input_ids, position_ids, attention_mask, targets,
+                           temperature: float = 1.0) -> torch.Tensor:
+        """[R, T] log-probabilities (0 where not scored) through :class:`FusedTokenLogps`; at a temperature ``tau``
+        the logits ``(W h + b) / tau`` are ``W (h / tau) + b / tau``."""
         hidden, weight, bias = self._hidden_and_head(input_ids, position_ids, attention_mask)
+        if temperature != 1.0:
+            hidden = hidden / temperature
+            bias = None if bias is None else bias / temperature
         flat = targets.reshape(-1)
         idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         picked = FusedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).index_select(0, idx),
@@ -129,6 +134,24 @@ class SequenceLogps(CausalLMLoss):
         return out.index_add(0, idx, picked).view(targets.shape)
 
 
+class TokenLogps(SequenceLogps):
+    """``forward(input_ids, labels, position_ids, attention_mask, temperature=1.0) -> [R, T]``: each scored
+    token's log-probability under ``softmax(logits / temperature)`` at its position in ``labels`` (HF convention,
+    unshifted: column ``t`` holds ``log p(labels[t] | tokens < t)``; 0 where not scored). GRPO's per-token terms;
+    the fused head keeps the ``[rows, tokens, vocab]`` logits from ever existing at once."""
+
+    def forward(self, input_ids, labels, position_ids, attention_mask=None, temperature: float = 1.0):
+        targets = shift_targets(labels)
+        with self._autocast():
+            if self._fused and not self._head.weight.requires_grad:
+                token_logp = self._fused_token_logps(input_ids, position_ids, attention_mask, targets, temperature)
+            else:
+                logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    use_cache=False).logits
+                token_logp = token_logps_reference(logits / temperature, targets)
+        return torch.nn.functional.pad(token_logp[:, :-1], (1, 0))
+
+
 def sequence_logps_reference(model, input_ids, labels, position_ids, attention_mask=None) -> torch.Tensor:
     """Summed answer log-probabilities per row from the model's full logits (the plain definition)."""
     logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -136,4 +159,5 @@ def sequence_logps_reference(model, input_ids, labels, position_ids, attention_m
     return token_logps_reference(logits, shift_targets(labels)).sum(-1)
 
 
-__all__ = ["FusedTokenLogps", "RowLogps", "SequenceLogps", "sequence_logps_reference", "token_logps_reference"]
+__all__ = ["FusedTokenLogps", "RowLogps", "SequenceLogps", "TokenLogps", "sequence_logps_reference",
+           "token_logps_reference"]

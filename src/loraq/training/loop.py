@@ -109,10 +109,11 @@ def _log_step(run: Run, step: int, result: StepResult, throughput: Throughput, p
                             "memory_bytes": peak_memory_bytes(run.device),
                             "elapsed": time.perf_counter() - run.t_start, **result.metrics,
                             **({"skipped": True} if not result.finite else {})}, callbacks)
-    extra = ""
-    if "reward_accuracy" in result.metrics:
-        m = result.metrics
+    extra, m = "", result.metrics
+    if "reward_accuracy" in m:
         extra = f"  acc {m['reward_accuracy']:.2f}  margin {m['reward_margin']:.3f}"
+    elif "reward" in m:  # GRPO: the loss is ~0 on-policy by construction; the reward says how it goes
+        extra = f"  reward {m['reward']:.3f}  len {m['completions/mean_length']:.0f}"
     progress.update(step, result.loss, result.lr, throughput.tokens_per_second(), current_rss_bytes(), extra)
 
 
@@ -205,6 +206,9 @@ def describe_eval(result: EvalLoss) -> str:
     metrics = getattr(result, "metrics", None)
     if metrics is None:
         return f"eval loss {result.loss:.4f} (ppl {result.perplexity:.2f})"
+    if "success" in metrics:
+        return (f"held-out reward {metrics['reward']:.3f}, success {metrics['success']:.1%} on {result.tokens} "
+                "prompts (greedy)")
     return (f"eval loss {result.loss:.4f}, preference accuracy {metrics['preference_accuracy']:.1%}, "
             f"reward accuracy {metrics['reward_accuracy']:.1%}, margin {metrics['reward_margin']:.3f}")
 

@@ -65,11 +65,14 @@ class RunPreferenceObjective(PreferenceObjective):
 
 
 def make_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, data, run_dir: Path, total_steps: int,
-                   device: torch.device, say: Callable[[str], None], resume: bool = False):
+                   device: torch.device, say: Callable[[str], None], resume: bool = False, tokenizer=None,
+                   rewards: list | None = None):
     """The run's objective; for DPO and ORPO the reference (or, ORPO, only the validation pairs' base scores),
     read back from the run folder when resuming."""
     if cfg.objective == "sft":
         return SFTObjective()
+    if cfg.objective == "grpo":
+        return make_grpo_objective(cfg, loss_module, model, tokenizer, rewards)
     fresh = cfg.method != "full" and not cfg.init_adapter and cfg.init in ("default", "gaussian")
     needed = (visited_pairs(len(data.train), cfg.batch_size, total_steps * cfg.grad_accum, cfg.seed)
               if cfg.objective == "dpo" else [])
@@ -90,3 +93,24 @@ def make_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, data, run
     return RunPreferenceObjective(cfg.objective, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                   orpo_lambda=cfg.orpo_lambda, train_on_inputs=cfg.train_on_inputs,
                                   reference=reference, cache_key=key, unsaved=unsaved)
+
+
+def make_grpo_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, tokenizer, rewards: list | None = None):
+    """GRPO with the run's rewards and sampling settings; the reference (``--beta`` > 0) is the adapter off."""
+    from loraq.data.prompts import pad_token_id, stop_token_ids
+    from loraq.training.grpo import GrpoSettings
+    from loraq.training.grpo_run import Generation, GrpoObjective
+    from loraq.training.rewards import load_rewards
+
+    settings = GrpoSettings(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                            loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+                            importance_sampling_level=cfg.importance_sampling_level,
+                            max_completion_length=cfg.max_completion_length)
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    generation = Generation(tokenizer, stops, pad_token_id(tokenizer, stops), cfg.max_completion_length,
+                            cfg.temperature, cfg.top_p, cfg.seed)
+    rewards = load_rewards(cfg.reward) if rewards is None else rewards
+    return GrpoObjective(model, loss_module, settings, rewards, list(cfg.reward_weights),
+                         cfg.num_generations, generation, num_iterations=cfg.num_iterations,
+                         mask_truncated=cfg.mask_truncated_completions,
+                         reference_context=reference_context(model, True))

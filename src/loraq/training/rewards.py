@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraq.errors import ConfigError
+from loraq.errors import ConfigError, LoraqError
 
 RewardFunction = Callable[..., list]
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -78,18 +78,58 @@ def _user_function(path: Path, name: str, spec: str) -> RewardFunction:
     return function
 
 
+class RewardError(LoraqError):
+    """A reward function raised, or returned something that is not one number (or None) per completion."""
+
+
 def score(rewards: Sequence[Reward], prompts: list, completions: list, completion_ids: list[list[int]],
-          columns: dict[str, list]) -> list[list[float]]:
-    """``[completion][reward]`` floats (NaN where a function returned None), each reward called once for all."""
+          columns: dict[str, list], where: Sequence[str] | None = None) -> list[list[float]]:
+    """``[completion][reward]`` floats (NaN where a function returned None), each reward called once for all.
+    A function that raises is called again one completion at a time to name the prompt it fails on
+    (``where[i]``: completion ``i``'s record) in the :class:`RewardError`."""
     table = []
     for reward in rewards:
-        values = reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        try:
+            values = reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                     **columns)
+        except Exception as exc:  # the user's code: any exception is theirs to fix
+            raise _failure(reward, exc, prompts, completions, completion_ids, columns, where) from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            raise ConfigError(f"reward {reward.name!r} returned {type(values).__name__} of "
+            raise RewardError(f"reward {reward.name!r} returned {type(values).__name__} of "
                               f"{len(values) if hasattr(values, '__len__') else '?'} values for {len(completions)} "
                               "completions; it must return one float (or None) per completion")
-        table.append([float("nan") if v is None else float(v) for v in values])
+        table.append([_number_or_nan(v, reward, i, prompts, where) for i, v in enumerate(values)])
     return [list(row) for row in zip(*table)]
+
+
+def _number_or_nan(value: Any, reward: Reward, i: int, prompts: list, where: Sequence[str] | None) -> float:
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise RewardError(f"reward {reward.name!r} returned {value!r} ({type(value).__name__}) for the prompt "
+                          f"{_describe(prompts[i], where, i)}; return a float (or None) per completion")
+    return float(value)
+
+
+def _failure(reward: Reward, exc: Exception, prompts: list, completions: list, completion_ids: list,
+             columns: dict[str, list], where: Sequence[str] | None) -> RewardError:
+    """The error naming the first completion the function fails on alone (or the batch, if none does)."""
+    for i in range(len(completions)):
+        try:
+            reward.function(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
+                            completion_ids=completion_ids[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+        except Exception as alone:
+            return RewardError(f"reward {reward.name!r} raised {type(alone).__name__}: {alone} on the prompt "
+                               f"{_describe(prompts[i], where, i)}; fix the function (or the record) and resume "
+                               "with --resume")
+    return RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc} (on the batch of "
+                       f"{len(completions)} completions, none alone); fix the function and resume with --resume")
+
+
+def _describe(prompt: Any, where: Sequence[str] | None, i: int) -> str:
+    text = completion_text(prompt) if isinstance(prompt, list) else str(prompt)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{text!r}" + (f" ({where[i]})" if where is not None else "")
 
 
 def completion_text(completion: Any) -> str:

@@ -99,13 +99,14 @@ class Counters:
     skipped_steps: int = 0
     base_accuracy: float | None = None
     base_predictions: list[str] | None = None
+    base_reward: float | None = None  # GRPO: the held-out prompts' greedy reward before training
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "skipped_steps": self.skipped_steps, "base_accuracy": self.base_accuracy,
-                "base_predictions": self.base_predictions}
+                "base_predictions": self.base_predictions, "base_reward": self.base_reward}
 
     def update(self, saved: dict[str, Any]) -> None:
-        for key in ("tokens", "skipped_steps", "base_accuracy", "base_predictions"):
+        for key in ("tokens", "skipped_steps", "base_accuracy", "base_predictions", "base_reward"):
             if key in saved:
                 setattr(self, key, saved[key])
 
@@ -152,17 +153,21 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
     seed_everything(cfg.seed)
     # every check before the first word is printed (a mistake is one line), the data before the model
     check_loadable(source, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    rewards = _load_rewards(cfg)  # GRPO: a bad --reward fails before the model loads
     data = _build_data(cfg, load_tokenizer(source, trust_remote_code=cfg.trust_remote_code))
     counters = Counters()
     trained = load_trained_model(cfg, source, runtime, say, data, counters, measure_base=folder.mode != "resume")
     batches = data.train_batches(cfg.batch_size * runtime.world_size, cfg.seed, runtime.rank, runtime.world_size)
     optim = make_optimization(cfg, trained, batches, runtime.device)
-    objective = _make_objective(cfg, trained, data, folder, optim.total_steps, runtime.device, say)
+    objective = _make_objective(cfg, trained, data, folder, optim.total_steps, runtime.device, say, rewards)
+    if cfg.objective == "grpo" and data.val and folder.mode != "resume":
+        _record_base_success(counters, say, objective, data)
     if folder.mode == "new":  # the folder is made now: from here on it is this process's
         runtime.on_main(lambda: folder.locks.append(lock_run_dir(folder.path)))
     start_step, last_checkpoint = 0, None
     if folder.mode == "resume":
         start_step, last_checkpoint = resume(folder, trained, optim, batches, counters, runtime, say)
+        objective.step = start_step  # (GRPO's sampling seeds follow the step)
     elif cfg.auto_resume:
         say(f"loraq: --auto-resume: nothing to resume in {folder.path} yet; starting a new run")
     metrics = open_run_files(cfg, folder, runtime, trained, start_step)
@@ -175,6 +180,10 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
 
 
 def _build_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
+    if cfg.objective == "grpo":
+        from loraq.data.prompt_data import build_prompt_data
+
+        return build_prompt_data(cfg, tokenizer)
     if cfg.objective != "sft":
         from loraq.data.preference import build_preference_data
 
@@ -184,12 +193,20 @@ def _build_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> DataBun
     return build_data(cfg, tokenizer)
 
 
+def _load_rewards(cfg: TrainConfig) -> list | None:
+    if cfg.objective != "grpo":
+        return None
+    from loraq.training.rewards import load_rewards
+
+    return load_rewards(cfg.reward)
+
+
 def _make_objective(cfg: TrainConfig, trained: TrainedModel, data: DataBundle, folder: RunFolder, total_steps: int,
-                    device: torch.device, say: Say):
+                    device: torch.device, say: Say, rewards: list | None = None):
     from loraq.training.objectives import make_objective
 
     return make_objective(cfg, trained.loss_module, trained.model, data, folder.path, total_steps, device, say,
-                          resume=folder.mode == "resume")
+                          resume=folder.mode == "resume", tokenizer=trained.tokenizer, rewards=rewards)
 
 
 def claim_run_folder(cfg: TrainConfig, runtime: Runtime) -> RunFolder:
@@ -242,7 +259,7 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     full = cfg.method == "full"
-    loss_class = CausalLMLoss if cfg.objective == "sft" else _sequence_logps_class()
+    loss_class = CausalLMLoss if cfg.objective == "sft" else _sequence_logps_class(cfg.objective)
     loss_module: nn.Module = loss_class(model, compute_dtype if full and compute_dtype != torch.float32 else None)
     if runtime.distributed:
         from loraq.distributed.wrap import wrap_for_distributed
@@ -255,10 +272,10 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
     return TrainedModel(model, tokenizer, source, compute_dtype, lora_config, record, loss_module, trainable, total)
 
 
-def _sequence_logps_class() -> type[nn.Module]:
-    from loraq.training.logps import SequenceLogps
+def _sequence_logps_class(objective: str) -> type[nn.Module]:
+    from loraq.training.logps import SequenceLogps, TokenLogps
 
-    return SequenceLogps
+    return TokenLogps if objective == "grpo" else SequenceLogps
 
 
 def _load_base(cfg: TrainConfig, source: ModelSource, device: torch.device,
@@ -338,6 +355,11 @@ def _announce(cfg: TrainConfig, source: ModelSource, runtime: Runtime, say: Say,
             f"{cfg.batch_size * cfg.grad_accum * runtime.world_size} = batch-size {cfg.batch_size} x grad-accum "
             f"{cfg.grad_accum} x {runtime.world_size}")
     st = stats.train
+    if stats.format == "prompts":
+        say(f"loraq: data {stats.path} (prompts): {st.examples} prompts x {cfg.num_generations} completions, up to "
+            f"{cfg.max_completion_length} tokens each"
+            + (f"; {stats.val.examples} held-out prompts" if stats.val else ""))
+        return
     if stats.format == "preference":
         say(f"loraq: data {stats.path} (preference): {st.examples} pairs, {st.trained_tokens} scored answer tokens"
             + (f", {st.truncated} with an answer cut" if st.truncated else "")
@@ -372,6 +394,15 @@ def _record_base_accuracy(counters: Counters, say: Say, model: nn.Module, tokeni
                                                    loss_module)
     say(f"loraq: base accuracy {base.accuracy:.1%}")
     counters.base_accuracy, counters.base_predictions = base.accuracy, base.predictions[:3]
+
+
+def _record_base_success(counters: Counters, say: Say, objective, data) -> None:
+    """GRPO: the model as it starts, greedy on the held-out prompts (success, reward and a sample kept)."""
+    say(f"loraq: base model on {len(data.val)} held-out prompts (greedy) ...")
+    base = objective.evaluate_prompts(list(data.val))
+    say(f"loraq: base success {base.metrics['success']:.1%}, reward {base.metrics['reward']:.3f}")
+    counters.base_accuracy, counters.base_predictions = base.metrics["success"], [base.sample]
+    counters.base_reward = base.metrics["reward"]
 
 
 def make_optimization(cfg: TrainConfig, trained: TrainedModel, batches: BatchIterator,

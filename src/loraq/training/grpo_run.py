@@ -1,0 +1,252 @@
+"""GRPO as the loop sees it (``--objective grpo``): each step samples, scores and learns.
+
+    counts(micro):  for each micro-batch of prompts: G completions each (:mod:`loraq.training.rollout`), the
+                    rewards (:mod:`loraq.training.rewards`), the group advantages (:mod:`loraq.training.grpo`);
+                    the old policy's log-probabilities when a batch is reused (``--num-iterations`` > 1) and the
+                    reference's (adapter off) with ``--beta`` > 0; returns the step's completion tokens
+                    (the ``dapo`` loss's denominator)
+    loss(batch):    the policy's per-token log-probabilities (:class:`~loraq.training.logps.TokenLogps`) and the
+                    clipped loss of that micro-batch
+    step_metrics(): TRL's names -- ``reward``, ``reward_std``, ``rewards/<name>/mean|std``,
+                    ``frac_reward_zero_std``, ``completions/mean_length|min_length|max_length|clipped_ratio``,
+                    ``kl``, ``clip_ratio/*`` -- and where the step's time went (``time/generation_share``,
+                    ``time/scoring_share``, ``time/training_share``)
+    validate():     greedy completions of the held-out prompts, scored: ``reward`` and ``success`` (the share
+                    whose every reward function gave its maximum, 1)
+
+With ``--num-iterations k`` the iterator hands each batch of prompts out ``k`` times in a row; the first time
+it is sampled, the next ``k - 1`` steps reuse its completions with the log-probabilities they were sampled
+under (so the importance weights and clipping act).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loraq.data.prompt_data import PromptBatch, PromptExample
+from loraq.generation.engine import eval_mode
+from loraq.training.evaluate import EvalLoss
+from loraq.training.grpo import GrpoSettings, group_advantages, policy_loss
+from loraq.training.rewards import Reward, score
+from loraq.training.rollout import Rollout, ScoredRows, sample_groups, scored_rows
+
+
+@dataclass
+class GroupBatch:
+    """One micro-batch's rollout, its rows, rewards and advantages (and old / reference log-probabilities)."""
+
+    rollout: Rollout
+    rows: ScoredRows
+    rewards: torch.Tensor  # [B, F], NaN: not scored
+    total: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B]
+    std_zero: torch.Tensor  # [B] bool
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    uses: int = 0  # steps that have trained on it (at most --num-iterations)
+
+
+@dataclass
+class GrpoEval(EvalLoss):
+    """Held-out prompts, greedy: ``metrics`` holds ``reward``, ``success`` and each reward's mean."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    sample: str = ""  # the first held-out prompt's completion
+
+    @property
+    def perplexity(self) -> float:
+        return float("nan")
+
+
+@dataclass
+class Generation:
+    """How completions are sampled: the engine's stop and pad tokens and the run's sampling settings."""
+
+    tokenizer: object
+    stop_ids: list[int]
+    pad_id: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class GrpoObjective:
+    name = "grpo"
+    reference = None
+
+    def __init__(self, model: nn.Module, loss_module: nn.Module, settings: GrpoSettings, rewards: list[Reward],
+                 weights: list[float], generations: int, generation: Generation, *, num_iterations: int = 1,
+                 mask_truncated: bool = False, reference_context: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self._loss_module, self.settings, self.rewards = model, loss_module, settings, rewards
+        self.weights = torch.tensor(weights or [1.0] * len(rewards), dtype=torch.float64)
+        self.generations, self.generation = generations, generation
+        self.num_iterations, self.mask_truncated = num_iterations, mask_truncated
+        self.reference_context = reference_context
+        self.step = 0
+        self._groups: dict[tuple, GroupBatch] = {}
+        self._current: list[GroupBatch] = []
+        self._loss_metrics: list[dict[str, float]] = []
+        self._times = {"generation": 0.0, "scoring": 0.0}
+        self._t_step = 0.0
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def counts(self, micro: list[PromptBatch]) -> float:
+        """Sample and score each micro-batch (or reuse it), then the step's completion-token count."""
+        self.step += 1
+        self._t_step = time.perf_counter()
+        self._times = {"generation": 0.0, "scoring": 0.0}
+        groups = []
+        for k, batch in enumerate(micro):
+            key = (k, tuple(batch.index))
+            group = self._groups.get(key)
+            if group is None or group.uses >= self.num_iterations:
+                group = self._sample(batch.examples, k)
+            group.uses += 1
+            batch.num_tokens = group.rollout.num_tokens
+            groups.append(group)
+        self._groups = {(k, tuple(b.index)): g for k, (b, g) in enumerate(zip(micro, groups))}
+        self._current, self._loss_metrics = groups, []
+        self._by_batch = {id(b): g for b, g in zip(micro, groups)}
+        return float(max(1, sum(int(g.rows.mask.sum()) for g in groups)))
+
+    def _sample(self, examples: list[PromptExample], micro_index: int) -> GroupBatch:
+        gen, t0 = self.generation, time.perf_counter()
+        rollout = sample_groups(self.model, gen.tokenizer, examples, self.generations,
+                                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                seed=gen.seed, step=self.step * 1024 + micro_index, stop_ids=gen.stop_ids,
+                                pad_id=gen.pad_id)
+        t1 = time.perf_counter()
+        rewards = self.score(rollout)
+        t2 = time.perf_counter()
+        self._times["generation"] += t1 - t0
+        self._times["scoring"] += t2 - t1
+        advantages, total, std_zero = group_advantages(rewards, self.weights, self.generations,
+                                                       self.settings.scale_rewards)
+        rows = scored_rows(rollout, gen.pad_id, self.mask_truncated)
+        group = GroupBatch(rollout, rows, rewards, total, advantages, std_zero)
+        if self.num_iterations > 1 or self.settings.beta != 0.0:
+            self._score_old_and_reference(group)
+        return group
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        """``[completions, rewards]`` (NaN: not scored) from the reward functions, called as TRL calls them."""
+        prompts = [rollout.prompt_of(i).prompt for i in range(len(rollout.texts))]
+        chat = isinstance(rollout.prompts[0].prompt, list)
+        completions = [[{"role": "assistant", "content": t}] if chat else t for t in rollout.texts]
+        names = sorted({k for p in rollout.prompts for k in p.columns})
+        columns = {k: [rollout.prompt_of(i).columns.get(k) for i in range(len(prompts))] for k in names}
+        where = [rollout.prompt_of(i).where for i in range(len(prompts))]
+        table = score(self.rewards, prompts, completions, rollout.completion_ids, columns, where)
+        return torch.tensor(table, dtype=torch.float64)
+
+    def _score_old_and_reference(self, group: GroupBatch) -> None:
+        """The sampling policy's log-probabilities (reused batches) and the reference's (``beta`` > 0)."""
+        loss_module = self._loss_module
+        rows = group.rows
+        with torch.no_grad(), eval_mode(loss_module):
+            if self.num_iterations > 1:
+                group.old_logps = self._logps(loss_module, rows).detach()
+            if self.settings.beta != 0.0:
+                with self.reference_context():
+                    group.ref_logps = self._logps(loss_module, rows).detach()
+
+    def _logps(self, loss_module: nn.Module, rows: ScoredRows) -> torch.Tensor:
+        device = next(loss_module.parameters()).device
+        r = rows.to(device)
+        return loss_module(r.input_ids, r.labels, r.position_ids, r.attention_mask,
+                           temperature=self.generation.temperature)
+
+    def loss(self, loss_module: nn.Module, batch: PromptBatch, counts: float) -> torch.Tensor:
+        """This micro-batch's share of the step's loss (``dapo``: over the step's completion tokens; the other
+        types: their own reduction, weighted by this micro-batch's share of the step's completions)."""
+        group = self._by_batch[id(batch)]
+        logps = self._logps(loss_module, group.rows)
+        device = logps.device
+        loss, metrics = policy_loss(logps, group.advantages.to(device), group.rows.mask.to(device), self.settings,
+                                    old_logps=None if group.old_logps is None else group.old_logps.to(device),
+                                    ref_logps=None if group.ref_logps is None else group.ref_logps.to(device),
+                                    num_items=counts)
+        self._loss_metrics.append(metrics)
+        if self.settings.loss_type != "dapo":
+            share = len(group.rollout.texts) / sum(len(g.rollout.texts) for g in self._current)
+            loss = loss * share
+        return loss
+
+    def step_metrics(self) -> dict[str, float]:
+        """The step's metrics under TRL's names (see the module docstring)."""
+        groups = self._current
+        out = reward_metrics(torch.cat([g.rewards for g in groups]), torch.cat([g.total for g in groups]),
+                             torch.cat([g.std_zero for g in groups]), self.generations, [r.name for r in self.rewards])
+        out.update(completion_metrics([c for g in groups for c in g.rollout.completion_ids],
+                                      [t for g in groups for t in g.rollout.truncated]))
+        for name in sorted({k for m in self._loss_metrics for k in m}):
+            values = [m[name] for m in self._loss_metrics if name in m]
+            out[name] = sum(values) / len(values)
+        total = max(time.perf_counter() - self._t_step, 1e-9)
+        out["time/generation_share"] = self._times["generation"] / total
+        out["time/scoring_share"] = self._times["scoring"] / total
+        out["time/training_share"] = max(0.0, 1 - out["time/generation_share"] - out["time/scoring_share"])
+        return out
+
+    # -- held-out prompts -------------------------------------------------------------------------------------
+    def validate(self, loss_module: nn.Module, batches, device: torch.device, runtime=None) -> GrpoEval | None:
+        """Greedy completions of the held-out prompts, scored by the run's rewards (RNG untouched)."""
+        examples = [e for b in batches() for e in b.examples]
+        return self.evaluate_prompts(examples)
+
+    def evaluate_prompts(self, examples: list[PromptExample]) -> GrpoEval | None:
+        if not examples:
+            return None
+        gen = self.generation
+        rollout = sample_groups(self.model, gen.tokenizer, examples, 1, max_new_tokens=gen.max_new_tokens,
+                                temperature=0.0, top_p=1.0, seed=0, step=0, stop_ids=gen.stop_ids,
+                                pad_id=gen.pad_id)
+        rewards = self.score(rollout)
+        total = (torch.nan_to_num(rewards) * self.weights).sum(1)
+        success = (rewards >= 1.0).all(1).double().mean()
+        metrics = {"reward": float(total.mean()), "success": float(success)}
+        for j, reward in enumerate(self.rewards):
+            metrics[f"rewards/{reward.name}/mean"] = float(torch.nanmean(rewards[:, j]))
+        return GrpoEval(loss=-metrics["reward"], tokens=len(examples), metrics=metrics, sample=rollout.texts[0])
+
+    def save_reference(self, run_dir) -> None:
+        """Nothing to cache: the reference is the adapter switched off, scored as each batch is sampled."""
+
+
+def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, std_zero: torch.Tensor, generations: int,
+                   names: list[str]) -> dict[str, float]:
+    """``reward`` (the weighted total's mean), ``reward_std`` (its groups' std, averaged), each function's mean
+    and std, and ``frac_reward_zero_std`` (completions whose group had one reward: no signal)."""
+    grouped = total.view(-1, generations)
+    out = {"reward": _nanmean(total), "reward_std": _nanmean(_group_std(grouped)),
+           "frac_reward_zero_std": float(std_zero.double().mean())}
+    for j, name in enumerate(names):
+        column = rewards[:, j]
+        out[f"rewards/{name}/mean"] = _nanmean(column)
+        out[f"rewards/{name}/std"] = float(column[~torch.isnan(column)].std()) if (~torch.isnan(column)).sum() > 1 \
+            else 0.0
+    return out
+
+
+def _group_std(grouped: torch.Tensor) -> torch.Tensor:
+    return torch.stack([g[~torch.isnan(g)].std() if (~torch.isnan(g)).sum() > 1 else g.new_tensor(0.0)
+                        for g in grouped])
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    value = float(torch.nanmean(x.double())) if x.numel() else float("nan")
+    return value if math.isfinite(value) else float("nan")
+
+
+def completion_metrics(completions: list[list[int]], truncated: list[bool]) -> dict[str, float]:
+    lengths = [len(c) for c in completions]
+    return {"completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": float(min(lengths)),
+            "completions/max_length": float(max(lengths)),
+            "completions/clipped_ratio": sum(truncated) / len(truncated)}

@@ -1,0 +1,143 @@
+"""``--objective grpo`` end to end on a tiny random Llama: what the reward functions are given and what the run
+logs of them, exact resume (sampling included), and the user mistakes that end in one line."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraq
+from loraq.errors import LoraqError
+
+G = 4
+
+RECORDING_REWARD = '''
+import json, os
+
+def score(prompts, completions, completion_ids, answer, **kw):
+    values = [round(len(c) / 8.0, 6) if a == "x" else None if a == "skip" else 0.5 for c, a in zip(completions, answer)]
+    with open(os.environ["REWARD_LOG"], "a") as f:
+        f.write(json.dumps({"prompts": prompts, "completions": completions, "ids": completion_ids,
+                            "answer": answer, "values": values}) + "\\n")
+    return values
+'''
+
+
+def write_prompts(path, n=8, long=False):
+    with open(path, "w") as f:
+        for i in range(n):
+            text = "hello world " * (40 if long and i == 3 else 1) + f"number {i}"
+            f.write(json.dumps({"prompt": text, "answer": "x" if i % 2 else ("skip" if i == 2 else "y")}) + "\n")
+    return path
+
+
+def _train(tiny_llama_dir, data, out, **kw):
+    args = dict(model=str(tiny_llama_dir), data=str(data), objective="grpo", method="lora", max_steps=3,
+                batch_size=2, num_generations=G, max_completion_length=6, seq_len=64, dtype="fp32",
+                output_dir=str(out), eval_samples=0, seed=0, lr=1e-2, threads=1, reward=["length:4"])
+    args.update(kw)
+    return loraq.train(**args)
+
+
+def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_dir, tmp_path, monkeypatch):
+    """The user's function gets each prompt G times in a row, the texts, the ids (at most
+    --max-completion-length, the stop token included) and the other columns; the logged ``rewards/<name>/mean``,
+    ``reward`` and ``completions/mean_length`` are the means of what it returned and was given."""
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(RECORDING_REWARD)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("REWARD_LOG", str(log))
+    result = _train(tiny_llama_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "run",
+                    reward=[f"{reward_file}:score", "length:4"], reward_weights=[1.0, 0.5])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert len(calls) == len(steps) == 3
+    for call, step in zip(calls, steps):
+        assert len(call["prompts"]) == 2 * G
+        assert all(call["prompts"][k] == call["prompts"][k - k % G] for k in range(2 * G))
+        assert all(1 <= len(ids) <= 6 for ids in call["ids"])
+        scored = [v for v in call["values"] if v is not None]
+        assert step["rewards/score/mean"] == pytest.approx(sum(scored) / len(scored), abs=1e-9)
+        lengths = [len(ids) for ids in call["ids"]]
+        assert step["completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+        length_reward = [max(0.0, 1 - abs(n - 4) / 4) for n in lengths]
+        total = [(v if v is not None else 0.0) + 0.5 * r for v, r in zip(call["values"], length_reward)]
+        assert step["reward"] == pytest.approx(sum(total) / len(total), abs=1e-9)
+        for key in ("reward_std", "frac_reward_zero_std", "clip_ratio/region_mean", "completions/clipped_ratio",
+                    "time/generation_share", "rewards/length/std"):
+            assert key in step, key
+
+
+def test_a_resumed_run_ends_bitwise_equal_sampling_included(tiny_llama_dir, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl")
+    reward_file = tmp_path / "parity.py"  # rewards that differ within groups: the adapter moves
+    reward_file.write_text("def parity(completion_ids, **kw):\n"
+                           "    return [float(sum(c) % 2) for c in completion_ids]\n")
+    kw = dict(max_steps=5, save_every=2, dropout=0.1, temperature=0.9, top_p=0.95,
+              reward=[f"{reward_file}:parity"])
+    full = _train(tiny_llama_dir, data, tmp_path / "full", **kw)
+    part = tmp_path / "part"
+    _train(tiny_llama_dir, data, part, **kw)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json", "loss.png"):
+        (part / name).unlink()
+    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    resumed = _train(tiny_llama_dir, data, part, resume=True, **kw)
+    ta = load_file(str(full.run_dir / "adapter_model.safetensors"))
+    tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in ta.items() if "lora_B" in k)  # it trained
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    rewards = [[json.loads(x)["reward"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (full.run_dir, part)]
+    assert rewards[0] == rewards[1]
+
+
+HEAD = "def score(completions, **kw):\n    "
+
+
+@pytest.mark.parametrize("body, expected", [
+    (HEAD + "raise KeyError('boom')\n", "reward 'score' raised KeyError: 'boom' on the prompt"),
+    (HEAD + "return [1.0]\n", "reward 'score' returned list of 1 values for 8 completions"),
+    (HEAD + "return ['yes'] * len(completions)\n", "reward 'score' returned 'yes' (str)"),
+], ids=["raises", "wrong-length", "not-a-number"])
+def test_a_bad_reward_function_is_one_line_naming_it(tiny_llama_dir, tmp_path, body, expected):
+    reward_file = tmp_path / "bad.py"
+    reward_file.write_text(body)
+    with pytest.raises(LoraqError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+        _train(tiny_llama_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "run", reward=[f"{reward_file}:score"])
+
+
+def test_a_reward_that_fails_on_one_prompt_is_named_with_its_line(tiny_llama_dir, tmp_path):
+    reward_file = tmp_path / "picky.py"
+    reward_file.write_text("def score(completions, answer, **kw):\n"
+                           "    return [1.0 / (a != 'skip') for a in answer]\n")
+    with pytest.raises(LoraqError, match=r"raised ZeroDivisionError.*'hello world number 2' \(.*p\.jsonl:3\)"):
+        _train(tiny_llama_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "run",
+               reward=[f"{reward_file}:score"], batch_size=8)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num-generations", "1"], "--num-generations 1 is below its minimum 2"),
+    ([], "--objective grpo needs at least one --reward"),
+    (["--reward", "length:4", "--seq-len", "16"], "p.jsonl:4: the prompt is"),
+    (["--reward", "nope"], "--reward 'nope': not a built-in"),
+    (["--reward", "length:4", "--reward-weights", "1,2"], "--reward-weights gives 2 weights for 1 --reward"),
+], ids=["one-generation", "no-reward", "prompt-too-long", "unknown-reward", "weights"])
+def test_cli_mistakes_end_in_one_line_and_exit_2(tiny_llama_dir, tmp_path, args, expected):
+    data = write_prompts(tmp_path / "p.jsonl", long=True)
+    base = ["--objective", "grpo", "--model", str(tiny_llama_dir), "--data", str(data), "--method", "lora",
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    if args and args[0] == "--num-generations":
+        base += ["--reward", "length:4"]
+    proc = subprocess.run([sys.executable, "-m", "loraq", "train", *base, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraq: error: ") and expected in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
