@@ -111,6 +111,23 @@ def test_a_seeded_row_draws_the_same_beside_other_rows():
     assert other.tokens != alone.tokens
 
 
+def test_a_group_of_one_prompt_prefilled_once_draws_what_transformers_draws_for_each_seed(path):
+    """GRPO's groups (and ``n`` choices): rows repeating a prompt share one prefill; each still draws what
+    transformers' sampling draws for that prompt alone after ``manual_seed(seed)``."""
+    model = tiny()
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2
+    seeds = [11, 12, 13, 14, 15]
+    got = generate_ids(model, prompts, [Sampling(max_new_tokens=8, temperature=1.2, seed=s) for s in seeds],
+                       pad_id=0)
+    for prompt, seed, row in zip(prompts, seeds, got):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=True, pad_token_id=0,
+                                 temperature=1.2, top_k=None)
+        assert row.tokens == out[0, len(prompt):].tolist()
+    assert len({tuple(r.tokens) for r in got[:3]}) > 1  # one prompt, different draws
+
+
 def test_stop_strings_cut_the_text_before_them():
     model = tiny(seed=2)
     reference = hf_alone(model, PROMPTS[1], 12)

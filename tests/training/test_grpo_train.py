@@ -141,3 +141,50 @@ def test_cli_mistakes_end_in_one_line_and_exit_2(tiny_llama_dir, tmp_path, args,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loraq: error: ") and expected in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_bundled_sums_are_what_the_generator_writes_and_the_held_out_ones_are_unseen(tmp_path):
+    from loraq.data import grpo_demo
+
+    grpo_demo.write(tmp_path)
+    bundled = grpo_demo.__file__.replace("grpo_demo.py", "demo")
+    for name in ("grpo-train.jsonl", "grpo-eval.jsonl"):
+        assert (tmp_path / name).read_text() == open(f"{bundled}/{name}").read()
+    train, held_out = grpo_demo.generate()
+    questions = {r["prompt"][0]["content"] for r in train}
+    assert len(held_out) == 30 and not questions & {r["prompt"][0]["content"] for r in held_out}
+    for record in train + held_out:  # the answer column is the sum the question asks for (a float64 check)
+        a, b = (int(x) for x in record["prompt"][0]["content"].split("?")[0][8:].split(" + "))
+        assert record["answer"] == str(a + b)
+
+
+FLAKY_REWARD = '''
+import os
+calls = {"n": 0}
+
+def parity(completion_ids, **kw):
+    calls["n"] += 1
+    if calls["n"] == int(os.environ.get("FAIL_AT", "0")):
+        raise RuntimeError("checker down")
+    return [float(sum(c) % 2) for c in completion_ids]
+'''
+
+
+def test_a_reward_failing_midway_keeps_the_steps_done_and_resume_finishes_the_same_run(tiny_llama_dir, tmp_path,
+                                                                                      monkeypatch):
+    """The step is not lost: the steps before the failing one are checkpointed, the error says where, and
+    --resume (the function fixed) ends bitwise equal to a run that never failed."""
+    data = write_prompts(tmp_path / "p.jsonl")
+    reward_file = tmp_path / "flaky.py"
+    reward_file.write_text(FLAKY_REWARD)
+    kw = dict(max_steps=4, temperature=0.9, reward=[f"{reward_file}:parity"])
+    clean = _train(tiny_llama_dir, data, tmp_path / "clean", **kw)
+    monkeypatch.setenv("FAIL_AT", "3")
+    with pytest.raises(LoraqError, match=r"raised RuntimeError: checker down.*steps 1-2 are kept in .*step-00000002"):
+        _train(tiny_llama_dir, data, tmp_path / "broken", **kw)
+    monkeypatch.delenv("FAIL_AT")
+    resumed = _train(tiny_llama_dir, data, tmp_path / "broken", resume=True, **kw)
+    ta = load_file(str(clean.run_dir / "adapter_model.safetensors"))
+    tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

@@ -252,12 +252,20 @@ class _LeanSteps:
         self.model, self.decoder, self.cache = model, decoder, None
 
     def join(self, batch: DecodeBatch, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits and mask of the batch with ``rows`` added after its own."""
-        ids, mask = left_padded([r.prompt for r in rows], batch.pad_id)
+        """The logits and mask of the batch with ``rows`` added after its own. Rows with the same prompt and
+        adapters (GRPO's groups, a request's ``n`` choices) are prefilled once and their cache rows copied."""
+        first: dict[tuple, int] = {}
+        copy_of = [first.setdefault((tuple(r.prompt), r.route), len(first)) for r in rows]
+        unique = [rows[copy_of.index(u)] for u in range(len(first))]
+        ids, mask = left_padded([r.prompt for r in unique], batch.pad_id)
         device = batch.device
-        cache = self.decoder.new_cache(len(rows), ids.shape[1] + max(r.remaining for r in rows))
-        batch.route([r.route for r in rows])
+        cache = self.decoder.new_cache(len(unique), ids.shape[1] + max(r.remaining for r in rows))
+        batch.route([r.route for r in unique])
         logits = self.decoder.forward(ids.to(device), mask.to(device), position_ids(mask).to(device), cache)
+        if len(unique) < len(rows):
+            index = torch.tensor(copy_of, dtype=torch.long)
+            cache.reorder_cache(index.to(device))
+            logits, mask = logits.index_select(0, index.to(logits.device)), mask.index_select(0, index)
         if not batch.rows:
             self.cache = cache
             return logits, mask

@@ -121,6 +121,8 @@ def run_settings(cfg: Any, batch: int, compute_bytes: int, device: str) -> RunSe
         from loraq.lora.config import LoraConfig
 
         lora = LoraConfig.from_train_config(cfg)
+    if getattr(cfg, "objective", "sft") == "grpo":  # each prompt is a group of completions
+        batch *= cfg.num_generations
     return RunSettings(method=cfg.method, batch_size=batch, compute_bytes=compute_bytes, device=device,
                        grad_checkpointing=cfg.grad_checkpointing, double_quant=cfg.double_quant,
                        blocksize=cfg.blocksize, eval_every=cfg.eval_every, lora=lora, quant_type=cfg.quant)

@@ -48,6 +48,8 @@ class RowShape:
 
 def rows_from_data(cfg: Any, tokenizer: Any) -> RowShape:
     """Tokenize ``cfg``'s data as training will and measure its rows (``cfg.batch_size`` may be 'auto')."""
+    if getattr(cfg, "objective", "sft") == "grpo":
+        return rows_of_prompts(cfg, tokenizer)
     from loraq.data.dataset import build_data
     from loraq.data.packing import row_length
 
@@ -63,6 +65,22 @@ def rows_from_data(cfg: Any, tokenizer: Any) -> RowShape:
                     rows=len(lengths), tokens=tokens, examples=examples, eval_rows=len(refs),
                     eval_prompt=max((len(r.prompt_ids) for r in refs), default=0),
                     eval_new=data.max_answer_tokens if refs else 0, has_val=bool(data.val), from_data=True)
+
+
+def rows_of_prompts(cfg: Any, tokenizer: Any) -> RowShape:
+    """GRPO: each prompt becomes ``--num-generations`` rows of the prompt and a completion of up to
+    ``--max-completion-length`` tokens, all of which are scored (the batch's row count is multiplied in
+    :func:`loraq.planning.plan.run_settings`); the held-out prompts are generated greedily before training."""
+    from loraq.data.prompt_data import build_prompt_data
+
+    data = build_prompt_data(cfg, tokenizer)
+    longest_prompt = max(len(p) for p in data.train)
+    new = cfg.max_completion_length
+    val_prompt = max((len(p) for p in data.val), default=0)
+    return RowShape(longest=longest_prompt + new, trained=new, varied=True, rows=len(data.train),
+                    tokens=sum(len(p) + new for p in data.train), examples=len(data.train) + len(data.val),
+                    eval_rows=len(data.val) if not cfg.resume else 0, eval_prompt=val_prompt,
+                    eval_new=new if data.val else 0, has_val=bool(data.val), from_data=True)
 
 
 def rows_at_seq_len(cfg: Any) -> RowShape:

@@ -32,6 +32,7 @@ from loraq.training.hooks import Callback, StepResult
 from loraq.training.metrics import Throughput, current_rss_bytes, peak_memory_bytes
 from loraq.training.objective import unwrapped
 from loraq.training.progress import Progress
+from loraq.training.rewards import RewardError
 from loraq.training.setup import Run
 
 
@@ -78,6 +79,8 @@ def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
                     progress.message(f"loraq: step {step}: {describe_eval(last_eval)}")
             if _due(cfg.save_every, step, run):
                 save_checkpoint(run, step)
+    except RewardError as exc:  # the user's reward function: keep the steps done, then say what failed
+        raise RewardError(f"{exc}{_keep_progress(run, step - 1)}") from None
     except OSError as exc:  # metrics.jsonl (a checkpoint's own failure is already an OutputError)
         error = ckpt.output_error(exc, run.folder.path, "metrics.jsonl")
         if error is None:
@@ -92,6 +95,17 @@ def train_steps(run: Run, callbacks: Sequence[Callback] = ()) -> LoopResult:
     return LoopResult(train_seconds=train_seconds, setup_seconds=t_loop - run.t_start,
                       tokens_per_second=throughput.tokens_per_second(), last_loss=last_loss, last_eval=last_eval,
                       training_memory=memory)
+
+
+def _keep_progress(run: Run, done: int) -> str:
+    """A checkpoint of the ``done`` steps before a failure the user can fix (none: nothing was trained yet, or
+    that checkpoint exists); the words saying where the run can continue from."""
+    if done <= run.start_step:
+        return ""
+    if run.last_checkpoint != ckpt.checkpoint_name(done):
+        save_checkpoint(run, done)
+    return (f" (steps 1-{done} are kept in {run.folder.path / 'checkpoints' / run.last_checkpoint}: pass --resume "
+            "once it is fixed)")
 
 
 def _due(every: int, step: int, run: Run) -> bool:
@@ -140,9 +154,14 @@ def run_settings(run: Run) -> dict:
 def optimizer_step(run: Run, step: int, params: list[nn.Parameter]) -> StepResult:
     """One optimizer step over grad_accum micro-batches (the schedule advances too)."""
     cfg, runtime, optim = run.cfg, run.runtime, run.optim
+    position = run.batches.state_dict()
     micro = [next(run.batches) for _ in range(cfg.grad_accum)]
     objective = run.objective
-    normalizer = objective.counts(micro)
+    try:
+        normalizer = objective.counts(micro)  # GRPO samples and scores here, before any gradient
+    except RewardError:
+        run.batches.load_state_dict(position)  # the step did not happen: its prompts are still to come
+        raise
     step_loss = 0.0
     for i, batch in enumerate(micro):
         batch = batch.to(run.device)

@@ -120,10 +120,9 @@ def _failure(reward: Reward, exc: Exception, prompts: list, completions: list, c
                             completion_ids=completion_ids[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
         except Exception as alone:
             return RewardError(f"reward {reward.name!r} raised {type(alone).__name__}: {alone} on the prompt "
-                               f"{_describe(prompts[i], where, i)}; fix the function (or the record) and resume "
-                               "with --resume")
+                               f"{_describe(prompts[i], where, i)}; fix the function (or the record)")
     return RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc} (on the batch of "
-                       f"{len(completions)} completions, none alone); fix the function and resume with --resume")
+                       f"{len(completions)} completions, none alone); fix the function")
 
 
 def _describe(prompt: Any, where: Sequence[str] | None, i: int) -> str:
