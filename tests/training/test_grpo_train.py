@@ -54,6 +54,7 @@ def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_di
     monkeypatch.setenv("REWARD_LOG", str(log))
     result = _train(tiny_llama_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "run",
                     reward=[f"{reward_file}:score", "length:4"], reward_weights=[1.0, 0.5])
+    assert (result.run_dir / "reward.png").stat().st_size > 0
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]

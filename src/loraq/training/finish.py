@@ -16,7 +16,7 @@ from loraq.training.evaluate import EvalLoss, ExactMatch, exact_match_during_tra
 from loraq.training.hooks import Callback
 from loraq.training.loop import LoopResult, describe_eval, evaluate
 from loraq.training.metrics import peak_memory_bytes
-from loraq.training.report import plot_loss, write_summary
+from loraq.training.report import plot_loss, plot_reward, write_summary
 from loraq.training.result import RunResult
 from loraq.training.setup import Run, TrainedModel, describe_references
 
@@ -44,8 +44,10 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
     if runtime.is_main:
         with ckpt.writing(run.folder.path, "summary.json and loss.png"):
             write_summary(run.folder.path, summary)
-            plot_loss(run.folder.path / "metrics.jsonl", run.folder.path / "loss.png",
-                      title=f"{cfg.method} · {trained.source.name} · {Path(data.stats.path).name}")
+            title = f"{cfg.method} · {trained.source.name} · {Path(data.stats.path).name}"
+            plot_loss(run.folder.path / "metrics.jsonl", run.folder.path / "loss.png", title=title)
+            if cfg.objective == "grpo":
+                plot_reward(run.folder.path / "metrics.jsonl", run.folder.path / "reward.png", title=title)
     for callback in callbacks:
         callback.on_train_end(summary)
     runtime.barrier()
