@@ -37,7 +37,8 @@ def print_plan(p) -> None:
     source = (f"the longest row of the data: {rows.longest} tokens" if rows.from_data
               else f"rows of --seq-len {rows.longest} tokens")
     print(f"model:     {p.model} ({p.shape.total_params / 1e6:.0f} M parameters), {p.method}, {p.dtype} on {p.device}")
-    print(f"batch:     {p.batch_size} x {rows.longest} tokens ({source})"
+    entries = f"{p.batch_size} prompts x {p.group} completions" if p.group > 1 else f"{p.batch_size}"
+    print(f"batch:     {entries} x {rows.longest} tokens ({source})"
           + (", grad checkpointing" if "checkpointing" in " ".join(n for n, _ in p.estimate.terms) else ""))
     print(f"peak:      {p.peak_bytes / GB:.2f} GB ({p.estimate.phase})"
           + (f" x {p.processes} processes" if p.processes > 1 else ""))

@@ -40,6 +40,7 @@ class MemoryPlan:
     available_bytes: int | None
     max_batch_size: int | None
     max_seq_len: int | None
+    group: int = 1  # rows per batch entry: GRPO's completions per prompt
 
     @property
     def peak_bytes(self) -> int:
@@ -59,6 +60,7 @@ class MemoryPlan:
         est = self.estimate
         return {"peak_bytes": self.peak_bytes, "phase": est.phase, "model": self.model, "method": self.method,
                 "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "rows_per_batch_entry": self.group,
                 "longest_row": self.rows.longest, "rows_from_data": self.rows.from_data,
                 "breakdown": {name: size for name, size in est.terms},
                 "training_step_bytes": est.step_bytes, "loading_bytes": est.loading_bytes,
@@ -98,7 +100,8 @@ def make_plan(cfg: Any, *, device: str | None = None, memory: int | None = None,
         shape_max_positions(source))
     return MemoryPlan(model=source.name, method=cfg.method, device=device, dtype=dtype, batch_size=chosen,
                       seq_len=cfg.seq_len, rows=rows, shape=shape, estimate=estimate(shape, rows, settings(chosen)),
-                      processes=processes, available_bytes=available, max_batch_size=max_batch, max_seq_len=max_seq)
+                      processes=processes, available_bytes=available, max_batch_size=max_batch, max_seq_len=max_seq,
+                      group=cfg.num_generations if getattr(cfg, "objective", "sft") == "grpo" else 1)
 
 
 def replan(plan: MemoryPlan, cfg: Any, **changes: Any) -> MemoryPlan:
