@@ -40,7 +40,8 @@ def print_report(summary: dict, run_dir) -> None:
     lines = [f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_seconds']:.0f} s "
              f"({s['tokens_per_second']:.0f} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GB)",
              f"train loss {s['train_loss']:.4f}"
-             + (f", eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None else "")]
+             + (f", eval loss {s['eval_loss']:.4f}" if s.get("eval_loss") is not None
+                and s.get("objective") != "grpo" else "")]
     if s.get("final_preference_accuracy") is not None:
         base = s.get("base_preference_accuracy")
         lines.append(f"preference accuracy (validation pairs): base {base:.1%} -> tuned "
@@ -68,7 +69,7 @@ def print_report(summary: dict, run_dir) -> None:
             lines.append(f"  before:    {_one_line(sample['base'])}")
         lines.append(f"  after:     {_one_line(sample['tuned'])}")
     lines += [f"files in {run_dir}/: adapter_config.json, adapter_model.safetensors, training_base.json, "
-              "metrics.jsonl, summary.json, loss.png"
+              "metrics.jsonl, summary.json, loss.png" + (", reward.png" if s.get("objective") == "grpo" else "")
               if s["method"] != "full"
               else f"files in {run_dir}/: model.safetensors, config.json, metrics.jsonl, summary.json, loss.png",
               f"next: loraq generate --adapter {run_dir} --prompt \"...\"   |   "
