@@ -73,6 +73,23 @@ class DataStats:
 
 
 @dataclass
+class HeldInMemory:
+    """The fields the loop reads, for data held as Python objects rather than token stores (preference pairs,
+    GRPO's prompts); the names are :class:`DataBundle`'s (``references`` empty: no exact match on them)."""
+
+    format: str
+    train: list
+    val: list
+    stats: DataStats
+    pad_id: int
+    seq_len: int
+    references: list = field(default_factory=list)
+    max_answer_tokens: int = 0
+    packed: bool = False
+    references_held_out: bool = True
+
+
+@dataclass
 class DataBundle:
     """Everything the loop needs from the data (see the module docstring)."""
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from loraq.data.batches import BatchIterator
-from loraq.data.dataset import DataStats, SplitStats, split_off
+from loraq.data.dataset import DataStats, HeldInMemory, SplitStats, split_off
 from loraq.data.formats import Sample, _chat_message, _keys, _text_field, guess_format
 from loraq.data.packing import Batch, collate
 from loraq.data.prompts import pad_token_id, prompt_ids
@@ -248,20 +248,9 @@ def ordered_pair_batches(pairs: Sequence[PairExample], batch_size: int, pad_id: 
 
 # -- a split and the bundle ---------------------------------------------------------------------------------------
 @dataclass
-class PreferenceData:
-    """What a DPO/ORPO run needs from its data; the fields the loop reads have :class:`~loraq.data.DataBundle`'s
-    names (``train``/``val`` are the pairs, ``references`` is empty: no exact match on pairs)."""
-
-    format: str
-    train: list[PairExample]
-    val: list[PairExample]
-    stats: DataStats
-    pad_id: int
-    seq_len: int
-    references: list = field(default_factory=list)
-    max_answer_tokens: int = 0
-    packed: bool = False
-    references_held_out: bool = True
+class PreferenceData(HeldInMemory):
+    """What a DPO/ORPO run needs from its data: ``train``/``val`` are :class:`PairExample` lists (the references
+    for exact match: prompt -> chosen answer)."""
 
     @property
     def train_examples(self) -> list[Example]:

@@ -20,14 +20,14 @@ objective.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loraq.data.batches import BatchIterator
-from loraq.data.dataset import DataStats, SplitStats, split_off
+from loraq.data.dataset import DataStats, HeldInMemory, SplitStats, split_off
 from loraq.data.formats import _chat_message, _keys
 from loraq.data.prompts import pad_token_id, prompt_ids
 from loraq.data.readers import Record
@@ -134,24 +134,9 @@ class PromptBatchIterator(BatchIterator):
 
 
 @dataclass
-class PromptData:
-    """What a GRPO run needs from its data; the fields the loop reads have :class:`~loraq.data.DataBundle`'s names
-    (``references`` empty: held-out success is scored by the rewards, not by exact match)."""
-
-    format: str
-    train: list[PromptExample]
-    val: list[PromptExample]
-    stats: DataStats
-    pad_id: int
-    seq_len: int
-    references: list = field(default_factory=list)
-    max_answer_tokens: int = 0
-    packed: bool = False
-    references_held_out: bool = True
-
-    @property
-    def train_examples(self) -> list:
-        return []
+class PromptData(HeldInMemory):
+    """What a GRPO run needs from its data: ``train``/``val`` are :class:`PromptExample` lists (held-out success
+    is scored by the rewards, not by exact match)."""
 
     repeats: int = 1  # --num-iterations
 

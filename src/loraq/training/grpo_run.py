@@ -92,6 +92,7 @@ class GrpoObjective:
         self.step = 0
         self._groups: dict[tuple, GroupBatch] = {}
         self._current: list[GroupBatch] = []
+        self._by_batch: dict[int, GroupBatch] = {}  # this step's micro-batches (by object) -> their groups
         self._loss_metrics: list[dict[str, float]] = []
         self._times = {"generation": 0.0, "scoring": 0.0}
         self._t_step = 0.0
