@@ -70,14 +70,18 @@ class BatchIterator:
         return self
 
     def __next__(self) -> Batch:
+        indices, mine = self.take()
+        global_trained = sum(example.num_trained for i in indices for example in self.rows[i])
+        return collate([self.rows[i] for i in mine], self.pad_id, self.packed, global_trained_tokens=global_trained)
+
+    def take(self) -> tuple[list[int], list[int]]:
+        """The next global batch's row indices and this rank's slice of them; the position moves on."""
         indices = self.global_batch_indices(self.epoch, self.index)
         mine = indices[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]
-        global_trained = sum(example.num_trained for i in indices for example in self.rows[i])
-        batch = collate([self.rows[i] for i in mine], self.pad_id, self.packed, global_trained_tokens=global_trained)
         self.index += 1
         if self.index == self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        return indices, mine
 
     def state_dict(self) -> dict:
         """The position (next global batch) and what it is only valid for."""

@@ -228,15 +228,10 @@ class PairBatchIterator(BatchIterator):
     """:class:`~loraq.data.batches.BatchIterator`'s order, position and resume, over pairs."""
 
     def __next__(self) -> PairBatch:
-        indices = self.global_batch_indices(self.epoch, self.index)
-        mine = indices[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]
+        indices, mine = self.take()
         chosen_tokens = sum(self.rows[i].chosen.num_trained for i in indices)
-        batch = collate_pairs([self.rows[i] for i in mine], mine, self.pad_id, global_pairs=len(indices),
-                              global_chosen_tokens=chosen_tokens)
-        self.index += 1
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        return collate_pairs([self.rows[i] for i in mine], mine, self.pad_id, global_pairs=len(indices),
+                             global_chosen_tokens=chosen_tokens)
 
 
 def ordered_pair_batches(pairs: Sequence[PairExample], batch_size: int, pad_id: int) -> Iterator[PairBatch]:

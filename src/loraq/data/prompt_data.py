@@ -110,17 +110,14 @@ class PromptBatchIterator(BatchIterator):
     handed: int = 0  # times the batch at the position was handed out already
 
     def __next__(self) -> PromptBatch:
-        indices = self.global_batch_indices(self.epoch, self.index)
-        mine = indices[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]
-        batch = PromptBatch([self.rows[i] for i in mine], list(mine), len(indices))
+        position = (self.epoch, self.index)
+        indices, mine = self.take()
         self.handed += 1
-        if self.handed < self.repeats:
-            return batch
-        self.handed = 0
-        self.index += 1
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
+        if self.handed < self.repeats:  # handed out again next time: the position stays
+            self.epoch, self.index = position
+        else:
+            self.handed = 0
+        return PromptBatch([self.rows[i] for i in mine], list(mine), len(indices))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "repeats": self.repeats, "handed": self.handed}

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loraq.data.packing import Batch
 from loraq.data.prompt_data import PromptBatch, PromptExample
+from loraq.data.tokenize import IGNORE_INDEX
 from loraq.generation.engine import eval_mode
 from loraq.training.evaluate import EvalLoss
 from loraq.training.grpo import GrpoSettings, group_advantages, policy_loss
 from loraq.training.rewards import Reward, score
-from loraq.training.rollout import Rollout, ScoredRows, sample_groups, scored_rows
+from loraq.training.rollout import Rollout, sample_groups, scored_rows
 
 
 @dataclass
@@ -42,7 +44,7 @@ class GroupBatch:
     """One micro-batch's rollout, its rows, rewards and advantages (and old / reference log-probabilities)."""
 
     rollout: Rollout
-    rows: ScoredRows
+    rows: Batch  # prompt + completion per completion, labels on the completion
     rewards: torch.Tensor  # [B, F], NaN: not scored
     total: torch.Tensor  # [B]
     advantages: torch.Tensor  # [B]
@@ -115,7 +117,7 @@ class GrpoObjective:
         self._groups = {(k, tuple(b.index)): g for k, (b, g) in enumerate(zip(micro, groups))}
         self._current, self._loss_metrics = groups, []
         self._by_batch = {id(b): g for b, g in zip(micro, groups)}
-        return float(max(1, sum(int(g.rows.mask.sum()) for g in groups)))
+        return float(max(1, sum(g.rows.num_trained_tokens for g in groups)))
 
     def _sample(self, examples: list[PromptExample], micro_index: int) -> GroupBatch:
         gen, t0 = self.generation, time.perf_counter()
@@ -158,7 +160,7 @@ class GrpoObjective:
                 with self.reference_context():
                     group.ref_logps = self._logps(loss_module, rows).detach()
 
-    def _logps(self, loss_module: nn.Module, rows: ScoredRows) -> torch.Tensor:
+    def _logps(self, loss_module: nn.Module, rows: Batch) -> torch.Tensor:
         device = next(loss_module.parameters()).device
         r = rows.to(device)
         return loss_module(r.input_ids, r.labels, r.position_ids, r.attention_mask,
@@ -170,7 +172,8 @@ class GrpoObjective:
         group = self._by_batch[id(batch)]
         logps = self._logps(loss_module, group.rows)
         device = logps.device
-        loss, metrics = policy_loss(logps, group.advantages.to(device), group.rows.mask.to(device), self.settings,
+        scored = (group.rows.labels != IGNORE_INDEX).to(device)
+        loss, metrics = policy_loss(logps, group.advantages.to(device), scored, self.settings,
                                     old_logps=None if group.old_logps is None else group.old_logps.to(device),
                                     ref_logps=None if group.ref_logps is None else group.ref_logps.to(device),
                                     num_items=counts)

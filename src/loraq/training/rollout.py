@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from loraq.data.packing import Batch, collate
 from loraq.data.prompt_data import PromptExample
-from loraq.data.tokenize import IGNORE_INDEX
+from loraq.data.tokenize import IGNORE_INDEX, Example
 from loraq.generation.engine import generate_ids
 from loraq.generation.sampling import Sampling
 
@@ -63,37 +63,13 @@ def sample_groups(model: nn.Module, tokenizer, prompts: Sequence[PromptExample],
     return Rollout(list(prompts), generations, completions, texts, truncated)
 
 
-@dataclass
-class ScoredRows:
-    """The rollout as token rows: ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels`` [R, T]."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.labels != IGNORE_INDEX
-
-    def to(self, device: torch.device) -> ScoredRows:
-        return ScoredRows(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                   self.labels)))
-
-
-def scored_rows(rollout: Rollout, pad_id: int, mask_truncated: bool = False) -> ScoredRows:
-    """``prompt + completion`` per completion, right-padded; labels on the completion tokens."""
-    rows = [list(rollout.prompt_of(i).ids) + c for i, c in enumerate(rollout.completion_ids)]
-    width = max(len(r) for r in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        start = len(rollout.prompt_of(i))
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention[i, :len(row)] = 1
-        if not (mask_truncated and rollout.truncated[i]):
-            labels[i, start:len(row)] = input_ids[i, start:len(row)]
-    positions = torch.arange(width).expand(n, width).contiguous()
-    return ScoredRows(input_ids, attention, positions, labels)
+def scored_rows(rollout: Rollout, pad_id: int, mask_truncated: bool = False) -> Batch:
+    """``prompt + completion`` per completion as one padded batch (:func:`loraq.data.packing.collate`, the one
+    padding rule); labels on the completion tokens (none on a truncated one's with ``mask_truncated``).
+    ``batch.num_trained_tokens`` is the completion tokens scored."""
+    examples = []
+    for i, completion in enumerate(rollout.completion_ids):
+        prompt = list(rollout.prompt_of(i).ids)
+        scored = [IGNORE_INDEX] * len(completion) if mask_truncated and rollout.truncated[i] else completion
+        examples.append((Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + scored),))
+    return collate(examples, pad_id, packed=False)
