@@ -2,7 +2,10 @@
 
 The reference for a multi-process run is always a run that takes another
 code path: one process accumulating the same micro-batches, or the model
-before it was wrapped.
+before it was wrapped. The generated kernels are off in every process here
+(``LORAQ_COMPILE=0``, as in tests/distributed/test_fsdp.py): each rank would
+trace them anew at start-up, and what these tests hold is the ranks' agreement;
+the kernels are held to their references in tests/kernels.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+RANK_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "LORAQ_COMPILE": "0"}
 
 
 def settings(model: Path, data: Path, out: Path, **overrides) -> dict:
@@ -40,13 +45,21 @@ def train_in_process(model: Path, data: Path, out: Path, **overrides):
     """The one-process reference, through the Python API (``loraq train`` is a thin layer over it)."""
     import loraq
 
-    return loraq.train(**settings(model, data, out, **overrides))
+    saved = os.environ.get("LORAQ_COMPILE")
+    os.environ["LORAQ_COMPILE"] = RANK_ENV["LORAQ_COMPILE"]  # the ranks' code paths
+    try:
+        return loraq.train(**settings(model, data, out, **overrides))
+    finally:
+        if saved is None:
+            os.environ.pop("LORAQ_COMPILE")
+        else:
+            os.environ["LORAQ_COMPILE"] = saved
 
 
 def loraq_cli(args: list[str], env: dict[str, str] | None = None, check: bool = True,
               timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m loraq <args>`` in a fresh process (each rank of a --nproc run gets one thread)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env = dict(os.environ, **RANK_ENV)
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "loraq", *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout)
@@ -57,7 +70,7 @@ def loraq_cli(args: list[str], env: dict[str, str] | None = None, check: bool = 
 
 def torchrun(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 <args>``, checked."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env = dict(os.environ, **RANK_ENV)
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)

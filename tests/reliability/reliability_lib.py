@@ -17,9 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 # one thread per process: the suite runs on shared 2-core machines, and one thread is also what makes
-# CPU fp32 training bitwise reproducible across processes
+# CPU fp32 training bitwise reproducible across processes. The generated kernels are off (LORAQ_COMPILE=0):
+# these tests are about processes, files and signals, and tracing the kernels anew in each of their ~40
+# processes cost ~1.5 s each; the kernels are held to their references in tests/kernels and trained through
+# in tests/training.
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LORAQ_COMPILE": "0"}
 
 
 def loraq_env(**extra: str) -> dict[str, str]:

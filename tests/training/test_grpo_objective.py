@@ -120,7 +120,7 @@ def test_settings_refuse_what_trl_refuses():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "full-logits"])
 def test_per_token_logps_equal_trl_at_a_temperature(tiny_llama_dir, tmp_path, fused):
-    """TokenLogps (the policy's per-token log-probabilities, fused head or full logits) equals TRL's
+    """TokenLogps (the policy's per-token log-probabilities and entropies, fused head or full logits) equals TRL's
     ``_get_per_token_logps_and_entropies`` on completions of different lengths, at temperature 0.7."""
     from loraq.training.logps import TokenLogps
 
@@ -129,14 +129,18 @@ def test_per_token_logps_equal_trl_at_a_temperature(tiny_llama_dir, tmp_path, fu
     batch = inputs(3, False, 0.0)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    theirs = trainer._get_per_token_logps_and_entropies(model, ids, mask, COMPLETION)[0]
+    theirs, their_entropy = trainer._get_per_token_logps_and_entropies(model, ids, mask, COMPLETION,
+                                                                        compute_entropy=True)[:2]
     model.lm_head.weight.requires_grad_(not fused)  # the fused head scores a frozen head only
     module = TokenLogps(model)
     assert module._fused == fused or not fused
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :PROMPT] = -100
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    ours = module(ids, labels, positions, mask, temperature=0.7)[:, PROMPT:]
+    ours, entropy = (t[:, PROMPT:] for t in module(ids, labels, positions, mask, temperature=0.7, entropy=True))
     scored = batch["completion_mask"].bool()
     assert torch.allclose(ours[scored], theirs[scored].float(), atol=1e-5, rtol=0)
     assert (ours[~scored] == 0).all()
+    assert torch.allclose(entropy[scored], their_entropy[scored].float(), atol=1e-5, rtol=0)
+    assert entropy[scored].min() > 0.1  # a tiny random model is far from certain: the comparison is not 0 == 0
+    assert torch.equal(module(ids, labels, positions, mask, temperature=0.7)[:, PROMPT:], ours)

@@ -71,8 +71,9 @@ def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_di
         total = [(v if v is not None else 0.0) + 0.5 * r for v, r in zip(call["values"], length_reward)]
         assert step["reward"] == pytest.approx(sum(total) / len(total), abs=1e-9)
         for key in ("reward_std", "frac_reward_zero_std", "clip_ratio/region_mean", "completions/clipped_ratio",
-                    "time/generation_share", "rewards/length/std"):
+                    "time/generation_share", "rewards/length/std", "entropy"):
             assert key in step, key
+        assert 0 < step["entropy"] < 20  # nats per completion token (log of the tiny vocabulary bounds it)
 
 
 def test_a_resumed_run_ends_bitwise_equal_sampling_included(tiny_llama_dir, tmp_path):

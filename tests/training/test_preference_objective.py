@@ -23,7 +23,7 @@ def test_fused_token_logps_equal_float64_with_gradient():
     bias = torch.randn(vocab, generator=gen)
     targets = torch.randint(0, vocab, (n,), generator=gen)
     upstream = torch.randn(n, generator=gen)
-    logp = FusedTokenLogps.apply(hidden, weight, bias, targets, 128, True, LossBuffers())
+    logp = FusedTokenLogps.apply(hidden, weight, bias, targets, 128, True, LossBuffers(), None)
     (logp * upstream).sum().backward()
 
     h64 = hidden.detach().double().requires_grad_(True)

@@ -9,7 +9,7 @@
                     clipped loss of that micro-batch
     step_metrics(): TRL's names -- ``reward``, ``reward_std``, ``rewards/<name>/mean|std``,
                     ``frac_reward_zero_std``, ``completions/mean_length|min_length|max_length|clipped_ratio``,
-                    ``kl``, ``clip_ratio/*`` -- and where the step's time went (``time/generation_share``,
+                    ``kl``, ``entropy``, ``clip_ratio/*`` -- and where the step's time went (``time/generation_share``,
                     ``time/scoring_share``, ``time/training_share``)
     validate():     greedy completions of the held-out prompts, scored: ``reward`` and ``success`` (the share
                     whose every reward function gave its maximum, 1)
@@ -160,23 +160,24 @@ class GrpoObjective:
                 with self.reference_context():
                     group.ref_logps = self._logps(loss_module, rows).detach()
 
-    def _logps(self, loss_module: nn.Module, rows: Batch) -> torch.Tensor:
+    def _logps(self, loss_module: nn.Module, rows: Batch, entropy: bool = False):
         device = next(loss_module.parameters()).device
         r = rows.to(device)
         return loss_module(r.input_ids, r.labels, r.position_ids, r.attention_mask,
-                           temperature=self.generation.temperature)
+                           temperature=self.generation.temperature, entropy=entropy)
 
     def loss(self, loss_module: nn.Module, batch: PromptBatch, counts: float) -> torch.Tensor:
         """This micro-batch's share of the step's loss (``dapo``: over the step's completion tokens; the other
         types: their own reduction, weighted by this micro-batch's share of the step's completions)."""
         group = self._by_batch[id(batch)]
-        logps = self._logps(loss_module, group.rows)
+        logps, entropy = self._logps(loss_module, group.rows, entropy=True)
         device = logps.device
         scored = (group.rows.labels != IGNORE_INDEX).to(device)
         loss, metrics = policy_loss(logps, group.advantages.to(device), scored, self.settings,
                                     old_logps=None if group.old_logps is None else group.old_logps.to(device),
                                     ref_logps=None if group.ref_logps is None else group.ref_logps.to(device),
                                     num_items=counts)
+        metrics["entropy"] = float(entropy[scored].mean()) if scored.any() else float("nan")
         self._loss_metrics.append(metrics)
         if self.settings.loss_type != "dapo":
             share = len(group.rollout.texts) / sum(len(g.rollout.texts) for g in self._current)

@@ -37,7 +37,9 @@ class FusedTokenLogps(torch.autograd.Function):
     """``logp [N]`` (fp32) of ``targets`` under ``hidden @ weight^T + bias``; the head must be frozen."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, grad_enabled: bool, buffers: LossBuffers):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, grad_enabled: bool, buffers: LossBuffers,
+                entropy: torch.Tensor | None):
+        """``entropy`` ([N] fp32, or None): filled with each row's entropy, a metric (no gradient flows from it)."""
         n = hidden.shape[0]
         need_dh = grad_enabled and bool(ctx.needs_input_grad[0])
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -52,6 +54,8 @@ class FusedTokenLogps(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=logits)
             else:
                 torch.addmm(bias, h, weight.t(), out=logits)
+            if entropy is not None:
+                entropy[start:start + h.shape[0]] = token_entropy(logits)
             # the same arithmetic with and without gradients: a reference pass and the policy's first step agree
             row_loss = ce_grad_rows_fused(logits, y)
             if row_loss is None:
@@ -70,7 +74,13 @@ class FusedTokenLogps(torch.autograd.Function):
         if ctx.need_dh:
             (grad_rows,) = ctx.saved_tensors
             dh = grad_rows * (-grad_logp).to(grad_rows.dtype)[:, None]
-        return dh, None, None, None, None, None, None
+        return dh, None, None, None, None, None, None, None
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` per row of ``logits`` ([..., V]), fp32 or wider."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def token_logps_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,7 +115,7 @@ class SequenceLogps(CausalLMLoss):
                                                                           answer_targets, nll_targets)
         with self._autocast():
             if self._fused and not self._head.weight.requires_grad:
-                token_logp = self._fused_token_logps(input_ids, position_ids, attention_mask, scored)
+                token_logp = self._fused_token_logps(input_ids, position_ids, attention_mask, scored)[0]
             else:
                 logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                     use_cache=False).logits
@@ -117,39 +127,49 @@ class SequenceLogps(CausalLMLoss):
         nll_mask = nll_targets != IGNORE_INDEX
         return RowLogps(answer, answer_mask.sum(-1), -(token_logp * nll_mask).sum(-1), nll_mask.sum(-1))
 
-    def _fused_token_logps(self, input_ids, position_ids, attention_mask, targets,
-                           temperature: float = 1.0) -> torch.Tensor:
-        """[R, T] log-probabilities (0 where not scored) through :class:`FusedTokenLogps`; at a temperature ``tau``
-        the logits ``(W h + b) / tau`` are ``W (h / tau) + b / tau``."""
+    def _fused_token_logps(self, input_ids, position_ids, attention_mask, targets, temperature: float = 1.0,
+                           entropy: bool = False):
+        """[R, T] log-probabilities (0 where not scored) through :class:`FusedTokenLogps`, and with ``entropy``
+        the [R, T] entropies of the same positions (else None); at a temperature ``tau`` the logits
+        ``(W h + b) / tau`` are ``W (h / tau) + b / tau``."""
         hidden, weight, bias = self._hidden_and_head(input_ids, position_ids, attention_mask)
         if temperature != 1.0:
             hidden = hidden / temperature
             bias = None if bias is None else bias / temperature
         flat = targets.reshape(-1)
         idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        ent = torch.empty(idx.shape[0], dtype=torch.float32, device=hidden.device) if entropy else None
         picked = FusedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).index_select(0, idx),
                                        weight, bias, flat.index_select(0, idx), 128, torch.is_grad_enabled(),
-                                       self.loss_buffers)
+                                       self.loss_buffers, ent)
         out = torch.zeros(flat.shape[0], dtype=torch.float32, device=picked.device)
-        return out.index_add(0, idx, picked).view(targets.shape)
+        if ent is not None:
+            ent = torch.zeros_like(out).index_add(0, idx, ent).view(targets.shape)
+        return out.index_add(0, idx, picked).view(targets.shape), ent
 
 
 class TokenLogps(SequenceLogps):
-    """``forward(input_ids, labels, position_ids, attention_mask, temperature=1.0) -> [R, T]``: each scored
-    token's log-probability under ``softmax(logits / temperature)`` at its position in ``labels`` (HF convention,
-    unshifted: column ``t`` holds ``log p(labels[t] | tokens < t)``; 0 where not scored). GRPO's per-token terms;
-    the fused head keeps the ``[rows, tokens, vocab]`` logits from ever existing at once."""
+    """``forward(input_ids, labels, position_ids, attention_mask, temperature=1.0, entropy=False) -> [R, T]``:
+    each scored token's log-probability under ``softmax(logits / temperature)`` at its position in ``labels``
+    (HF convention, unshifted: column ``t`` holds ``log p(labels[t] | tokens < t)``; 0 where not scored). GRPO's
+    per-token terms; the fused head keeps the ``[rows, tokens, vocab]`` logits from ever existing at once. With
+    ``entropy``, ``(logps, entropies)``: the entropy of the same distribution at the same positions (a metric,
+    detached)."""
 
-    def forward(self, input_ids, labels, position_ids, attention_mask=None, temperature: float = 1.0):
+    def forward(self, input_ids, labels, position_ids, attention_mask=None, temperature: float = 1.0,
+                entropy: bool = False):
         targets = shift_targets(labels)
         with self._autocast():
             if self._fused and not self._head.weight.requires_grad:
-                token_logp = self._fused_token_logps(input_ids, position_ids, attention_mask, targets, temperature)
+                token_logp, ent = self._fused_token_logps(input_ids, position_ids, attention_mask, targets,
+                                                          temperature, entropy)
             else:
                 logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                    use_cache=False).logits
-                token_logp = token_logps_reference(logits / temperature, targets)
-        return torch.nn.functional.pad(token_logp[:, :-1], (1, 0))
+                                    use_cache=False).logits / temperature
+                token_logp = token_logps_reference(logits, targets)
+                ent = token_entropy(logits.detach()) * (targets != IGNORE_INDEX) if entropy else None
+        logps = torch.nn.functional.pad(token_logp[:, :-1], (1, 0))
+        return (logps, torch.nn.functional.pad(ent[:, :-1], (1, 0))) if entropy else logps
 
 
 def sequence_logps_reference(model, input_ids, labels, position_ids, attention_mask=None) -> torch.Tensor:
@@ -160,4 +180,4 @@ def sequence_logps_reference(model, input_ids, labels, position_ids, attention_m
 
 
 __all__ = ["FusedTokenLogps", "RowLogps", "SequenceLogps", "TokenLogps", "sequence_logps_reference",
-           "token_logps_reference"]
+           "token_entropy", "token_logps_reference"]
