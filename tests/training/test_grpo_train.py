@@ -190,3 +190,70 @@ def test_a_reward_failing_midway_keeps_the_steps_done_and_resume_finishes_the_sa
     tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def _float64_logps(model_dir, adapter_dir, rows) -> torch.Tensor:
+    """Per-token log-probabilities of ``rows``' labelled tokens (column t: token t given tokens < t; 0 where not
+    labelled) under the tiny Llama in float64, with the PEFT adapter in ``adapter_dir`` merged as
+    ``W + (alpha / r) B A`` (None: the base model)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    if adapter_dir is not None:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        scale = config["lora_alpha"] / config["r"]
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        for key, a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                b = tensors[key.replace("lora_A", "lora_B")]
+                module = model.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+                with torch.no_grad():
+                    module.weight += scale * (b.double() @ a.double())
+    with torch.no_grad():
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
+                       position_ids=rows.position_ids).logits
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, rows.labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    return torch.nn.functional.pad(logp * (rows.labels[:, 1:] != -100), (1, 0))
+
+
+def test_num_iterations_2_reuses_the_completions_and_its_clip_ratios_equal_trl_formulas(tiny_llama_dir, tmp_path,
+                                                                                       monkeypatch):
+    """``--num-iterations 2``: step 2 trains on step 1's completions, against the log-probabilities they were
+    sampled under. Its logged clip ratios equal TRL's formulas (``clip_ratio/low_mean``: ratio < 1 - epsilon where
+    the advantage is negative; ``high_mean``: ratio > 1 + epsilon_high where it is positive; ``region_mean``:
+    either; means over completion tokens) evaluated in float64 on the base model (the policy that sampled: B = 0)
+    and on the adapter written after step 1, merged. Step 1 is on-policy: no clipping."""
+    from loraq.training import grpo_run, rollout
+
+    seen = []  # the rows each sampling built (prompt + completion, labels on the completion)
+    monkeypatch.setattr(grpo_run, "scored_rows", lambda *a, **k: seen.append(rollout.scored_rows(*a, **k))
+                        or seen[-1])
+    reward_file = tmp_path / "mod3.py"
+    reward_file.write_text("def mod3(completion_ids, **kw):\n"
+                           "    return [float(sum(c) % 3) / 2 for c in completion_ids]\n")
+    data = write_prompts(tmp_path / "p.jsonl")
+    kw = dict(num_iterations=2, reward=[f"{reward_file}:mod3"], lr=3e-2, warmup=0, schedule="constant",
+              epsilon=0.2, epsilon_high=0.28)
+    two = _train(tiny_llama_dir, data, tmp_path / "two", max_steps=2, **kw)
+    assert len(seen) == 1  # sampled once, trained on twice
+    one = _train(tiny_llama_dir, data, tmp_path / "one", max_steps=1, **kw)  # the same first step; its adapter
+    assert len(seen) == 2 and torch.equal(seen[0].input_ids, seen[1].input_ids)
+    steps = [json.loads(x) for x in (two.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "train"]
+    assert [steps[0][f"clip_ratio/{k}_mean"] for k in ("low", "high", "region")] == [0.0, 0.0, 0.0]
+
+    rows = seen[0]
+    scored = rows.labels != -100
+    ratio = torch.exp(_float64_logps(tiny_llama_dir, one.run_dir, rows) - _float64_logps(tiny_llama_dir, None, rows))
+    rewards = torch.tensor([float(sum(c) % 3) / 2 for c in (r[s].tolist() for r, s in zip(rows.input_ids, scored))],
+                           dtype=torch.float64).view(-1, G)
+    sign = torch.sign(rewards - rewards.mean(1, keepdim=True)).view(-1, 1)
+    low = (ratio < 1 - 0.2) & (sign < 0) & scored
+    high = (ratio > 1 + 0.28) & (sign > 0) & scored
+    margin = torch.minimum((ratio - 0.8).abs(), (ratio - 1.28).abs())[scored].min()
+    assert margin > 1e-4  # no token sits on a boundary, where fp32 and float64 could disagree
+    tokens = scored.sum().double()
+    expected = {"low": low.sum() / tokens, "high": high.sum() / tokens, "region": (low | high).sum() / tokens}
+    assert expected["region"] > 0  # the update moved the policy enough to clip
+    for key, value in expected.items():
+        assert steps[1][f"clip_ratio/{key}_mean"] == pytest.approx(float(value), abs=1e-6), key  # same count
