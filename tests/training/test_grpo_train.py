@@ -76,19 +76,28 @@ def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_di
         assert 0 < step["entropy"] < 20  # nats per completion token (log of the tiny vocabulary bounds it)
 
 
-def test_a_resumed_run_ends_bitwise_equal_sampling_included(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("reuse", [False, True], ids=["on-policy", "mid-group"])
+def test_a_resumed_run_ends_bitwise_equal_sampling_included(tiny_llama_dir, tmp_path, reuse):
+    """Resumed from step 2 (on-policy), or -- with ``--num-iterations 2 --beta 0.04`` -- from step 3, between the
+    two steps that train on one sampling: the checkpoint holds that group (completions, rewards, old and
+    reference log-probabilities), so step 4 trains on what the uninterrupted run's step 4 did."""
     data = write_prompts(tmp_path / "p.jsonl")
     reward_file = tmp_path / "parity.py"  # rewards that differ within groups: the adapter moves
     reward_file.write_text("def parity(completion_ids, **kw):\n"
                            "    return [float(sum(c) % 2) for c in completion_ids]\n")
-    kw = dict(max_steps=5, save_every=2, dropout=0.1, temperature=0.9, top_p=0.95,
+    kw = dict(max_steps=5, save_every=3 if reuse else 2, dropout=0.1, temperature=0.9, top_p=0.95,
               reward=[f"{reward_file}:parity"])
+    if reuse:
+        kw.update(num_iterations=2, beta=0.04)
     full = _train(tiny_llama_dir, data, tmp_path / "full", **kw)
     part = tmp_path / "part"
     _train(tiny_llama_dir, data, part, **kw)
     for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json", "loss.png"):
         (part / name).unlink()
-    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    if reuse:
+        assert (part / "checkpoints" / "step-00000003" / "grpo_groups.safetensors").is_file()
+    else:
+        shutil.rmtree(part / "checkpoints" / "step-00000004")
     resumed = _train(tiny_llama_dir, data, part, resume=True, **kw)
     ta = load_file(str(full.run_dir / "adapter_model.safetensors"))
     tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))

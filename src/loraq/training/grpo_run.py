@@ -21,10 +21,12 @@ under (so the importance weights and clipping act).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +39,8 @@ from loraq.training.evaluate import EvalLoss
 from loraq.training.grpo import GrpoSettings, group_advantages, policy_loss
 from loraq.training.rewards import Reward, score
 from loraq.training.rollout import Rollout, sample_groups, scored_rows
+
+GROUPS_FILE = "grpo_groups.safetensors"  # in a checkpoint: the groups a later step trains on again
 
 
 @dataclass
@@ -93,6 +97,7 @@ class GrpoObjective:
         self.reference_context = reference_context
         self.step = 0
         self._groups: dict[tuple, GroupBatch] = {}
+        self._saved: dict[tuple, tuple[dict[str, torch.Tensor], dict]] = {}  # read back from a checkpoint
         self._current: list[GroupBatch] = []
         self._by_batch: dict[int, GroupBatch] = {}  # this step's micro-batches (by object) -> their groups
         self._loss_metrics: list[dict[str, float]] = []
@@ -108,7 +113,7 @@ class GrpoObjective:
         groups = []
         for k, batch in enumerate(micro):
             key = (k, tuple(batch.index))
-            group = self._groups.get(key)
+            group = self._groups.get(key) or self._restore(key, batch.examples)
             if group is None or group.uses >= self.num_iterations:
                 group = self._sample(batch.examples, k)
             group.uses += 1
@@ -130,12 +135,63 @@ class GrpoObjective:
         t2 = time.perf_counter()
         self._times["generation"] += t1 - t0
         self._times["scoring"] += t2 - t1
-        advantages, total, std_zero = group_advantages(rewards, self.weights, self.generations,
-                                                       self.settings.scale_rewards)
-        rows = scored_rows(rollout, gen.pad_id, self.mask_truncated)
-        group = GroupBatch(rollout, rows, rewards, total, advantages, std_zero)
+        group = self._group(rollout, rewards)
         if self.num_iterations > 1 or self.settings.beta != 0.0:
             self._score_old_and_reference(group)
+        return group
+
+    def _group(self, rollout: Rollout, rewards: torch.Tensor) -> GroupBatch:
+        advantages, total, std_zero = group_advantages(rewards, self.weights, self.generations,
+                                                       self.settings.scale_rewards)
+        rows = scored_rows(rollout, self.generation.pad_id, self.mask_truncated)
+        return GroupBatch(rollout, rows, rewards, total, advantages, std_zero)
+
+    # -- a checkpoint between two uses of a batch (--num-iterations > 1) -----------------------------------------
+    def write_state(self, folder: Path) -> None:
+        """The groups a later step trains on again -- completions, rewards, the old and reference
+        log-probabilities, uses -- into ``folder``/:data:`GROUPS_FILE` (nothing when there are none)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, []
+        live = [(key, g) for key, g in self._groups.items() if g.uses < self.num_iterations]
+        for n, ((micro, index), g) in enumerate(live):
+            ids = g.rollout.completion_ids
+            tensors[f"{n}.completion_ids"] = torch.tensor([t for c in ids for t in c], dtype=torch.long)
+            tensors[f"{n}.lengths"] = torch.tensor([len(c) for c in ids], dtype=torch.long)
+            tensors[f"{n}.truncated"] = torch.tensor(g.rollout.truncated, dtype=torch.bool)
+            tensors[f"{n}.rewards"] = g.rewards
+            for name in ("old_logps", "ref_logps"):
+                if getattr(g, name) is not None:
+                    tensors[f"{n}.{name}"] = getattr(g, name).contiguous()
+            meta.append({"micro": micro, "index": list(index), "uses": g.uses, "texts": g.rollout.texts})
+        if meta:
+            save_file(tensors, str(folder / GROUPS_FILE), metadata={"groups": json.dumps(meta)})
+
+    def read_state(self, folder: Path) -> None:
+        """What :meth:`write_state` wrote, kept until the iterator hands out those batches again."""
+        from safetensors import safe_open
+
+        path = folder / GROUPS_FILE
+        if not path.is_file():
+            return
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads(fh.metadata()["groups"])
+            for n, entry in enumerate(meta):
+                tensors = {k.split(".", 1)[1]: fh.get_tensor(k) for k in fh.keys() if k.startswith(f"{n}.")}
+                self._saved[(entry["micro"], tuple(entry["index"]))] = (tensors, entry)
+
+    def _restore(self, key: tuple, examples: list[PromptExample]) -> GroupBatch | None:
+        if key not in self._saved:
+            return None
+        tensors, entry = self._saved.pop(key)
+        flat, ids = tensors["completion_ids"].tolist(), []
+        for n in tensors["lengths"].tolist():
+            ids.append(flat[:n])
+            flat = flat[n:]
+        rollout = Rollout(list(examples), self.generations, ids, entry["texts"], tensors["truncated"].tolist())
+        group = self._group(rollout, tensors["rewards"])
+        group.old_logps, group.ref_logps = tensors.get("old_logps"), tensors.get("ref_logps")
+        group.uses = entry["uses"]
         return group
 
     def score(self, rollout: Rollout) -> torch.Tensor:

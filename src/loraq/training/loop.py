@@ -244,7 +244,12 @@ def save_checkpoint(run: Run, step: int) -> None:
     optim = run.optim
     state = {"data": run.batches.state_dict(), "counters": run.counters.to_dict(),
              "scaler": optim.scaler.state_dict() if optim.scaler is not None else None}
-    extra = None if rank_rng is None else (lambda tmp: save_file(rank_rng, str(tmp / RANK_RNG_FILE)))
+
+    def extra(tmp):
+        if rank_rng is not None:
+            save_file(rank_rng, str(tmp / RANK_RNG_FILE))
+        run.objective.write_state(tmp)
+
     path = ckpt.save_checkpoint(run.folder.path, step, model=run.trained.model, optimizer=optim.optimizer,
                                 scheduler=optim.scheduler, state=state, write_extra=extra,
                                 keep=run.cfg.keep_checkpoints)

@@ -2,7 +2,8 @@
 
 Each has ``counts(micro)`` (what the step's micro-batch sums are divided by),
 ``loss(loss_module, batch, counts)``, ``step_metrics()`` (extra numbers for
-the step's metrics line) and ``validate(...)`` (an evaluation result).
+the step's metrics line), ``validate(...)`` (an evaluation result) and
+``write_state(folder)`` / ``read_state(folder)`` (its own part of a checkpoint).
 :func:`make_objective` builds the run's, computing (or reading back) the DPO
 reference log-probabilities first (:mod:`loraq.training.reference`).
 """
@@ -50,9 +51,18 @@ class SFTObjective:
     def save_reference(self, run_dir: Path) -> None:
         """Nothing to cache."""
 
+    def write_state(self, folder: Path) -> None:
+        """Nothing beyond what every checkpoint holds (GRPO keeps its reused groups here)."""
+
+    def read_state(self, folder: Path) -> None:
+        """Nothing to read back."""
+
 
 class RunPreferenceObjective(PreferenceObjective):
     """:class:`PreferenceObjective` with the run's reference cache (written once, after the run folder is claimed)."""
+
+    write_state = SFTObjective.write_state
+    read_state = SFTObjective.read_state
 
     def __init__(self, *args, cache_key: str | None = None, unsaved: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

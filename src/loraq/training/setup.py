@@ -168,6 +168,8 @@ def setup_run(cfg: TrainConfig, runtime: Runtime, say: Say) -> Run:
     if folder.mode == "resume":
         start_step, last_checkpoint = resume(folder, trained, optim, batches, counters, runtime, say)
         objective.step = start_step  # (GRPO's sampling seeds follow the step)
+        if last_checkpoint is not None:
+            objective.read_state(ckpt.checkpoint_root(folder.path) / last_checkpoint)
     elif cfg.auto_resume:
         say(f"loraq: --auto-resume: nothing to resume in {folder.path} yet; starting a new run")
     metrics = open_run_files(cfg, folder, runtime, trained, start_step)
