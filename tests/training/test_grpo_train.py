@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -47,7 +48,8 @@ def _train(tiny_llama_dir, data, out, **kw):
 def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_dir, tmp_path, monkeypatch):
     """The user's function gets each prompt G times in a row, the texts, the ids (at most
     --max-completion-length, the stop token included) and the other columns; the logged ``rewards/<name>/mean``,
-    ``reward`` and ``completions/mean_length`` are the means of what it returned and was given."""
+    ``reward`` and ``completions/mean_length`` are the means of what it returned and was given, ``reward_std``
+    and ``rewards/<name>/std`` their sample std as TRL logs them."""
     reward_file = tmp_path / "my_rewards.py"
     reward_file.write_text(RECORDING_REWARD)
     log = tmp_path / "calls.jsonl"
@@ -70,6 +72,9 @@ def test_rewards_see_trl_arguments_and_the_metrics_are_their_means(tiny_llama_di
         length_reward = [max(0.0, 1 - abs(n - 4) / 4) for n in lengths]
         total = [(v if v is not None else 0.0) + 0.5 * r for v, r in zip(call["values"], length_reward)]
         assert step["reward"] == pytest.approx(sum(total) / len(total), abs=1e-9)
+        # TRL 1.16 logs the sample std over the step's completions (not per group), NaN skipped
+        assert step["reward_std"] == pytest.approx(statistics.stdev(total), abs=1e-9)
+        assert step["rewards/score/std"] == pytest.approx(statistics.stdev(scored), abs=1e-9)
         for key in ("reward_std", "frac_reward_zero_std", "clip_ratio/region_mean", "completions/clipped_ratio",
                     "time/generation_share", "rewards/length/std", "entropy"):
             assert key in step, key

@@ -69,7 +69,7 @@ class GrpoSettings:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
-def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """The sample standard deviation (n - 1) skipping NaNs."""
     mean = torch.nanmean(x, dim=dim, keepdim=dim is not None)
     count = (~torch.isnan(x)).sum(dim=dim) if dim is not None else (~torch.isnan(x)).sum()
@@ -87,9 +87,9 @@ def group_advantages(rewards: torch.Tensor, weights: torch.Tensor, generations: 
     grouped = total.view(-1, generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(generations)
     if scale_rewards == "batch":
-        std = _nanstd(total).expand_as(total) if total.numel() > 1 else torch.zeros_like(total)
+        std = nanstd(total).expand_as(total) if total.numel() > 1 else torch.zeros_like(total)
     else:
-        std = _nanstd(grouped, dim=1).repeat_interleave(generations) if generations > 1 else torch.zeros_like(total)
+        std = nanstd(grouped, dim=1).repeat_interleave(generations) if generations > 1 else torch.zeros_like(total)
     advantages = total - mean
     if scale_rewards != "none":
         advantages = advantages / (std + STD_EPS)

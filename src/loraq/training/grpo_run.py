@@ -36,7 +36,7 @@ from loraq.data.prompt_data import PromptBatch, PromptExample
 from loraq.data.tokenize import IGNORE_INDEX
 from loraq.generation.engine import eval_mode
 from loraq.training.evaluate import EvalLoss
-from loraq.training.grpo import GrpoSettings, group_advantages, policy_loss
+from loraq.training.grpo import GrpoSettings, group_advantages, nanstd, policy_loss
 from loraq.training.rewards import Reward, score
 from loraq.training.rollout import Rollout, sample_groups, scored_rows
 
@@ -244,7 +244,7 @@ class GrpoObjective:
         """The step's metrics under TRL's names (see the module docstring)."""
         groups = self._current
         out = reward_metrics(torch.cat([g.rewards for g in groups]), torch.cat([g.total for g in groups]),
-                             torch.cat([g.std_zero for g in groups]), self.generations, [r.name for r in self.rewards])
+                             torch.cat([g.std_zero for g in groups]), [r.name for r in self.rewards])
         out.update(completion_metrics([c for g in groups for c in g.rollout.completion_ids],
                                       [t for g in groups for t in g.rollout.truncated]))
         for name in sorted({k for m in self._loss_metrics for k in m}):
@@ -281,29 +281,28 @@ class GrpoObjective:
         """Nothing to cache: the reference is the adapter switched off, scored as each batch is sampled."""
 
 
-def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, std_zero: torch.Tensor, generations: int,
+def reward_metrics(rewards: torch.Tensor, total: torch.Tensor, std_zero: torch.Tensor,
                    names: list[str]) -> dict[str, float]:
-    """``reward`` (the weighted total's mean), ``reward_std`` (its groups' std, averaged), each function's mean
-    and std, and ``frac_reward_zero_std`` (completions whose group had one reward: no signal)."""
-    grouped = total.view(-1, generations)
-    out = {"reward": _nanmean(total), "reward_std": _nanmean(_group_std(grouped)),
+    """As TRL 1.16 logs them: ``reward`` and ``reward_std``, the mean and sample std (NaN skipped) of the weighted
+    totals over the step's completions; each function's mean and std over the completions it scored; and
+    ``frac_reward_zero_std`` (completions whose group had one reward: no signal). A std of fewer than two values
+    is NaN, as in TRL."""
+    out = {"reward": _nanmean(total), "reward_std": _finite(nanstd(total.double())),
            "frac_reward_zero_std": float(std_zero.double().mean())}
     for j, name in enumerate(names):
-        column = rewards[:, j]
+        column = rewards[:, j].double()
         out[f"rewards/{name}/mean"] = _nanmean(column)
-        out[f"rewards/{name}/std"] = float(column[~torch.isnan(column)].std()) if (~torch.isnan(column)).sum() > 1 \
-            else 0.0
+        out[f"rewards/{name}/std"] = _finite(nanstd(column))
     return out
 
 
-def _group_std(grouped: torch.Tensor) -> torch.Tensor:
-    return torch.stack([g[~torch.isnan(g)].std() if (~torch.isnan(g)).sum() > 1 else g.new_tensor(0.0)
-                        for g in grouped])
+def _finite(x: torch.Tensor) -> float:
+    value = float(x)
+    return value if math.isfinite(value) else float("nan")
 
 
 def _nanmean(x: torch.Tensor) -> float:
-    value = float(torch.nanmean(x.double())) if x.numel() else float("nan")
-    return value if math.isfinite(value) else float("nan")
+    return _finite(torch.nanmean(x.double())) if x.numel() else float("nan")
 
 
 def completion_metrics(completions: list[list[int]], truncated: list[bool]) -> dict[str, float]:
