@@ -321,9 +321,6 @@ class TrainConfig:
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weights for {len(self.reward)} "
                               "--reward functions; give one each")
-        if self.beta > 0 and self.init_adapter:
-            raise ConfigError("--beta > 0 with --init-adapter: GRPO's reference is the adapter switched off, not a "
-                              "frozen copy of the adapter it continues (not yet supported); drop one of them")
         if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
             raise ConfigError(f"--importance-sampling-level sequence goes with --loss-type grpo (the "
                               f"{self.loss_type} loss sums tokens, which a weight per sequence would count once per "

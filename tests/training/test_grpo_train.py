@@ -271,3 +271,37 @@ def test_num_iterations_2_reuses_the_completions_and_its_clip_ratios_equal_trl_f
     assert expected["region"] > 0  # the update moved the policy enough to clip
     for key, value in expected.items():
         assert steps[1][f"clip_ratio/{key}_mean"] == pytest.approx(float(value), abs=1e-6), key  # same count
+
+
+def test_beta_with_an_init_adapter_measures_kl_to_that_adapter_frozen(tiny_llama_dir, tmp_path):
+    """``--beta 0.04 --init-adapter RUN``: the reference is the adapter the run continues, frozen. At step 1 the
+    policy is that adapter, so ``kl`` is exactly 0 (against the adapter switched off it is not: the SFT adapter
+    moved the model); training moves away from it (``kl`` > 0 at the end), and the reference is untouched by the swaps
+    (a run resumed from step 2 ends bitwise equal)."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                     {"role": "assistant", "content": f"number {i} " * 3}]}) + "\n"
+                            for i in range(16)))
+    sft = loraq.train(model=str(tiny_llama_dir), data=str(chat), method="lora", max_steps=4, batch_size=4,
+                      seq_len=64, dtype="fp32", output_dir=str(tmp_path / "sft"), eval_samples=0, seed=0, lr=5e-2,
+                      threads=1, val_fraction=0)
+    data = write_prompts(tmp_path / "p.jsonl")
+    reward_file = tmp_path / "parity.py"
+    reward_file.write_text("def parity(completion_ids, **kw):\n"
+                           "    return [float(sum(c) % 2) for c in completion_ids]\n")
+    kw = dict(max_steps=5, save_every=2, beta=0.04, init_adapter=str(sft.run_dir), reward=[f"{reward_file}:parity"])
+    full = _train(tiny_llama_dir, data, tmp_path / "full", **kw)
+    steps = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    kl = [s["kl"] for s in steps if s["kind"] == "train"]
+    assert kl[0] == 0.0 and kl[-1] > 0, kl
+    moved = load_file(str(sft.run_dir / "adapter_model.safetensors"))
+    assert all(t.abs().max() > 1e-3 for k, t in moved.items() if "lora_B" in k)  # the base is not the policy
+    part = tmp_path / "part"
+    _train(tiny_llama_dir, data, part, **kw)
+    (part / "adapter_model.safetensors").unlink()
+    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    resumed = _train(tiny_llama_dir, data, part, resume=True, **kw)
+    ta = load_file(str(full.run_dir / "adapter_model.safetensors"))
+    tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

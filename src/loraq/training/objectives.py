@@ -23,6 +23,7 @@ from loraq.training.reference import (
     ReferenceLogps,
     compute_reference,
     fingerprint,
+    frozen_adapter_context,
     load_cache,
     reference_context,
     save_cache,
@@ -106,7 +107,8 @@ def make_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, data, run
 
 
 def make_grpo_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, tokenizer, rewards: list | None = None):
-    """GRPO with the run's rewards and sampling settings; the reference (``--beta`` > 0) is the adapter off."""
+    """GRPO with the run's rewards and sampling settings; the reference (``--beta`` > 0) is the adapter off, or
+    with ``--init-adapter`` the adapter it continues, frozen."""
     from loraq.data.prompts import pad_token_id, stop_token_ids
     from loraq.training.grpo import GrpoSettings
     from loraq.training.grpo_run import Generation, GrpoObjective
@@ -123,4 +125,5 @@ def make_grpo_objective(cfg: Any, loss_module: nn.Module, model: nn.Module, toke
     return GrpoObjective(model, loss_module, settings, rewards, list(cfg.reward_weights),
                          cfg.num_generations, generation, num_iterations=cfg.num_iterations,
                          mask_truncated=cfg.mask_truncated_completions,
-                         reference_context=reference_context(model, True))
+                         reference_context=frozen_adapter_context(model) if cfg.init_adapter and cfg.beta
+                         else reference_context(model, True))

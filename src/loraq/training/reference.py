@@ -92,6 +92,29 @@ def reference_context(model: nn.Module, fresh_adapter: bool) -> Callable[[], Any
     return lambda: disable_adapters(model)
 
 
+def frozen_adapter_context(model: nn.Module) -> Callable[[], Any]:
+    """How to run a reference that is the adapter as it is now, frozen (GRPO's ``--beta`` > 0 with
+    ``--init-adapter``): a copy of the trainable values is kept, and each reference pass swaps it in and the
+    trained values back after (two copies of the adapter, no second model)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p.detach().clone() for p in params]
+
+    @contextlib.contextmanager
+    def swapped():
+        current = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, value in zip(params, frozen):
+                p.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, current):
+                    p.copy_(value)
+
+    return swapped
+
+
 def compute_reference(loss_module: nn.Module, context: Callable[[], Any], data, train_indices: Sequence[int],
                       batch_size: int, device: torch.device) -> ReferenceLogps:
     """The reference log-probabilities of ``train_indices`` and every validation pair (eval mode, RNG untouched)."""
