@@ -305,3 +305,33 @@ def test_beta_with_an_init_adapter_measures_kl_to_that_adapter_frozen(tiny_llama
     tb = load_file(str(resumed.run_dir / "adapter_model.safetensors"))
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_scale_rewards_batch_spans_every_micro_batch_of_the_step(tiny_llama_dir, tmp_path, monkeypatch):
+    """``--scale-rewards batch --grad-accum 2``: each completion's advantage is its reward minus its group's mean,
+    over the std of all the step's completions (both micro-batches: TRL's generation batch) plus 1e-4 -- the
+    float64 formula on the rewards the function returned."""
+    from loraq.training import grpo_run
+
+    seen = []
+    real = grpo_run.policy_loss
+    monkeypatch.setattr(grpo_run, "policy_loss",
+                        lambda logps, advantages, *a, **k: seen.append(advantages.clone()) or real(logps, advantages,
+                                                                                                   *a, **k))
+    reward_file = tmp_path / "mod3.py"
+    reward_file.write_text("def mod3(completion_ids, **kw):\n"
+                           "    values = [float(sum(c) % 3) for c in completion_ids]\n"
+                           "    import json, os\n"
+                           "    open(os.environ['REWARD_LOG'], 'a').write(json.dumps(values) + '\\n')\n"
+                           "    return values\n")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("REWARD_LOG", str(log))
+    _train(tiny_llama_dir, write_prompts(tmp_path / "p.jsonl"), tmp_path / "run", max_steps=1, grad_accum=2,
+           scale_rewards="batch", reward=[f"{reward_file}:mod3"])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == len(seen) == 2  # two micro-batches, each scored once
+    rewards = torch.tensor(calls, dtype=torch.float64).view(-1)
+    grouped = rewards.view(-1, G)
+    expected = (grouped - grouped.mean(1, keepdim=True)).view(-1) / (rewards.std() + 1e-4)
+    assert calls[0] != calls[1] and rewards.view(2, -1).std(1).sub(rewards.std()).abs().max() > 1e-3
+    assert torch.allclose(torch.cat(seen).double(), expected, atol=1e-6, rtol=0)

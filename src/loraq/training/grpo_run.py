@@ -110,15 +110,18 @@ class GrpoObjective:
         self.step += 1
         self._t_step = time.perf_counter()
         self._times = {"generation": 0.0, "scoring": 0.0}
-        groups = []
+        groups, fresh = [], []
         for k, batch in enumerate(micro):
             key = (k, tuple(batch.index))
             group = self._groups.get(key) or self._restore(key, batch.examples)
             if group is None or group.uses >= self.num_iterations:
                 group = self._sample(batch.examples, k)
+                fresh.append(group)
             group.uses += 1
             batch.num_tokens = group.rollout.num_tokens
             groups.append(group)
+        if self.settings.scale_rewards == "batch" and len(fresh) > 1:
+            self._scale_over_the_batch(fresh)
         self._groups = {(k, tuple(b.index)): g for k, (b, g) in enumerate(zip(micro, groups))}
         self._current, self._loss_metrics = groups, []
         self._by_batch = {id(b): g for b, g in zip(micro, groups)}
@@ -160,6 +163,8 @@ class GrpoObjective:
             tensors[f"{n}.lengths"] = torch.tensor([len(c) for c in ids], dtype=torch.long)
             tensors[f"{n}.truncated"] = torch.tensor(g.rollout.truncated, dtype=torch.bool)
             tensors[f"{n}.rewards"] = g.rewards
+            tensors[f"{n}.advantages"] = g.advantages
+            tensors[f"{n}.std_zero"] = g.std_zero
             for name in ("old_logps", "ref_logps"):
                 if getattr(g, name) is not None:
                     tensors[f"{n}.{name}"] = getattr(g, name).contiguous()
@@ -190,9 +195,19 @@ class GrpoObjective:
             flat = flat[n:]
         rollout = Rollout(list(examples), self.generations, ids, entry["texts"], tensors["truncated"].tolist())
         group = self._group(rollout, tensors["rewards"])
+        group.advantages, group.std_zero = tensors["advantages"], tensors["std_zero"]  # as scaled when sampled
         group.old_logps, group.ref_logps = tensors.get("old_logps"), tensors.get("ref_logps")
         group.uses = entry["uses"]
         return group
+
+    def _scale_over_the_batch(self, fresh: list[GroupBatch]) -> None:
+        """``--scale-rewards batch`` over every completion sampled this step (TRL: the generation batch, all
+        micro-batches of the step), not each micro-batch's own."""
+        rewards = torch.cat([g.rewards for g in fresh])
+        advantages, _, std_zero = group_advantages(rewards, self.weights, self.generations, "batch")
+        for g, a, z in zip(fresh, advantages.split([len(g.rewards) for g in fresh]),
+                           std_zero.split([len(g.rewards) for g in fresh])):
+            g.advantages, g.std_zero = a, z
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """``[completions, rewards]`` (NaN: not scored) from the reward functions, called as TRL calls them."""
