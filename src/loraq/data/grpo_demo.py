@@ -1,10 +1,11 @@
-"""The bundled GRPO demo: small sums the model must answer with the number alone.
+"""The bundled GRPO demo: small sums, scored by whether the answer is right.
 
 Each record is a conversation prompt ``What is a + b? Reply with the number only.`` (``a`` in 1..20, ``b`` in
-1..9) and its ``answer`` column. The demo's rewards (recipes/grpo-demo.yaml) score the answer
-(``exact_answer``) and the form (a regex: the number alone), half each. SmolLM2-135M-Instruct answers many
-sums right but rarely with the number alone ("8 + 2 = 10", "The answer is 12."), so sampled groups differ in
-reward from the first step: signal for GRPO.
+1..9) and its ``answer`` column. The demo's reward (recipes/grpo-demo.yaml) is the checker ``exact_answer``:
+1 when the completion's last number is the sum. SmolLM2-135M-Instruct answers about half of them right
+(greedy: 14 of the 30 held out), in many forms ("8 + 2 = 10", "The answer is 12."), so sampled groups differ
+in reward from the first step: signal for GRPO. (Rewarding the number-alone form as well taught the form
+faster than the sums: bench/NOTES.md.)
 
 The 180 sums are shuffled with a fixed seed; 30 are held out. ``python -m loraq.data.grpo_demo`` rewrites the
 bundled files and a test checks they match.

@@ -189,10 +189,7 @@ class GrpoObjective:
         if key not in self._saved:
             return None
         tensors, entry = self._saved.pop(key)
-        flat, ids = tensors["completion_ids"].tolist(), []
-        for n in tensors["lengths"].tolist():
-            ids.append(flat[:n])
-            flat = flat[n:]
+        ids = [c.tolist() for c in tensors["completion_ids"].split(tensors["lengths"].tolist())]
         rollout = Rollout(list(examples), self.generations, ids, entry["texts"], tensors["truncated"].tolist())
         group = self._group(rollout, tensors["rewards"])
         group.advantages, group.std_zero = tensors["advantages"], tensors["std_zero"]  # as scaled when sampled
