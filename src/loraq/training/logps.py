@@ -20,7 +20,9 @@ models whose logits are not just ``W h + b`` take the plain path
 :func:`token_logps_reference` (full logits, log-softmax, gather), which is
 also the reference the tests hold the fused path to.
 
-Per row: ``sum_r = sum over scored t in row r of logp_t``.
+Per row: ``sum_r = sum over scored t in row r of logp_t``. GRPO also logs each scored position's entropy,
+``H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_{t,v}`` (:func:`token_entropy`), from the same chunk of logits
+(a metric: no gradient).
 """
 from __future__ import annotations
 
