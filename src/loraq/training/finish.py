@@ -47,7 +47,8 @@ def finish_run(run: Run, loop: LoopResult, callbacks: Sequence[Callback] = ()) -
             title = f"{cfg.method} · {trained.source.name} · {Path(data.stats.path).name}"
             plot_loss(run.folder.path / "metrics.jsonl", run.folder.path / "loss.png", title=title)
             if cfg.objective == "grpo":
-                plot_reward(run.folder.path / "metrics.jsonl", run.folder.path / "reward.png", title=title)
+                plot_reward(run.folder.path / "metrics.jsonl", run.folder.path / "reward.png", title=title,
+                            base_success=run.counters.base_accuracy)
     for callback in callbacks:
         callback.on_train_end(summary)
     runtime.barrier()

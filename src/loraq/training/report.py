@@ -34,14 +34,17 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> Path | None
     return _chart([("train loss", train, "-", 1.2), ("eval loss", evals, "o-", 1.5)], "loss", title, out_png)
 
 
-def plot_reward(metrics_path: Path, out_png: Path, title: str = "", window: int = 20) -> Path | None:
+def plot_reward(metrics_path: Path, out_png: Path, title: str = "", window: int = 20,
+                base_success: float | None = None) -> Path | None:
     """GRPO: the mean reward of each step's completions, its mean over the last ``window`` steps, and the
-    held-out prompts' greedy success at each evaluation."""
+    held-out prompts' greedy success at each evaluation (at step 0: the base model's, when given)."""
     rows = read_metrics(metrics_path)
     steps = [(r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None]
     smooth = [(s, sum(v for _, v in steps[max(0, k - window + 1):k + 1]) / len(steps[max(0, k - window + 1):k + 1]))
               for k, (s, _) in enumerate(steps)]
     evals = [(r["step"], r["eval_success"]) for r in rows if r.get("kind") == "eval" and "eval_success" in r]
+    if evals and base_success is not None:
+        evals.insert(0, (0, base_success))
     return _chart([("reward (step)", steps, "-", 0.6), (f"reward ({window}-step mean)", smooth, "-", 2.0),
                    ("held-out success (greedy)", evals, "o-", 1.5)], "reward", title, out_png)
 
