@@ -20,7 +20,9 @@ def test_the_common_cases_ship():
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
-def test_recipe_validates_by_name_and_path(name):
+def test_recipe_validates_by_name_and_path(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft-demo").mkdir(parents=True)  # dpo-after-sft continues the SFT demo's run folder
     by_name = _parse([name])
     by_path = _parse([str(RECIPES / f"{name}.yaml")])
     assert by_name.to_dict() == by_path.to_dict()
