@@ -140,7 +140,9 @@ def test_a_run_writes_only_its_folder_and_the_user_cache(run_flags, tiny_llama_d
     args = run_flags(None, max_steps=3, save_every=2, eval_samples=2)
     watched = {"model": tiny_llama_dir, "data": chat_data.parent, "home": home}
     before = {k: tree_snapshot(v) for k, v in watched.items()}
-    env = loraq_env(HOME=str(home), XDG_CACHE_HOME=str(xdg), LORAQ_CACHE=str(cache), TMPDIR=str(tmp))
+    # the generated kernels on (the suite's helpers turn them off): their compiler's caches must stay in loraq's
+    env = loraq_env(HOME=str(home), XDG_CACHE_HOME=str(xdg), LORAQ_CACHE=str(cache), TMPDIR=str(tmp),
+                    LORAQ_COMPILE="1")
     env.pop("MPLCONFIGDIR", None)
     done = run_loraq(args, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
