@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file
@@ -45,15 +46,8 @@ def train_in_process(model: Path, data: Path, out: Path, **overrides):
     """The one-process reference, through the Python API (``loraq train`` is a thin layer over it)."""
     import loraq
 
-    saved = os.environ.get("LORAQ_COMPILE")
-    os.environ["LORAQ_COMPILE"] = RANK_ENV["LORAQ_COMPILE"]  # the ranks' code paths
-    try:
+    with mock.patch.dict(os.environ, LORAQ_COMPILE=RANK_ENV["LORAQ_COMPILE"]):  # the ranks' code paths
         return loraq.train(**settings(model, data, out, **overrides))
-    finally:
-        if saved is None:
-            os.environ.pop("LORAQ_COMPILE")
-        else:
-            os.environ["LORAQ_COMPILE"] = saved
 
 
 def loraq_cli(args: list[str], env: dict[str, str] | None = None, check: bool = True,
