@@ -121,6 +121,10 @@ class LeanDecoder:
         self.scaling = self.inner.layers[0].self_attn.scaling
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.head = decode_head(model.lm_head)
+        from loraq.generation.fused import FusedBlocks, enabled
+
+        self.fused = FusedBlocks(self.inner, self.heads, self.kv_heads, self.head_dim, self.scaling) if enabled() \
+            else None
 
     def new_cache(self, rows: int, length: int) -> LeanCache:
         device = self.inner.embed_tokens.weight.device
@@ -130,17 +134,21 @@ class LeanDecoder:
         """Logits ``[rows, V]`` (float32) of the last position; ``mask [rows, filled + T]`` (1 = a real token)."""
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, positions)
-        rope = (cos.unsqueeze(1), sin.unsqueeze(1))
-        attend = _attention_mask(mask, ids.shape[1])
+        if self.fused is None or not self.fused.run(x, cos, sin, mask, cache):
+            x = self._blocks(x, (cos.unsqueeze(1), sin.unsqueeze(1)), _attention_mask(mask, ids.shape[1]), cache)
+        cache.filled += ids.shape[1]
+        last = _rms(self.inner.norm, x[:, -1])
+        logits = self.head(last) if self.head is not None else None
+        return (logits if logits is not None else self.model.lm_head(last)).float()
+
+    def _blocks(self, x: torch.Tensor, rope, attend: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        """Every block, module by module (the reference of :mod:`loraq.generation.fused`)."""
         for index, block in enumerate(self.inner.layers):
             x = x + self._attention(block.self_attn, _rms(block.input_layernorm, x), rope, attend, cache, index)
             n = _rms(block.post_attention_layernorm, x)
             mlp = block.mlp
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n))
-        cache.filled += ids.shape[1]
-        last = _rms(self.inner.norm, x[:, -1])
-        logits = self.head(last) if self.head is not None else None
-        return (logits if logits is not None else self.model.lm_head(last)).float()
+        return x
 
     def _attention(self, attn: nn.Module, n: torch.Tensor, rope, attend: torch.Tensor, cache: LeanCache,
                    index: int) -> torch.Tensor:

@@ -414,6 +414,7 @@ int loraq_gemv4(const weight *w, int64_t rows, const void *x, const void *bias, 
     return table != ROWS_EVEN;
 }
 """  # noqa: E501 -- C source: rewrapping it would change the kernel's cache key (a rebuild) for nothing
+SOURCE = _SOURCE  # the kernel's C source, which kernels/block.py builds on
 _KIND = {torch.float32: 0, torch.bfloat16: 1}
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODES = {"auto": -1, "float": 0, "int16": 1}
@@ -469,6 +470,11 @@ class _WeightStruct(ctypes.Structure):
                                                      "nested_absmax")] + [
         ("offset", ctypes.c_float), ("nested_bs", ctypes.c_int64), ("blocksize", ctypes.c_int64),
         ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64)]
+
+
+def weight_arguments(packed: torch.Tensor, state: QuantState) -> _Weight:
+    """The C ``weight`` of a 4-bit layer (``.address``), made once per state and kept while the state lives."""
+    return _weight(packed, state)
 
 
 def _weight(packed: torch.Tensor, state: QuantState) -> _Weight:

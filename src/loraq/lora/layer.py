@@ -217,20 +217,26 @@ class LoraLinear(nn.Module):
         """``y + (x A^T) (s B)^T`` into the base's fresh output ``y`` (nothing records it), with ``A`` and ``(s
         B)^T`` kept in ``x``'s dtype, contiguous (a transposed view makes this product ~2.5x slower on a CPU),
         remade when the factors change (their storage or version: an optimizer step between evaluations)."""
+        a, sbt = self.inference_factors(name, x.dtype)
+        h = F.linear(x, a).reshape(-1, a.shape[0])
+        if not y.is_contiguous():
+            return y + (h @ sbt).view(y.shape)
+        y.view(-1, self.out_features).addmm_(h, sbt)
+        return y
+
+    def inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], (s B)^T [r, out])`` of adapter ``name`` in ``dtype``, contiguous, detached; kept until the
+        factors change (storage, version, scale or correction) or another dtype is asked for."""
         wa, wb = self.lora_A[name].weight, self.lora_B[name].weight
-        key = (x.dtype, wa.data_ptr(), wa._version, wb.data_ptr(), wb._version, self.scaling[name],
+        key = (dtype, wa.data_ptr(), wa._version, wb.data_ptr(), wb._version, self.scaling[name],
                id(self.lora_correction[name]) if name in self.lora_correction else None)
         kept = self._inference_factors.get(name)
         if kept is None or kept[0] != key:
             a, b = self.factors(name)
-            kept = (key, a.detach().to(x.dtype).contiguous(),
-                    (b.detach().float() * self.scaling[name]).t().contiguous().to(x.dtype))
+            kept = (key, a.detach().to(dtype).contiguous(),
+                    (b.detach().float() * self.scaling[name]).t().contiguous().to(dtype))
             self._inference_factors[name] = kept
-        h = F.linear(x, kept[1]).reshape(-1, kept[1].shape[0])
-        if not y.is_contiguous():
-            return y + (h @ kept[2]).view(y.shape)
-        y.view(-1, self.out_features).addmm_(h, kept[2])
-        return y
+        return kept[1], kept[2]
 
     def _add_dora_update(self, y: torch.Tensor, x: torch.Tensor, name: str, base_y: torch.Tensor) -> torch.Tensor:
         """``y + (c - 1) * W0 x' + c * s B A x'`` with ``c = m / ||W0 + s B A||`` (constant in backward) and

@@ -1,0 +1,162 @@
+"""The lean decode step's blocks as one native call (:mod:`loraq.kernels.block`), where every block allows it.
+
+A decode step (one new token per row, up to ``SMALL_BATCH_ROWS`` rows) runs every decoder block in C when each
+of its seven linear layers is one of: a loraq 4-bit layer computing in float32, a float32 ``nn.Linear``, or a
+LoRA layer over one of those with no adapter live (disabled, merged, none active) or exactly one live, plain
+LoRA adapter (no DoRA, no dropout in training mode, no per-row routing); its norms are float32, its activation
+SiLU, and the cache float32. Anything else -- a second live adapter, DoRA, rows routed to different adapters
+(:mod:`loraq.lora.rows`), bf16 -- and the step runs module by module (:class:`loraq.generation.lean.LeanDecoder`),
+which is also the reference the tests hold this one to.
+
+The plan (the C structs pointing at each layer's weights and LoRA factors) is made on the first step and
+remade when any layer's state changes: the adapters active, disabled or merged, a routing set, a factor
+written (its tensor version), a base replaced. ``LORAQ_FUSED_DECODE=0`` switches this path off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from loraq.kernels.block import LINEARS, Block, Linear, Step, decode_blocks, library
+from loraq.lora.layer import LoraLinear, is_4bit
+from loraq.quant.functional import SMALL_BATCH_ROWS
+
+_MODULES = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+            "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+            "down": ("mlp", "down_proj")}
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAQ_FUSED_DECODE", "1").lower() not in {"0", "false", "no", "off"}
+
+
+class FusedBlocks:
+    """``run(x, cos, sin, mask, cache)``: every block of ``inner`` (a Llama-shaped ``model.model``) on ``x [rows,
+    1, hidden]`` in place, True; or False, untouched, where this path does not apply (module docstring)."""
+
+    def __init__(self, inner: nn.Module, heads: int, kv_heads: int, head_dim: int, scaling: float):
+        self.inner, self.lib = inner, library()
+        self.shape = (heads, kv_heads, head_dim, float(scaling))
+        self.key: tuple | None = None
+        self.blocks: ctypes.Array | None = None
+        self.keep: list = []
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache) -> bool:
+        rows = x.shape[0]
+        if self.lib is None or x.dtype != torch.float32 or not 0 < rows <= SMALL_BATCH_ROWS or x.shape[1] != 1:
+            return False
+        if mask.shape[1] != cache.filled + 1 or cache.keys[0].dtype != torch.float32:
+            return False
+        # looked up each step: adapters injected since (a server loading one) replace the modules
+        modules = [[_module(b, n) for n in LINEARS] for b in self.inner.layers]
+        key = tuple(_state(m) for layer in modules for m in layer)
+        if key != self.key:
+            self.key, self.blocks = key, self._plan(modules)
+        if self.blocks is None:
+            return False
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            block.keys, block.values = keys.data_ptr(), values.data_ptr()
+        mask = mask.contiguous()
+        cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
+        heads, kv_heads, head_dim, scaling = self.shape
+        step = Step(rows, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2], cache.filled,
+                    mask.shape[1], self.max_rank, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), scaling, 1)
+        decode_blocks(self.lib, self.blocks, step, x)
+        return True
+
+    def _plan(self, linears: list[list[nn.Module]]) -> ctypes.Array | None:
+        """The C blocks, or None where a block cannot run natively; ``keep`` holds what their pointers point to."""
+        self.keep = []
+        self.max_rank, self.inter = 1, 0
+        blocks = (Block * len(linears))()
+        for into, block, modules in zip(blocks, self.inner.layers, linears):
+            if not _plain_block(block):
+                return None
+            for name, module in zip(LINEARS, modules):
+                made = _linear(module, self.keep)
+                if made is None:
+                    return None
+                setattr(into, name, made)
+                self.max_rank = max(self.max_rank, made.rank)
+            self.inter = modules[LINEARS.index("gate")].out_features
+            for side, norm in (("1", block.input_layernorm), ("2", block.post_attention_layernorm)):
+                setattr(into, "norm" + side, _pointer(norm.weight, self.keep))
+                setattr(into, "eps" + side, float(norm.variance_epsilon))
+        return blocks
+
+
+def _module(block: nn.Module, name: str) -> nn.Module:
+    part, attribute = _MODULES[name]
+    return getattr(getattr(block, part), attribute)
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """Float32 norms and a SiLU MLP (the rest :func:`loraq.generation.lean.supports` checked)."""
+    norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+    act = type(getattr(block.mlp, "act_fn", None)).__name__
+    return all(w.dtype == torch.float32 and w.is_cpu for w in norms) and act in ("SiLU", "SiLUActivation")
+
+
+def _live(layer: LoraLinear) -> list[str]:
+    return [] if layer.disabled else [a for a in layer.active_adapters if a not in layer.merged_adapters]
+
+
+def _state(module: nn.Module) -> tuple:
+    """What the plan depends on in ``module``: a change remakes it."""
+    if not isinstance(module, LoraLinear):
+        return (id(module), id(module.weight))
+    live = _live(module)
+    versions = tuple((module.lora_A[a].weight._version, module.lora_B[a].weight._version,
+                      module.lora_A[a].weight.data_ptr(), module.lora_B[a].weight.data_ptr()) for a in live)
+    return (id(module.base), id(module.base.weight), module.row_adapters is None, tuple(live), versions,
+            module.training)
+
+
+def _linear(module: nn.Module, keep: list) -> Linear | None:
+    """The C ``linear`` of ``module``, or None where it is not one this path computes."""
+    a = sbt = None
+    if isinstance(module, LoraLinear):
+        live = _live(module)
+        if module.row_adapters is not None or len(live) > 1:
+            return None
+        if live:
+            name = live[0]
+            if module.is_dora(name) or (module.training and name in module.lora_dropout):
+                return None
+            a, sbt = module.inference_factors(name, torch.float32)
+        module = module.base
+    made = _base(module, keep)
+    if made is not None and a is not None:
+        keep.extend((a, sbt))
+        made.lora_a, made.lora_bt, made.rank = a.data_ptr(), sbt.data_ptr(), a.shape[0]
+    return made
+
+
+def _base(module: nn.Module, keep: list) -> Linear | None:
+    bias = getattr(module, "bias", None)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu):
+        return None
+    if is_4bit(module):
+        from loraq.kernels.gemv4 import weight_arguments
+
+        state = module.quant_state
+        if module.compute_dtype != torch.float32 or not module.weight.is_cpu or state.code.numel() != 16:
+            return None
+        arguments = weight_arguments(module.weight, state)
+        keep.append(arguments)
+        return Linear(w4=arguments.address, bias=_pointer(bias, keep), n_out=state.shape[0], n_in=state.shape[1])
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_cpu:
+        return Linear(dense=_pointer(module.weight, keep), bias=_pointer(bias, keep), n_out=module.out_features,
+                      n_in=module.in_features)
+    return None
+
+
+def _pointer(t: torch.Tensor | None, keep: list) -> int | None:
+    if t is None:
+        return None
+    t = t.detach().contiguous()
+    keep.append(t)
+    return t.data_ptr()
