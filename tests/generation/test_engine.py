@@ -7,7 +7,7 @@ import torch
 
 from family_configs import FAMILIES, family_config
 from loraq.errors import ConfigError
-from loraq.generation.engine import StopText, generate_ids
+from loraq.generation.engine import DecodeBatch, Row, StopText, generate_ids
 from loraq.generation.lean import supports
 from loraq.generation.sampling import Sampling
 from loraq.lora.config import LoraConfig
@@ -126,6 +126,28 @@ def test_a_group_of_one_prompt_prefilled_once_draws_what_transformers_draws_for_
                                  temperature=1.2, top_k=None)
         assert row.tokens == out[0, len(prompt):].tolist()
     assert len({tuple(r.tokens) for r in got[:3]}) > 1  # one prompt, different draws
+
+
+def test_prompts_that_open_alike_share_one_prefill_of_the_prefix_and_decode_what_each_decodes_alone(monkeypatch):
+    """A chat template's system turn: its keys and values are computed once on one row and copied; each row's rest
+    follows after a gap of pads. The tokens stay transformers' for each prompt alone."""
+    from loraq.generation import lean
+
+    model = tiny()
+    prefix = list(range(20, 44))
+    prompts = [prefix + [50, 51, 52], prefix + [53], prefix + [54, 55, 56, 57, 58], prefix + [59, 60]]
+    shapes = []
+    forward = lean.LeanDecoder.forward
+    monkeypatch.setattr(lean.LeanDecoder, "forward", lambda self, ids, *a: shapes.append(tuple(ids.shape)) or
+                        forward(self, ids, *a))
+    got = generate_ids(model, prompts, Sampling(max_new_tokens=8), pad_id=0)
+    assert shapes[:2] == [(1, 24), (4, 5)]
+    assert [r.tokens for r in got] == [hf_alone(model, p, 8) for p in prompts]
+    batch = DecodeBatch(model, pad_id=0)
+    with torch.no_grad():
+        batch.join([Row(k, p, Sampling(max_new_tokens=8)) for k, p in enumerate(prompts)])
+        want = torch.cat([model(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
+    assert torch.allclose(batch.logits, want, atol=1e-5, rtol=1e-4)
 
 
 def test_stop_strings_cut_the_text_before_them():

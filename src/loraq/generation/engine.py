@@ -257,11 +257,8 @@ class _LeanSteps:
         first: dict[tuple, int] = {}
         copy_of = [first.setdefault((tuple(r.prompt), r.route), len(first)) for r in rows]
         unique = [rows[copy_of.index(u)] for u in range(len(first))]
-        ids, mask = left_padded([r.prompt for r in unique], batch.pad_id)
         device = batch.device
-        cache = self.decoder.new_cache(len(unique), ids.shape[1] + max(r.remaining for r in rows))
-        batch.route([r.route for r in unique])
-        logits = self.decoder.forward(ids.to(device), mask.to(device), position_ids(mask).to(device), cache)
+        cache, logits, mask = self._prefill(batch, unique, max(r.remaining for r in rows))
         if len(unique) < len(rows):
             index = torch.tensor(copy_of, dtype=torch.long)
             cache.reorder_cache(index.to(device))
@@ -273,6 +270,29 @@ class _LeanSteps:
         self.cache, merged = self.cache.join(batch.mask, cache, mask.to(device), room)
         return torch.cat([batch.logits, logits]), merged
 
+    def _prefill(self, batch: DecodeBatch, rows: list[Row], room: int):
+        """(cache, last logits, mask) of ``rows`` (distinct prompts) with ``room`` free columns after them.
+
+        Rows on one route whose prompts open alike (a chat template's system turn) compute that shared prefix
+        once, on one row, whose cache is then copied to every row; each row's rest follows it, left-padded:
+        columns ``[0, P)`` hold the prefix (positions ``0 .. P-1``), then pads, then the row's own tokens
+        (positions from ``P``). Attention goes by the mask, so the gap changes nothing a row computes."""
+        prompts, device = [r.prompt for r in rows], batch.device
+        shared = _shared_prefix(prompts) if len({r.route for r in rows}) == 1 else 0
+        ids, mask = left_padded([p[shared:] for p in prompts], batch.pad_id)
+        cache = self.decoder.new_cache(1 if shared else len(rows), shared + ids.shape[1] + room)
+        if shared:
+            batch.route([rows[0].route])
+            head = torch.tensor([prompts[0][:shared]], dtype=torch.long)
+            ones = torch.ones_like(head)
+            self.decoder.forward(head.to(device), ones.to(device), position_ids(ones).to(device), cache)
+            cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
+            mask = torch.cat([ones.expand(len(rows), -1), mask], dim=1)
+        batch.route([r.route for r in rows])
+        positions = position_ids(mask)[:, shared:]
+        logits = self.decoder.forward(ids.to(device), mask.to(device), positions.to(device), cache)
+        return cache, logits, mask
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.forward(ids, mask, positions, self.cache)
 
@@ -281,6 +301,19 @@ class _LeanSteps:
 
     def reset(self) -> None:
         self.cache = None
+
+
+# a prefix is computed once for all rows where it saves at least this many token-rows of prefill
+SHARED_PREFIX_MIN_SAVING = 64
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """The tokens every prompt opens with (each keeps at least one of its own), or 0 where sharing saves little."""
+    shortest = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < shortest and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n if n * (len(prompts) - 1) >= SHARED_PREFIX_MIN_SAVING else 0
 
 
 class _ModelSteps:
