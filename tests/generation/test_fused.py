@@ -21,15 +21,17 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def model_for(family: str, base: str, adapter: bool, use_dora: bool = False):
+def model_for(family: str, base: str, adapter: bool, use_dora: bool = False, names=("a",)):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(family, VOCAB)).eval()
     if base != "float32":
         quantize_model_(model, base, double_quant=base == "nf4", blocksize=64, compute_dtype=torch.float32)
+    for k, name in enumerate(names if adapter else ()):  # ranks 8, 4: the stacks pad the second
+        targets = ALL if k == 0 else ["q_proj", "v_proj", "down_proj"]
+        inject_lora(model, LoraConfig(r=8 // (k + 1), alpha=16, target_modules=targets, use_dora=use_dora), name)
     if adapter:
-        inject_lora(model, LoraConfig(r=8, alpha=16, target_modules=ALL, use_dora=use_dora), "a")
         randomize(model, 0.2)
     return model.eval()
 
@@ -105,30 +107,64 @@ def test_an_adapter_injected_after_the_decoder_was_made_is_applied():
 
 
 def routed_logits(steps: Steps, routes: list) -> torch.Tensor:
-    """transformers' logits of each row with its own adapter (None: adapters off)."""
-    from loraq.lora.model import disable_adapters
+    """transformers' logits of each row with its own adapter active (None: adapters off)."""
+    from loraq.lora.model import disable_adapters, set_adapter
 
+    logits = {}
     with torch.no_grad():
-        on = steps.model(input_ids=steps.ids, attention_mask=steps.mask, position_ids=position_ids(steps.mask))
-        with disable_adapters(steps.model):
-            off = steps.model(input_ids=steps.ids, attention_mask=steps.mask, position_ids=position_ids(steps.mask))
-    return torch.stack([(on if r else off).logits[k, -1] for k, r in enumerate(routes)]).float()
+        for route in set(routes):
+            context = disable_adapters(steps.model) if route is None else contextlib.nullcontext()
+            if route is not None:
+                set_adapter(steps.model, route)
+            with context:
+                out = steps.model(input_ids=steps.ids, attention_mask=steps.mask, position_ids=position_ids(steps.mask))
+            logits[route] = out.logits[:, -1].float()
+    return torch.stack([logits[r][k] for k, r in enumerate(routes)])
 
 
-@pytest.mark.parametrize("case", ["dora", "disabled", "routed"])
+@pytest.mark.parametrize("base", ["float32", "nf4"])
+def test_rows_routed_to_adapters_a_b_and_none_in_one_native_step_equal_each_alone_in_transformers(base):
+    """The server's batch: rows on different adapters (ranks 8 and 4, on different layers) and none, in one step."""
+    from loraq.lora.rows import RowAdapters, as_route
+
+    model = model_for("llama", base, True, names=("a", "b"))
+    routes = ["a", None, "b"]
+    with RowAdapters(model, [as_route(r) for r in routes]):
+        steps = Steps(model)
+        got, ran, _ = steps.step(40)
+    assert ran
+    assert close(got, routed_logits(steps, routes), 1e-5 if base == "float32" else 2e-3)
+
+
+def test_a_row_mixing_two_adapters_equals_the_routings_segment_form():
+    """A mix (0.3 a + 0.7 b) has no transformers counterpart; its reference is the routing's segment form, which
+    tests/generation/test_engine.py holds to the adapters' weighted updates."""
+    from loraq.lora.rows import RowAdapters, as_route
+
+    model = model_for("llama", "nf4", True, names=("a", "b"))
+    routes = [as_route([("a", 0.3), ("b", 0.7)]), as_route("b"), as_route(None)]
+    logits = []
+    for stacked in (True, False):
+        with RowAdapters(model, routes) as routing:
+            routing.stacked = stacked
+            got, ran, _ = Steps(model).step(40)
+        assert ran == stacked
+        logits.append(got)
+    assert close(logits[0], logits[1], 2e-3)
+
+
+@pytest.mark.parametrize("case", ["dora", "disabled", "segments"])
 def test_what_the_native_step_does_not_compute_runs_module_by_module(case):
-    """DoRA and rows routed to different adapters run module by module (the native call says no); adapters
-    switched off run natively without them. Either way transformers' logits."""
+    """DoRA and the routing's segment form (its reference) run module by module (the native call says no);
+    adapters switched off run natively without them. Either way transformers' logits."""
     from loraq.lora.model import disable_adapters
     from loraq.lora.rows import RowAdapters, as_route
 
     model = model_for("llama", "nf4", True, use_dora=case == "dora")
-    if case == "routed":
-        routes = ["a", None, "a"]
-        with RowAdapters(model, [as_route(r) for r in routes]):
-            steps = Steps(model)
-            got, ran, _ = steps.step(40)
-        want = routed_logits(steps, routes)
+    if case == "segments":
+        with RowAdapters(model, [as_route("a")] * 3) as routing:
+            routing.stacked = False
+            got, ran, want = Steps(model).step(40)
     else:
         with disable_adapters(model) if case == "disabled" else contextlib.nullcontext():
             got, ran, want = Steps(model).step(40)

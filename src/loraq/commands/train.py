@@ -18,14 +18,21 @@ def run(args: argparse.Namespace) -> int:
     demo = cfg.data is None
     cfg = apply_demo_defaults(cfg).validate()
     if demo and reports_here():
-        what = {"sft": "the demo (QLoRA on the bundled demo set; see recipes/demo.yaml)",
-                "grpo": "grpo on the bundled arithmetic prompts (see recipes/grpo-demo.yaml)"}.get(
-            cfg.objective, f"{cfg.objective} on the bundled preference demo (see recipes/dpo-demo.yaml)")
-        print(f"loraq: no --data given: running {what}", flush=True)
+        print(f"loraq: no --data given: running {demo_description(cfg.objective, args.recipe)}", flush=True)
     result = train(cfg)
     if reports_here():
         print_report(result.summary, result.run_dir)
     return 0
+
+
+def demo_description(objective: str, recipe: str | None) -> str:
+    """What a run without --data trains on, and the recipe that says how (the one given, else the demo's)."""
+    data = {"sft": "QLoRA on the bundled demo set", "grpo": "grpo on the bundled arithmetic prompts"}.get(
+        objective, f"{objective} on the bundled preference demo")
+    default = {"sft": "demo", "grpo": "grpo-demo"}.get(objective, "dpo-demo")
+    shown = recipe if recipe and ("/" in recipe or recipe.endswith((".yaml", ".yml"))) else \
+        f"recipes/{recipe or default}.yaml"
+    return f"{data} (see {shown})"
 
 
 def reports_here() -> bool:

@@ -3,14 +3,16 @@
 A decode step (one new token per row, up to ``SMALL_BATCH_ROWS`` rows) runs every decoder block in C when each
 of its seven linear layers is one of: a loraq 4-bit layer computing in float32, a float32 ``nn.Linear``, or a
 LoRA layer over one of those with no adapter live (disabled, merged, none active) or exactly one live, plain
-LoRA adapter (no DoRA, no dropout in training mode, no per-row routing); its norms are float32, its activation
-SiLU, and the cache float32. Anything else -- a second live adapter, DoRA, rows routed to different adapters
-(:mod:`loraq.lora.rows`), bf16 -- and the step runs module by module (:class:`loraq.generation.lean.LeanDecoder`),
-which is also the reference the tests hold this one to.
+LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
+:class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks, weighted as the
+routing's coefficients say); its norms are float32, its activation SiLU, and the cache float32. Anything
+else -- a second live adapter, DoRA, the routing's segment form, bf16 -- and the step runs module by module
+(:class:`loraq.generation.lean.LeanDecoder`), which is also the reference the tests hold this one to.
 
 The plan (the C structs pointing at each layer's weights and LoRA factors) is made on the first step and
-remade when any layer's state changes: the adapters active, disabled or merged, a routing set, a factor
-written (its tensor version), a base replaced. ``LORAQ_FUSED_DECODE=0`` switches this path off.
+remade when any layer's state changes: the adapters active, disabled or merged, a routing entered or laid out
+anew (adapters loaded or unloaded), a factor written (its tensor version), a base replaced. Which rows use which
+adapters is read from the routing on every step. ``LORAQ_FUSED_DECODE=0`` switches this path off.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from loraq.quant.functional import SMALL_BATCH_ROWS
 _MODULES = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
             "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
             "down": ("mlp", "down_proj")}
+_PATHS = [_MODULES[n] for n in LINEARS]
 
 
 def enabled() -> bool:
@@ -40,9 +43,10 @@ class FusedBlocks:
     def __init__(self, inner: nn.Module, heads: int, kv_heads: int, head_dim: int, scaling: float):
         self.inner, self.lib = inner, library()
         self.shape = (heads, kv_heads, head_dim, float(scaling))
-        self.key: tuple | None = None
+        self.watch: Watch | None = None  # what the plan was made from
         self.blocks: ctypes.Array | None = None
         self.keep: list = []
+        self.routing = None  # the RowAdapters every layer's rows are routed by, if any
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache) -> bool:
         rows = x.shape[0]
@@ -51,10 +55,9 @@ class FusedBlocks:
         if mask.shape[1] != cache.filled + 1 or cache.keys[0].dtype != torch.float32:
             return False
         # looked up each step: adapters injected since (a server loading one) replace the modules
-        modules = [[_module(b, n) for n in LINEARS] for b in self.inner.layers]
-        key = tuple(_state(m) for layer in modules for m in layer)
-        if key != self.key:
-            self.key, self.blocks = key, self._plan(modules)
+        modules = _linears(self.inner)
+        if self.watch is None or not self.watch.unchanged(modules):
+            self.watch, self.blocks = Watch(modules), self._plan(modules)
         if self.blocks is None:
             return False
         for block, keys, values in zip(self.blocks, cache.keys, cache.values):
@@ -62,8 +65,12 @@ class FusedBlocks:
         mask = mask.contiguous()
         cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
         heads, kv_heads, head_dim, scaling = self.shape
+        coef = self.routing.coefficients(x).reshape(rows, -1).contiguous() if self.routing is not None else None
+        if coef is not None and coef.shape[0] != rows:
+            return False
         step = Step(rows, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2], cache.filled,
-                    mask.shape[1], self.max_rank, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), scaling, 1)
+                    mask.shape[1], self.max_rank, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(),
+                    None if coef is None else coef.data_ptr(), 0 if coef is None else coef.shape[1], scaling, 1)
         decode_blocks(self.lib, self.blocks, step, x)
         return True
 
@@ -71,6 +78,11 @@ class FusedBlocks:
         """The C blocks, or None where a block cannot run natively; ``keep`` holds what their pointers point to."""
         self.keep = []
         self.max_rank, self.inter = 1, 0
+        routings = {id(m.row_adapters): m.row_adapters for layer in linears for m in layer
+                    if isinstance(m, LoraLinear) and m.row_adapters is not None}
+        if len(routings) > 1:
+            return None
+        self.routing = next(iter(routings.values()), None)
         blocks = (Block * len(linears))()
         for into, block, modules in zip(blocks, self.inner.layers, linears):
             if not _plain_block(block):
@@ -88,9 +100,10 @@ class FusedBlocks:
         return blocks
 
 
-def _module(block: nn.Module, name: str) -> nn.Module:
-    part, attribute = _MODULES[name]
-    return getattr(getattr(block, part), attribute)
+def _linears(inner: nn.Module) -> list[list[nn.Module]]:
+    """Each block's seven linear layers, in LINEARS' order (read from the module tables: this runs every step)."""
+    return [[b._modules[part]._modules[attribute] for part, attribute in _PATHS] for b in
+            inner._modules["layers"]._modules.values()]
 
 
 def _plain_block(block: nn.Module) -> bool:
@@ -104,23 +117,49 @@ def _live(layer: LoraLinear) -> list[str]:
     return [] if layer.disabled else [a for a in layer.active_adapters if a not in layer.merged_adapters]
 
 
-def _state(module: nn.Module) -> tuple:
-    """What the plan depends on in ``module``: a change remakes it."""
-    if not isinstance(module, LoraLinear):
-        return (id(module), id(module.weight))
-    live = _live(module)
-    versions = tuple((module.lora_A[a].weight._version, module.lora_B[a].weight._version,
-                      module.lora_A[a].weight.data_ptr(), module.lora_B[a].weight.data_ptr()) for a in live)
-    return (id(module.base), id(module.base.weight), module.row_adapters is None, tuple(live), versions,
-            module.training)
+class Watch:
+    """What a plan depends on in the layers it was made from, cheap to compare on every step (attribute lookups
+    through ``nn.Module.__getattr__`` would cost ~7 ms a step for a 30-block model; this ~0.3 ms): the layers
+    themselves, each LoRA layer's adapters active / merged / disabled, routing (and its layout), mode and base,
+    and the version and storage of every live factor."""
+
+    def __init__(self, modules: list[list[nn.Module]]):
+        self.modules = [m for layer in modules for m in layer]
+        self.loras = [(d, list(d["active_adapters"]), list(d["merged_adapters"]), d["disabled"], d["row_adapters"],
+                       d["training"], d["_modules"]["base"])
+                      for d in (m.__dict__ for m in self.modules) if "lora_A" in d["_modules"]]
+        self.routings = {id(r): (r, r.layout_version, r.stacked) for *_, r, _, _ in self.loras if r is not None}
+        self.factors = [(w, w._version, w.data_ptr()) for d, *_ in self.loras for w in _live_factors(d)]
+
+    def unchanged(self, modules: list[list[nn.Module]]) -> bool:
+        flat = [m for layer in modules for m in layer]
+        if len(flat) != len(self.modules) or any(a is not b for a, b in zip(flat, self.modules)):
+            return False
+        for d, active, merged, disabled, routing, training, base in self.loras:
+            if (d["active_adapters"] != active or d["merged_adapters"] != merged or d["disabled"] != disabled
+                    or d["row_adapters"] is not routing or d["training"] != training
+                    or d["_modules"]["base"] is not base):
+                return False
+        if any(r.layout_version != layout or r.stacked != stacked for r, layout, stacked in self.routings.values()):
+            return False
+        return all(w._version == version and w.data_ptr() == pointer for w, version, pointer in self.factors)
+
+
+def _live_factors(d: dict) -> list[torch.Tensor]:
+    """The A and B weights of a LoRA layer's live adapters (its ``__dict__``)."""
+    merged = d["merged_adapters"]
+    live = () if d["disabled"] else [a for a in d["active_adapters"] if a not in merged]
+    return [d["_modules"][side]._modules[a]._parameters["weight"] for a in live for side in ("lora_A", "lora_B")]
 
 
 def _linear(module: nn.Module, keep: list) -> Linear | None:
     """The C ``linear`` of ``module``, or None where it is not one this path computes."""
     a = sbt = None
+    if isinstance(module, LoraLinear) and module.row_adapters is not None:
+        return _routed(module, keep)
     if isinstance(module, LoraLinear):
         live = _live(module)
-        if module.row_adapters is not None or len(live) > 1:
+        if len(live) > 1:
             return None
         if live:
             name = live[0]
@@ -132,6 +171,19 @@ def _linear(module: nn.Module, keep: list) -> Linear | None:
     if made is not None and a is not None:
         keep.extend((a, sbt))
         made.lora_a, made.lora_bt, made.rank = a.data_ptr(), sbt.data_ptr(), a.shape[0]
+    return made
+
+
+def _routed(layer: LoraLinear, keep: list) -> Linear | None:
+    """The base with the routing's stacks ``A_stack [S R, in]`` and ``B_stack^T [S R, out]`` (each row picks its
+    columns through the step's coefficients)."""
+    routing = layer.row_adapters
+    made = _base(layer.base, keep) if routing.stacked else None
+    if made is not None and routing.slots:
+        a, b = routing.stack(layer, torch.float32)
+        bt = b.t().contiguous()
+        keep.extend((a, bt))
+        made.stack_a, made.stack_bt, made.stack_cols = a.data_ptr(), bt.data_ptr(), a.shape[0]
     return made
 
 

@@ -12,6 +12,10 @@ For ``x [R, H]`` (one new token per row) and each block in turn::
     n      = rms(x) * w_2
     x      = x + lin_down(silu(lin_gate(n)) * lin_up(n))                                  silu(t) = t / (1 + e^-t)
 
+For rows routed to adapters (:class:`loraq.lora.rows.RowAdapters`' stacked form) ``lin`` adds, instead of one
+adapter's update, ``sum_c C[r, c] (t_r . A_stack[c]) B_stack^T[c]`` over the columns ``c`` with a nonzero
+weight ``C[r, c]`` (the row's adapters, each over its slot's columns): each row computes its own adapters only.
+
 ``W`` is a 4-bit weight (the product is :mod:`loraq.kernels.gemv4`'s ``loraq_gemv4``, the same function and
 arguments the per-layer path calls, so its outputs are bit for bit those) or a float32 one (dot products of 16
 columns at a time, two FMA accumulators). The LoRA update is ``rank`` dot products and ``rank`` axpys per row.
@@ -38,7 +42,8 @@ log = logging.getLogger(__name__)
 _SOURCE = GEMV4_SOURCE + r"""
 typedef struct {
     const weight *w4; const float *dense, *bias, *lora_a, *lora_bt; /* lora_bt: (s B)^T, [rank, n_out] */
-    int64_t rank, n_out, n_in;
+    const float *stack_a, *stack_bt; /* rows routed to adapters: [cols, n_in] and [cols, n_out] (rows.py's stacks) */
+    int64_t rank, n_out, n_in, stack_cols;
 } linear;
 
 typedef struct {
@@ -51,6 +56,8 @@ typedef struct {
     int64_t rows, hidden, heads, kv_heads, head_dim, inter, length, filled, mask_stride, max_rank;
     const float *cos, *sin; /* [rows, head_dim] */
     const int64_t *mask;    /* [rows, mask_stride]: column c real where nonzero, c <= filled */
+    const float *coef;      /* routed rows: [rows, coef_stride], row r's weight of each stacked column */
+    int64_t coef_stride;
     float scaling; int threads;
 } step;
 
@@ -82,8 +89,22 @@ static void dense_outputs(const linear *l, int64_t rows, const float *x, float *
     }
 }
 
-/* y = lin(x) for rows of x; h: max_rank floats of scratch. -1 where memory ran out. */
-static int linear_apply(const linear *l, int64_t rows, const float *x, float *y, int threads, float *h) {
+/* y += each routed row's stacked updates: column c of row r where its weight coef[r][c] is nonzero */
+static void routed_add(const linear *l, const step *s, const float *x, float *y) {
+    for (int64_t r = 0; r < s->rows; ++r) {
+        const float *cr = s->coef + r * s->coef_stride;
+        for (int64_t c = 0; c < l->stack_cols; ++c) {
+            if (cr[c] == 0.f) continue;
+            const float h = dot(l->stack_a + c * l->n_in, x + r * l->n_in, l->n_in) * cr[c];
+            axpy(h, l->stack_bt + c * l->n_out, y + r * l->n_out, l->n_out);
+        }
+    }
+}
+
+/* y = lin(x) for the step's rows of x; h: max_rank floats of scratch. -1 where memory ran out. */
+static int linear_apply(const linear *l, const step *s, const float *x, float *y, float *h) {
+    const int64_t rows = s->rows;
+    const int threads = s->threads;
     if (l->w4) {
         if (loraq_gemv4(l->w4, rows, x, l->bias, 0, y, threads, -1) < 0) return -1;
     } else if (threads <= 1 || l->n_out * l->n_in < (1 << 15)) {
@@ -99,6 +120,7 @@ static int linear_apply(const linear *l, int64_t rows, const float *x, float *y,
         for (int64_t i = 0; i < l->rank; ++i) h[i] = dot(l->lora_a + i * l->n_in, x + r * l->n_in, l->n_in);
         for (int64_t i = 0; i < l->rank; ++i) axpy(h[i], l->lora_bt + i * l->n_out, y + r * l->n_out, l->n_out);
     }
+    if (l->stack_a) routed_add(l, s, x, y);
     return 0;
 }
 
@@ -178,19 +200,18 @@ typedef struct { float *n, *q, *k, *v, *a, *t, *g, *u, *h, *scores; } buffers;
 static int one_block(const block *b, const step *s, float *x, const buffers *w) {
     const int64_t R = s->rows, H = s->hidden;
     rms(x, b->norm1, b->eps1, R, H, w->n);
-    if (linear_apply(&b->q, R, w->n, w->q, s->threads, w->h) || linear_apply(&b->k, R, w->n, w->k, s->threads, w->h)
-        || linear_apply(&b->v, R, w->n, w->v, s->threads, w->h)) return -1;
+    if (linear_apply(&b->q, s, w->n, w->q, w->h) || linear_apply(&b->k, s, w->n, w->k, w->h)
+        || linear_apply(&b->v, s, w->n, w->v, w->h)) return -1;
     rope(w->q, s, s->heads);
     rope(w->k, s, s->kv_heads);
     cache_write(b, s, w->k, w->v);
     attention(b, s, w->q, w->a, w->scores);
-    if (linear_apply(&b->o, R, w->a, w->t, s->threads, w->h)) return -1;
+    if (linear_apply(&b->o, s, w->a, w->t, w->h)) return -1;
     for (int64_t i = 0; i < R * H; ++i) x[i] += w->t[i];
     rms(x, b->norm2, b->eps2, R, H, w->n);
-    if (linear_apply(&b->gate, R, w->n, w->g, s->threads, w->h) || linear_apply(&b->up, R, w->n, w->u, s->threads, w->h))
-        return -1;
+    if (linear_apply(&b->gate, s, w->n, w->g, w->h) || linear_apply(&b->up, s, w->n, w->u, w->h)) return -1;
     for (int64_t i = 0; i < R * s->inter; ++i) w->g[i] = w->g[i] / (1.f + expf(-w->g[i])) * w->u[i];
-    if (linear_apply(&b->down, R, w->g, w->t, s->threads, w->h)) return -1;
+    if (linear_apply(&b->down, s, w->g, w->t, w->h)) return -1;
     for (int64_t i = 0; i < R * H; ++i) x[i] += w->t[i];
     return 0;
 }
@@ -217,8 +238,8 @@ int loraq_decode_blocks(const block *blocks, int64_t n_blocks, const step *s, fl
 class Linear(ctypes.Structure):
     """The C ``linear``: a 4-bit weight (gemv4's struct) or a float32 ``[out, in]`` one, bias, LoRA factors."""
 
-    _fields_ = [(n, ctypes.c_void_p) for n in ("w4", "dense", "bias", "lora_a", "lora_bt")] + [
-        (n, ctypes.c_int64) for n in ("rank", "n_out", "n_in")]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("w4", "dense", "bias", "lora_a", "lora_bt", "stack_a", "stack_bt")] + [
+        (n, ctypes.c_int64) for n in ("rank", "n_out", "n_in", "stack_cols")]
 
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -237,8 +258,8 @@ class Step(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_int64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter", "length",
                                               "filled", "mask_stride", "max_rank")] + [
-        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("mask", ctypes.c_void_p),
-        ("scaling", ctypes.c_float), ("threads", ctypes.c_int)]
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("coef", ctypes.c_void_p),
+        ("coef_stride", ctypes.c_int64), ("scaling", ctypes.c_float), ("threads", ctypes.c_int)]
 
 
 _LIBRARY = LazyLibrary(

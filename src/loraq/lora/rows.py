@@ -62,6 +62,7 @@ class RowAdapters:
                               "generate with one adapter at a time")
         self.model, self.active = model, False
         self.routes: list[Route] = []
+        self.layout_version = 0  # counts layouts: stacks made before another one are stale
         self._layout()
         self.set(routes)
 
@@ -75,6 +76,7 @@ class RowAdapters:
                          default=0)
         self._stacks: dict = {}
         self._coefs: dict = {}
+        self.layout_version += 1
 
     def refresh(self) -> None:
         """Take in adapters (and layers) installed or removed since: new slots, stacks rebuilt when next used."""
@@ -132,8 +134,8 @@ class RowAdapters:
             raise ValueError(f"a batch of {x.shape[0]} rows routed for {len(self.routes)}")
         if torch.is_grad_enabled() or not self.stacked:
             return self.segments(layer, x, y)
-        a, b = self._stack(layer, x.dtype)
-        h = torch.nn.functional.linear(x, a).mul_(self._coef(x))
+        a, b = self.stack(layer, x.dtype)
+        h = torch.nn.functional.linear(x, a).mul_(self.coefficients(x))
         return y.add_(torch.nn.functional.linear(h, b).to(y.dtype))
 
     stacked = True  # the stacked form where it applies (tests set False to run the reference)
@@ -152,7 +154,7 @@ class RowAdapters:
             y = y.index_add_(0, rows, update) if in_place else y.index_add(0, rows, update)
         return y
 
-    def _stack(self, layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def stack(self, layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_stack [S R, in], B_stack [out, S R])`` of ``layer`` in ``dtype``, made once per layout."""
         key = (layer, dtype)
         if key not in self._stacks:
@@ -168,7 +170,7 @@ class RowAdapters:
             self._stacks[key] = (a_stack, b_stack)
         return self._stacks[key]
 
-    def _coef(self, x: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """``C [rows, 1, ..., S R]`` for ``x``: row ``i``'s weight for adapter ``k`` over slot ``k``'s columns."""
         key = (x.dtype, x.ndim, x.device)
         if key not in self._coefs:

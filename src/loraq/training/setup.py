@@ -254,7 +254,7 @@ def load_trained_model(cfg: TrainConfig, source: ModelSource, runtime: Runtime, 
         _record_base_accuracy(counters, say, model, tokenizer, data)
     _attach_adapters(cfg, model, lora_config, compute_dtype, getattr(data, "calibration", None))
     if refs and measure_base and cfg.init_adapter:  # the model this run starts from: base + the adapter it continues
-        _record_base_accuracy(counters, say, model, tokenizer, data)
+        _record_base_accuracy(counters, say, model, tokenizer, data, start="the starting adapter's")
     trainable, total = count_parameters(model)
     say(f"loraq: trainable params: {trainable:,} ({100 * trainable / max(total, 1):.2f}%) of {total:,}")
     if cfg.grad_checkpointing:
@@ -390,11 +390,12 @@ def describe_references(data) -> str:
 
 
 def _record_base_accuracy(counters: Counters, say: Say, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                          data: DataBundle, loss_module: nn.Module | None = None) -> None:
-    say(f"loraq: base model exact match on {describe_references(data)} ...")
+                          data: DataBundle, loss_module: nn.Module | None = None, start: str = "base model") -> None:
+    """Exact match of the model the run starts from (``start`` names it: the base, or the adapter continued)."""
+    say(f"loraq: {start} exact match on {describe_references(data)} ...")
     base: ExactMatch = exact_match_during_training(model, tokenizer, data.references, data.max_answer_tokens,
                                                    loss_module)
-    say(f"loraq: base accuracy {base.accuracy:.1%}")
+    say(f"loraq: {start.removesuffix(' model')} accuracy {base.accuracy:.1%}")
     counters.base_accuracy, counters.base_predictions = base.accuracy, base.predictions[:3]
 
 
