@@ -85,6 +85,20 @@ def test_two_native_steps_equal_transformers_forward_over_the_whole_sequence(fam
         assert close(got, want, 1e-5 if base == "float32" else 2e-3), float((got - want).abs().max())
 
 
+def test_more_rows_than_one_pass_takes_run_in_groups(monkeypatch):
+    """20 rows: two C calls of 10 rows, each on its rows of the cache, the mask and the routing."""
+    from loraq.lora.rows import RowAdapters, as_route
+
+    monkeypatch.setitem(globals(), "PROMPTS", [[5 + k % 7] * (1 + k % 5) + [20 + k] for k in range(20)])
+    model = model_for("llama", "nf4", True, names=("a", "b"))
+    routes = ["a", None, "b", "b", "a"] * 4
+    with RowAdapters(model, [as_route(r) for r in routes]):
+        steps = Steps(model)
+        got, ran, _ = steps.step(40)
+    assert ran
+    assert close(got, routed_logits(steps, routes), 2e-3)
+
+
 def test_a_factor_written_after_a_step_is_read_by_the_next_steps():
     """The plan points at the adapter's factors as they were: a write (an optimizer step, a load) remakes it."""
     model = model_for("llama", "nf4", True)

@@ -1,7 +1,7 @@
 """The lean decode step's blocks as one native call (:mod:`loraq.kernels.block`), where every block allows it.
 
-A decode step (one new token per row, up to ``SMALL_BATCH_ROWS`` rows) runs every decoder block in C when each
-of its seven linear layers is one of: a loraq 4-bit layer computing in float32, a float32 ``nn.Linear``, or a
+A decode step (one new token per row; rows in groups of at most ``SMALL_BATCH_ROWS``, one C call each) runs
+every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer computing in float32, a float32 ``nn.Linear``, or a
 LoRA layer over one of those with no adapter live (disabled, merged, none active) or exactly one live, plain
 LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
 :class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks, weighted as the
@@ -50,7 +50,7 @@ class FusedBlocks:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache) -> bool:
         rows = x.shape[0]
-        if self.lib is None or x.dtype != torch.float32 or not 0 < rows <= SMALL_BATCH_ROWS or x.shape[1] != 1:
+        if self.lib is None or x.dtype != torch.float32 or rows == 0 or x.shape[1] != 1 or not x.is_contiguous():
             return False
         if mask.shape[1] != cache.filled + 1 or cache.keys[0].dtype != torch.float32:
             return False
@@ -60,18 +60,22 @@ class FusedBlocks:
             self.watch, self.blocks = Watch(modules), self._plan(modules)
         if self.blocks is None:
             return False
-        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
-            block.keys, block.values = keys.data_ptr(), values.data_ptr()
-        mask = mask.contiguous()
-        cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
-        heads, kv_heads, head_dim, scaling = self.shape
         coef = self.routing.coefficients(x).reshape(rows, -1).contiguous() if self.routing is not None else None
         if coef is not None and coef.shape[0] != rows:
             return False
-        step = Step(rows, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2], cache.filled,
-                    mask.shape[1], self.max_rank, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(),
-                    None if coef is None else coef.data_ptr(), 0 if coef is None else coef.shape[1], scaling, 1)
-        decode_blocks(self.lib, self.blocks, step, x)
+        mask = mask.contiguous()
+        cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
+        chunks = -(-rows // SMALL_BATCH_ROWS)  # the kernel's products take up to 16 rows a pass
+        for i in range(chunks):
+            r0, r1 = rows * i // chunks, rows * (i + 1) // chunks
+            for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+                block.keys, block.values = keys[r0].data_ptr(), values[r0].data_ptr()
+            heads, kv_heads, head_dim, scaling = self.shape
+            step = Step(r1 - r0, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2],
+                        cache.filled, mask.shape[1], self.max_rank, cos[r0].data_ptr(), sin[r0].data_ptr(),
+                        mask[r0].data_ptr(), None if coef is None else coef[r0].data_ptr(),
+                        0 if coef is None else coef.shape[1], scaling, 1)
+            decode_blocks(self.lib, self.blocks, step, x[r0:r1])
         return True
 
     def _plan(self, linears: list[list[nn.Module]]) -> ctypes.Array | None:

@@ -89,19 +89,23 @@ static void dense_outputs(const linear *l, int64_t rows, const float *x, float *
     }
 }
 
-/* y += each routed row's stacked updates: column c of row r where its weight coef[r][c] is nonzero */
-static void routed_add(const linear *l, const step *s, const float *x, float *y) {
-    for (int64_t r = 0; r < s->rows; ++r) {
-        const float *cr = s->coef + r * s->coef_stride;
-        for (int64_t c = 0; c < l->stack_cols; ++c) {
+/* Rows [r0, r1) of y += their LoRA updates: the layer's one adapter, (x A^T)(s B)^T (h: rank floats of scratch),
+   and, for routed rows, column c of the stacks where the row's weight coef[r][c] is nonzero. */
+static void updates(const linear *l, const step *s, const float *x, float *y, float *h, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * l->n_in;
+        float *yr = y + r * l->n_out;
+        for (int64_t i = 0; l->lora_a && i < l->rank; ++i) h[i] = dot(l->lora_a + i * l->n_in, xr, l->n_in);
+        for (int64_t i = 0; l->lora_a && i < l->rank; ++i) axpy(h[i], l->lora_bt + i * l->n_out, yr, l->n_out);
+        const float *cr = l->stack_a ? s->coef + r * s->coef_stride : 0;
+        for (int64_t c = 0; l->stack_a && c < l->stack_cols; ++c) {
             if (cr[c] == 0.f) continue;
-            const float h = dot(l->stack_a + c * l->n_in, x + r * l->n_in, l->n_in) * cr[c];
-            axpy(h, l->stack_bt + c * l->n_out, y + r * l->n_out, l->n_out);
+            axpy(dot(l->stack_a + c * l->n_in, xr, l->n_in) * cr[c], l->stack_bt + c * l->n_out, yr, l->n_out);
         }
     }
 }
 
-/* y = lin(x) for the step's rows of x; h: max_rank floats of scratch. -1 where memory ran out. */
+/* y = lin(x) for the step's rows of x; h: max_rank floats of scratch per thread. -1 where memory ran out. */
 static int linear_apply(const linear *l, const step *s, const float *x, float *y, float *h) {
     const int64_t rows = s->rows;
     const int threads = s->threads;
@@ -116,11 +120,16 @@ static int linear_apply(const linear *l, const step *s, const float *x, float *y
             dense_outputs(l, rows, x, y, l->n_out * t / k, l->n_out * (t + 1) / k);
         }
     }
-    for (int64_t r = 0; l->lora_a && r < rows; ++r) {
-        for (int64_t i = 0; i < l->rank; ++i) h[i] = dot(l->lora_a + i * l->n_in, x + r * l->n_in, l->n_in);
-        for (int64_t i = 0; i < l->rank; ++i) axpy(h[i], l->lora_bt + i * l->n_out, y + r * l->n_out, l->n_out);
+    if (!l->lora_a && !l->stack_a) return 0;
+    if (threads <= 1 || rows < 2) {
+        updates(l, s, x, y, h, 0, rows);
+    } else { /* rows split across threads: each writes its own rows of y */
+        #pragma omp parallel num_threads(threads)
+        {
+            const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+            updates(l, s, x, y, h + t * s->max_rank, rows * t / k, rows * (t + 1) / k);
+        }
     }
-    if (l->stack_a) routed_add(l, s, x, y);
     return 0;
 }
 
@@ -220,13 +229,13 @@ static int one_block(const block *b, const step *s, float *x, const buffers *w) 
 int loraq_decode_blocks(const block *blocks, int64_t n_blocks, const step *s, float *x) {
     const int64_t R = s->rows, qd = s->heads * s->head_dim, kd = s->kv_heads * s->head_dim;
     const int64_t threads = s->threads > 1 ? s->threads : 1;
-    const int64_t total = R * (2 * s->hidden + 2 * qd + 2 * kd + 2 * s->inter) + s->max_rank + threads * (s->filled + 1);
+    const int64_t total = R * (2 * s->hidden + 2 * qd + 2 * kd + 2 * s->inter) + threads * (s->max_rank + s->filled + 1);
     float *all = (float *)malloc(sizeof(float) * (total > 0 ? total : 1));
     if (!all) return -1;
     buffers w;
     w.n = all, w.t = w.n + R * s->hidden, w.q = w.t + R * s->hidden, w.a = w.q + R * qd, w.k = w.a + R * qd;
     w.v = w.k + R * kd, w.g = w.v + R * kd, w.u = w.g + R * s->inter, w.h = w.u + R * s->inter;
-    w.scores = w.h + s->max_rank;
+    w.scores = w.h + threads * s->max_rank;
     int failed = 0;
     for (int64_t i = 0; i < n_blocks && !failed; ++i) failed = one_block(blocks + i, s, x, &w);
     free(all);
