@@ -1,9 +1,9 @@
 """The lean decode step's blocks as one native call (:mod:`loraq.kernels.block`), where every block allows it.
 
 A decode step (one new token per row; rows in groups of at most ``SMALL_BATCH_ROWS``, one C call each) runs
-every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer computing in float32, a float32 ``nn.Linear``, or a
-LoRA layer over one of those with no adapter live (disabled, merged, none active) or exactly one live, plain
-LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
+every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer computing in float32,
+a float32 ``nn.Linear``, or a LoRA layer over one of those with no adapter live (disabled, merged, none active),
+exactly one live, plain LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
 :class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks, weighted as the
 routing's coefficients say); its norms are float32, its activation SiLU, and the cache float32. Anything
 else -- a second live adapter, DoRA, the routing's segment form, bf16 -- and the step runs module by module
