@@ -85,6 +85,25 @@ def test_two_native_steps_equal_transformers_forward_over_the_whole_sequence(fam
         assert close(got, want, 1e-5 if base == "float32" else 2e-3), float((got - want).abs().max())
 
 
+@pytest.mark.parametrize("target", [("-march=native", "-mno-avx2"), ("-march=native", "-mno-avx512f")],
+                         ids=["portable", "avx2"])
+def test_the_portable_and_avx2_builds_equal_transformers_too(target, tmp_path, monkeypatch):
+    """The same source built without AVX2 (every loop scalar) or without AVX-512 (this CPU may lack either)."""
+    import platform
+
+    from loraq.kernels import block
+    from loraq.kernels.cbuild import cpu_flags
+
+    if platform.machine() != "x86_64" or (target[1] == "-mno-avx512f" and "avx2" not in cpu_flags().split()):
+        pytest.skip("an x86-64 build of this target")
+    monkeypatch.setenv("LORAQ_CACHE", str(tmp_path))
+    steps = Steps(model_for("qwen2", "nf4", True))
+    steps.decoder.fused.lib = block.build(target)
+    for token in (40, 41):
+        got, ran, want = steps.step(token)
+        assert ran and close(got, want, 2e-3)
+
+
 def test_more_rows_than_one_pass_takes_run_in_groups(monkeypatch):
     """20 rows: two C calls of 10 rows, each on its rows of the cache, the mask and the routing."""
     from loraq.lora.rows import RowAdapters, as_route

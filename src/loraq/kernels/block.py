@@ -34,7 +34,7 @@ import logging
 
 import torch
 
-from loraq.kernels.cbuild import LazyLibrary
+from loraq.kernels.cbuild import NATIVE, LazyLibrary
 from loraq.kernels.gemv4 import SOURCE as GEMV4_SOURCE
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,11 @@ _LIBRARY = LazyLibrary(
     "decode_blocks", _SOURCE, {"loraq_decode_blocks": (ctypes.c_int, [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p])},
     flags=("-ffp-contract=off",), what="native decode step", instead="one call per module", log=log)
+
+
+def build(target: tuple[str, ...] = NATIVE) -> ctypes.CDLL:
+    """The kernel built for ``target``'s flags (tests build a ``-mno-avx2`` one: the portable loops); raises."""
+    return _LIBRARY.build(target)
 
 
 def library() -> ctypes.CDLL | None:
