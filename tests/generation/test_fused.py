@@ -21,13 +21,13 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def model_for(family: str, base: str, adapter: bool, use_dora: bool = False, names=("a",)):
+def model_for(family: str, base: str, adapter: bool, use_dora: bool = False, names=("a",), dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(family_config(family, VOCAB)).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family, VOCAB)).eval().to(dtype)
     if base != "float32":
-        quantize_model_(model, base, double_quant=base == "nf4", blocksize=64, compute_dtype=torch.float32)
+        quantize_model_(model, base, double_quant=base == "nf4", blocksize=64, compute_dtype=dtype)
     for k, name in enumerate(names if adapter else ()):  # ranks 8, 4: the stacks pad the second
         targets = ALL if k == 0 else ["q_proj", "v_proj", "down_proj"]
         inject_lora(model, LoraConfig(r=8 // (k + 1), alpha=16, target_modules=targets, use_dora=use_dora), name)
@@ -102,6 +102,23 @@ def test_the_portable_and_avx2_builds_equal_transformers_too(target, tmp_path, m
     for token in (40, 41):
         got, ran, want = steps.step(token)
         assert ran and close(got, want, 2e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_bf16_model_decodes_natively_in_float32_with_its_bf16_cache(family):
+    """A bf16 model (4-bit base, bf16 norms, embeddings, biases and KV cache): the step widens what it reads and
+    rounds what it writes. Held to transformers' forward of the same model built in float32, within what the
+    bf16 weights and the bf16 prefill move (~1-3% of the largest logit; the module-by-module bf16 step lands
+    as close)."""
+    want = Steps(model_for(family, "nf4", True)).step(40)[2]
+    steps = Steps(model_for(family, "nf4", True, dtype=torch.bfloat16))
+    assert steps.cache.keys[0].dtype == torch.bfloat16
+    for token in (40, 41):
+        got, ran, reference = steps.step(token)
+        assert ran
+        if token == 40:
+            assert close(got, want, 5e-2)
+    assert close(got, reference, 5e-2)  # step 2 reads the keys step 1 wrote as bf16
 
 
 def test_more_rows_than_one_pass_takes_run_in_groups(monkeypatch):

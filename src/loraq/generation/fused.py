@@ -1,12 +1,15 @@
 """The lean decode step's blocks as one native call (:mod:`loraq.kernels.block`), where every block allows it.
 
 A decode step (one new token per row; rows in groups of at most ``SMALL_BATCH_ROWS``, one C call each) runs
-every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer computing in float32,
+every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer (its product in float32),
 a float32 ``nn.Linear``, or a LoRA layer over one of those with no adapter live (disabled, merged, none active),
 exactly one live, plain LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
 :class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks, weighted as the
-routing's coefficients say); its norms are float32, its activation SiLU, and the cache float32. Anything
-else -- a second live adapter, DoRA, the routing's segment form, bf16 -- and the step runs module by module
+routing's coefficients say); its activation SiLU. The step computes in float32 whatever the model's dtype: a bf16
+model's activations are widened on the way in and rounded on the way out, its norms and biases copied to float32,
+its KV cache read and written as bf16 (4-bit products and LoRA updates in float32, where the module-by-module
+step rounds each to bf16). Anything else -- a second live adapter, DoRA, the routing's segment form, a bf16
+``nn.Linear`` base -- and the step runs module by module
 (:class:`loraq.generation.lean.LeanDecoder`), which is also the reference the tests hold this one to.
 
 The plan (the C structs pointing at each layer's weights and LoRA factors) is made on the first step and
@@ -30,6 +33,7 @@ _MODULES = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("s
             "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
             "down": ("mlp", "down_proj")}
 _PATHS = [_MODULES[n] for n in LINEARS]
+_DTYPES = (torch.float32, torch.bfloat16)  # of the activations, norms, biases and cache; products run in float32
 
 
 def enabled() -> bool:
@@ -50,9 +54,9 @@ class FusedBlocks:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache) -> bool:
         rows = x.shape[0]
-        if self.lib is None or x.dtype != torch.float32 or rows == 0 or x.shape[1] != 1 or not x.is_contiguous():
+        if self.lib is None or x.dtype not in _DTYPES or rows == 0 or x.shape[1] != 1:
             return False
-        if mask.shape[1] != cache.filled + 1 or cache.keys[0].dtype != torch.float32:
+        if mask.shape[1] != cache.filled + 1 or cache.keys[0].dtype not in _DTYPES:
             return False
         # looked up each step: adapters injected since (a server loading one) replace the modules
         modules = _linears(self.inner)
@@ -63,7 +67,7 @@ class FusedBlocks:
         coef = self.routing.coefficients(x).reshape(rows, -1).contiguous() if self.routing is not None else None
         if coef is not None and coef.shape[0] != rows:
             return False
-        mask = mask.contiguous()
+        mask, h = mask.contiguous(), x.float().contiguous()  # bf16 models: the step in float32, rounded at its end
         cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
         chunks = -(-rows // SMALL_BATCH_ROWS)  # the kernel's products take up to 16 rows a pass
         for i in range(chunks):
@@ -72,10 +76,13 @@ class FusedBlocks:
                 block.keys, block.values = keys[r0].data_ptr(), values[r0].data_ptr()
             heads, kv_heads, head_dim, scaling = self.shape
             step = Step(r1 - r0, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2],
-                        cache.filled, mask.shape[1], self.max_rank, cos[r0].data_ptr(), sin[r0].data_ptr(),
+                        cache.filled, mask.shape[1], self.max_rank, cache.keys[0].dtype == torch.bfloat16,
+                        cos[r0].data_ptr(), sin[r0].data_ptr(),
                         mask[r0].data_ptr(), None if coef is None else coef[r0].data_ptr(),
                         0 if coef is None else coef.shape[1], scaling, 1)
-            decode_blocks(self.lib, self.blocks, step, x[r0:r1])
+            decode_blocks(self.lib, self.blocks, step, h[r0:r1])
+        if h is not x:
+            x.copy_(h)
         return True
 
     def _plan(self, linears: list[list[nn.Module]]) -> ctypes.Array | None:
@@ -111,10 +118,10 @@ def _linears(inner: nn.Module) -> list[list[nn.Module]]:
 
 
 def _plain_block(block: nn.Module) -> bool:
-    """Float32 norms and a SiLU MLP (the rest :func:`loraq.generation.lean.supports` checked)."""
+    """Float32 or bf16 norms and a SiLU MLP (the rest :func:`loraq.generation.lean.supports` checked)."""
     norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
     act = type(getattr(block.mlp, "act_fn", None)).__name__
-    return all(w.dtype == torch.float32 and w.is_cpu for w in norms) and act in ("SiLU", "SiLUActivation")
+    return all(w.dtype in _DTYPES and w.is_cpu for w in norms) and act in ("SiLU", "SiLUActivation")
 
 
 def _live(layer: LoraLinear) -> list[str]:
@@ -193,13 +200,13 @@ def _routed(layer: LoraLinear, keep: list) -> Linear | None:
 
 def _base(module: nn.Module, keep: list) -> Linear | None:
     bias = getattr(module, "bias", None)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu):
+    if bias is not None and (bias.dtype not in _DTYPES or not bias.is_cpu):
         return None
     if is_4bit(module):
         from loraq.kernels.gemv4 import weight_arguments
 
         state = module.quant_state
-        if module.compute_dtype != torch.float32 or not module.weight.is_cpu or state.code.numel() != 16:
+        if module.compute_dtype not in _DTYPES or not module.weight.is_cpu or state.code.numel() != 16:
             return None
         arguments = weight_arguments(module.weight, state)
         keep.append(arguments)
@@ -211,8 +218,9 @@ def _base(module: nn.Module, keep: list) -> Linear | None:
 
 
 def _pointer(t: torch.Tensor | None, keep: list) -> int | None:
+    """A float32 contiguous copy's (or the tensor's own, where it is one) address, kept alive in ``keep``."""
     if t is None:
         return None
-    t = t.detach().contiguous()
+    t = t.detach().float().contiguous()
     keep.append(t)
     return t.data_ptr()

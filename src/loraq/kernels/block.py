@@ -49,11 +49,11 @@ typedef struct {
 typedef struct {
     linear q, k, v, o, gate, up, down;
     const float *norm1, *norm2; float eps1, eps2;
-    float *keys, *values; /* [rows, kv_heads, length, head_dim] */
+    void *keys, *values; /* [rows, kv_heads, length, head_dim], float32 or (cache_bf16) bfloat16 bits */
 } block;
 
 typedef struct {
-    int64_t rows, hidden, heads, kv_heads, head_dim, inter, length, filled, mask_stride, max_rank;
+    int64_t rows, hidden, heads, kv_heads, head_dim, inter, length, filled, mask_stride, max_rank, cache_bf16;
     const float *cos, *sin; /* [rows, head_dim] */
     const int64_t *mask;    /* [rows, mask_stride]: column c real where nonzero, c <= filled */
     const float *coef;      /* routed rows: [rows, coef_stride], row r's weight of each stacked column */
@@ -159,24 +159,36 @@ static void rope(float *t, const step *s, int64_t heads) {
     }
 }
 
-/* out[r, h] for the (row, head) pairs [p0, p1); scores: filled + 1 floats */
+/* Column `at` (an element offset) of a cache: the float32 values, or bf16 widened into tmp (head_dim floats). */
+static inline const float *cache_row(const step *s, const void *cache, int64_t at, float *tmp) {
+    if (!s->cache_bf16) return (const float *)cache + at;
+    const uint16_t *u = (const uint16_t *)cache + at;
+    for (int64_t i = 0; i < s->head_dim; ++i) {
+        const uint32_t v = (uint32_t)u[i] << 16;
+        memcpy(tmp + i, &v, 4);
+    }
+    return tmp;
+}
+
+/* out[r, h] for the (row, head) pairs [p0, p1); scores: filled + 1 + head_dim floats */
 static void attend(const block *b, const step *s, const float *q, float *out, int64_t p0, int64_t p1,
                    float *scores) {
     const int64_t d = s->head_dim, cols = s->filled + 1, group = s->heads / s->kv_heads;
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t r = p / s->heads, h = p % s->heads, g = h / group;
-        const float *qv = q + p * d, *K = b->keys + (r * s->kv_heads + g) * s->length * d;
-        const float *V = b->values + (r * s->kv_heads + g) * s->length * d;
-        const int64_t *m = s->mask + r * s->mask_stride;
+        const float *qv = q + p * d;
+        const int64_t first = (r * s->kv_heads + g) * s->length * d, *m = s->mask + r * s->mask_stride;
+        float *tmp = scores + cols;
         float top = -INFINITY, sum = 0.f;
         for (int64_t c = 0; c < cols; ++c) {
-            scores[c] = m[c] ? dot(qv, K + c * d, d) * s->scaling : -INFINITY;
+            scores[c] = m[c] ? dot(qv, cache_row(s, b->keys, first + c * d, tmp), d) * s->scaling : -INFINITY;
             top = scores[c] > top ? scores[c] : top;
         }
         for (int64_t c = 0; c < cols; ++c) sum += scores[c] = m[c] ? expf(scores[c] - top) : 0.f;
         float *o = out + p * d;
         for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
-        for (int64_t c = 0; c < cols; ++c) if (m[c]) axpy(scores[c] / sum, V + c * d, o, d);
+        for (int64_t c = 0; c < cols; ++c)
+            if (m[c]) axpy(scores[c] / sum, cache_row(s, b->values, first + c * d, tmp), o, d);
     }
 }
 
@@ -189,7 +201,7 @@ static void attention(const block *b, const step *s, const float *q, float *out,
     #pragma omp parallel num_threads(s->threads)
     {
         const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
-        attend(b, s, q, out, pairs * t / k, pairs * (t + 1) / k, scores + t * cols);
+        attend(b, s, q, out, pairs * t / k, pairs * (t + 1) / k, scores + t * (cols + s->head_dim));
     }
 }
 
@@ -199,8 +211,13 @@ static void cache_write(const block *b, const step *s, const float *k, const flo
     for (int64_t r = 0; r < s->rows; ++r)
         for (int64_t g = 0; g < s->kv_heads; ++g) {
             const int64_t at = ((r * s->kv_heads + g) * s->length + s->filled) * d, from = (r * s->kv_heads + g) * d;
-            memcpy(b->keys + at, k + from, sizeof(float) * d);
-            memcpy(b->values + at, v + from, sizeof(float) * d);
+            if (s->cache_bf16) {
+                for (int64_t i = 0; i < d; ++i) ((uint16_t *)b->keys)[at + i] = bf16_rne(k[from + i]);
+                for (int64_t i = 0; i < d; ++i) ((uint16_t *)b->values)[at + i] = bf16_rne(v[from + i]);
+            } else {
+                memcpy((float *)b->keys + at, k + from, sizeof(float) * d);
+                memcpy((float *)b->values + at, v + from, sizeof(float) * d);
+            }
         }
 }
 
@@ -229,7 +246,7 @@ static int one_block(const block *b, const step *s, float *x, const buffers *w) 
 int loraq_decode_blocks(const block *blocks, int64_t n_blocks, const step *s, float *x) {
     const int64_t R = s->rows, qd = s->heads * s->head_dim, kd = s->kv_heads * s->head_dim;
     const int64_t threads = s->threads > 1 ? s->threads : 1;
-    const int64_t total = R * (2 * s->hidden + 2 * qd + 2 * kd + 2 * s->inter) + threads * (s->max_rank + s->filled + 1);
+    const int64_t total = R * (2 * s->hidden + 2 * qd + 2 * kd + 2 * s->inter) + threads * (s->max_rank + s->filled + 1 + s->head_dim);
     float *all = (float *)malloc(sizeof(float) * (total > 0 ? total : 1));
     if (!all) return -1;
     buffers w;
@@ -266,7 +283,7 @@ class Step(ctypes.Structure):
     """The C ``step``: shapes, this token's rotary ``cos``/``sin`` and the rows' mask."""
 
     _fields_ = [(n, ctypes.c_int64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter", "length",
-                                              "filled", "mask_stride", "max_rank")] + [
+                                              "filled", "mask_stride", "max_rank", "cache_bf16")] + [
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("coef", ctypes.c_void_p),
         ("coef_stride", ctypes.c_int64), ("scaling", ctypes.c_float), ("threads", ctypes.c_int)]
 
