@@ -1,15 +1,15 @@
 """The lean decode step's blocks as one native call (:mod:`loraq.kernels.block`), where every block allows it.
 
 A decode step (one new token per row; rows in groups of at most ``SMALL_BATCH_ROWS``, one C call each) runs
-every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer (its product in float32),
-a float32 ``nn.Linear``, or a LoRA layer over one of those with no adapter live (disabled, merged, none active),
-exactly one live, plain LoRA adapter (no DoRA, no dropout in training mode), or rows routed to adapters by one
-:class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks, weighted as the
-routing's coefficients say); its activation SiLU. The step computes in float32 whatever the model's dtype: a bf16
-model's activations are widened on the way in and rounded on the way out, its norms and biases copied to float32,
-its KV cache read and written as bf16 (4-bit products and LoRA updates in float32, where the module-by-module
-step rounds each to bf16). Anything else -- a second live adapter, DoRA, the routing's segment form, a bf16
-``nn.Linear`` base -- and the step runs module by module
+every decoder block in C when each of its seven linear layers is one of: a loraq 4-bit layer (its product in
+float32), a float32 ``nn.Linear``, or a LoRA layer over one of those with no adapter live (disabled, merged,
+none active), exactly one live, plain LoRA adapter (no DoRA, no dropout in training mode), or rows routed to
+adapters by one :class:`loraq.lora.rows.RowAdapters` in its stacked form (each row's columns of the stacks,
+weighted as the routing's coefficients say); its activation SiLU. The step computes in float32 whatever the
+model's dtype: a bf16 model's activations are widened on the way in and rounded on the way out, its norms and
+biases copied to float32, its KV cache read and written as bf16 (4-bit products and LoRA updates in float32,
+where the module-by-module step rounds each to bf16). Anything else -- a second live adapter, DoRA, the
+routing's segment form, a bf16 ``nn.Linear`` base -- and the step runs module by module
 (:class:`loraq.generation.lean.LeanDecoder`), which is also the reference the tests hold this one to.
 
 The plan (the C structs pointing at each layer's weights and LoRA factors) is made on the first step and
@@ -69,12 +69,12 @@ class FusedBlocks:
             return False
         mask, h = mask.contiguous(), x.float().contiguous()  # bf16 models: the step in float32, rounded at its end
         cos, sin = cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous()
+        heads, kv_heads, head_dim, scaling = self.shape
         chunks = -(-rows // SMALL_BATCH_ROWS)  # the kernel's products take up to 16 rows a pass
         for i in range(chunks):
             r0, r1 = rows * i // chunks, rows * (i + 1) // chunks
             for block, keys, values in zip(self.blocks, cache.keys, cache.values):
                 block.keys, block.values = keys[r0].data_ptr(), values[r0].data_ptr()
-            heads, kv_heads, head_dim, scaling = self.shape
             step = Step(r1 - r0, x.shape[-1], heads, kv_heads, head_dim, self.inter, cache.keys[0].shape[2],
                         cache.filled, mask.shape[1], self.max_rank, cache.keys[0].dtype == torch.bfloat16,
                         cos[r0].data_ptr(), sin[r0].data_ptr(),
@@ -124,8 +124,9 @@ def _plain_block(block: nn.Module) -> bool:
     return all(w.dtype in _DTYPES and w.is_cpu for w in norms) and act in ("SiLU", "SiLUActivation")
 
 
-def _live(layer: LoraLinear) -> list[str]:
-    return [] if layer.disabled else [a for a in layer.active_adapters if a not in layer.merged_adapters]
+def _live(d: dict) -> list[str]:
+    """The adapters a LoRA layer (its ``__dict__``) applies unmerged: none while disabled."""
+    return [] if d["disabled"] else [a for a in d["active_adapters"] if a not in d["merged_adapters"]]
 
 
 class Watch:
@@ -158,9 +159,7 @@ class Watch:
 
 def _live_factors(d: dict) -> list[torch.Tensor]:
     """The A and B weights of a LoRA layer's live adapters (its ``__dict__``)."""
-    merged = d["merged_adapters"]
-    live = () if d["disabled"] else [a for a in d["active_adapters"] if a not in merged]
-    return [d["_modules"][side]._modules[a]._parameters["weight"] for a in live for side in ("lora_A", "lora_B")]
+    return [d["_modules"][side]._modules[a]._parameters["weight"] for a in _live(d) for side in ("lora_A", "lora_B")]
 
 
 def _linear(module: nn.Module, keep: list) -> Linear | None:
@@ -169,7 +168,7 @@ def _linear(module: nn.Module, keep: list) -> Linear | None:
     if isinstance(module, LoraLinear) and module.row_adapters is not None:
         return _routed(module, keep)
     if isinstance(module, LoraLinear):
-        live = _live(module)
+        live = _live(module.__dict__)
         if len(live) > 1:
             return None
         if live:
