@@ -162,11 +162,7 @@ static void rope(float *t, const step *s, int64_t heads) {
 /* Column `at` (an element offset) of a cache: the float32 values, or bf16 widened into tmp (head_dim floats). */
 static inline const float *cache_row(const step *s, const void *cache, int64_t at, float *tmp) {
     if (!s->cache_bf16) return (const float *)cache + at;
-    const uint16_t *u = (const uint16_t *)cache + at;
-    for (int64_t i = 0; i < s->head_dim; ++i) {
-        const uint32_t v = (uint32_t)u[i] << 16;
-        memcpy(tmp + i, &v, 4);
-    }
+    for (int64_t i = 0; i < s->head_dim; ++i) tmp[i] = widen(cache, 1, at + i);
     return tmp;
 }
 
