@@ -45,7 +45,7 @@ from loraq.data.prompts import pad_token_id, prompt_ids
 from loraq.data.readers import Record
 from loraq.data.references import eval_references, max_answer_tokens
 from loraq.data.sources import source_records
-from loraq.data.tokenize import IGNORE_INDEX, Example, tokenize_sample, truncate
+from loraq.data.tokenize import IGNORE_INDEX, Example, common_prefix, tokenize_sample, truncate
 from loraq.errors import DataError
 
 FORMAT = "preference"
@@ -176,16 +176,9 @@ def _answer_row(sample: PreferenceSample, answer, tokenizer: Any) -> Example:
         return tokenize_sample(Sample("completion", sample.where, prompt=sample.prompt, completion=answer), tokenizer)
     full = tokenize_sample(Sample("chat", sample.where, messages=sample.prompt_messages + answer), tokenizer)
     # earlier assistant turns of the history are context here, not the answer
-    start = _common_prefix(full.input_ids, prompt_ids(tokenizer, messages=sample.prompt_messages))
+    start = common_prefix(full.input_ids, prompt_ids(tokenizer, messages=sample.prompt_messages))
     labels = [IGNORE_INDEX] * start + full.labels[start:]
     return Example(full.input_ids, labels, sample.where)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _first_label(example: Example) -> int:

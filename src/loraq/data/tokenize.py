@@ -156,10 +156,11 @@ def _closed(text: str, span: tuple[int, int], markers: Sequence[str]) -> bool:
     return any(text.endswith(marker, 0, span[1]) for marker in markers)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(*sequences: Sequence[int]) -> int:
+    """How many leading items every one of ``sequences`` shares."""
     n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    for items in zip(*sequences):
+        if any(item != items[0] for item in items):
             break
         n += 1
     return n
@@ -175,7 +176,7 @@ def tokenize_with_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, in
         return ids, list(ids)
     start_token, end_token = {}, {}
     for c, prefix in zip(boundaries, encoded[1:]):
-        shared = _common_prefix(ids, prefix)
+        shared = common_prefix(ids, prefix)
         start_token[c] = shared  # a token straddling a span start is trained
         end_token[c] = shared if shared == len(prefix) else shared + 1  # ... and one straddling its end too
     labels = [IGNORE_INDEX] * len(ids)

@@ -309,10 +309,9 @@ SHARED_PREFIX_MIN_SAVING = 64
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
     """The tokens every prompt opens with (each keeps at least one of its own), or 0 where sharing saves little."""
-    shortest = min(len(p) for p in prompts) - 1
-    n = 0
-    while n < shortest and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
+    from loraq.data.tokenize import common_prefix
+
+    n = min(common_prefix(*prompts), min(len(p) for p in prompts) - 1)
     return n if n * (len(prompts) - 1) >= SHARED_PREFIX_MIN_SAVING else 0
 
 
